@@ -1,0 +1,247 @@
+"""Every setting in one place: frozen dataclasses with defaults, the named presets, and the train.py CLI built from them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Literal, get_args, get_origin, get_type_hints
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["cifar10", "folder"] = _opt("cifar10", "cifar10, or folder: train/<class>/*, optional val/ and test/")
+    data_dir: str = _opt("data", "where the data lives (CIFAR-10 is downloaded here when no local copy is found)")
+    val_fraction: float = _opt(0.1, "share of the training set held out for validation, stratified (0.1 = 45k/5k on CIFAR-10)")
+    split_seed: int = _opt(0, "seed of the train/validation split")
+    image_size: int = _opt(32, "side of the square model input, in pixels")
+    in_memory: bool = _opt(True, "decode the dataset once into a uint8 tensor and augment whole batches; "
+                                 "--no-in-memory streams per-image transforms through worker processes")
+    workers: int = _opt(2, "data loader worker processes (streaming mode and image decoding)")
+    limit: int = _opt(0, "use at most this many training images, stratified (0 = all); for quick runs")
+    download: bool = _opt(True, "download CIFAR-10 with torchvision when no local copy is found")
+
+    def __post_init__(self):
+        _check(0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)")
+        _check(8 <= self.image_size <= 1024, "--image-size must be between 8 and 1024")
+        _check(self.workers >= 0, "--workers must be >= 0")
+        _check(self.limit >= 0, "--limit must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["baseline", "airbench"] = _opt("airbench", "baseline: conv-pool-conv-pool-fc; airbench: whitened conv groups")
+    widths: tuple[int, ...] = _opt((64, 128, 128), "channels per conv block")
+    hidden: int = _opt(256, "baseline only: width of the hidden fully connected layer (0 = none)")
+    dropout: float = _opt(0.0, "dropout before the classifier")
+    norm: Literal["batch", "none"] = _opt("batch", "normalization after each conv")
+    bn_momentum: float = _opt(0.4, "BatchNorm running-stat momentum (PyTorch convention: weight of the new batch)")
+    logit_scale: float = _opt(1 / 9, "airbench only: constant scale of the output logits")
+
+    def __post_init__(self):
+        _check(len(self.widths) >= 1 and all(w > 0 for w in self.widths), "--widths must be positive integers")
+        _check(self.arch != "baseline" or len(self.widths) == 2, "--widths takes two values for --arch baseline")
+        _check(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")
+        _check(0.0 < self.bn_momentum <= 1.0, "--bn-momentum must be in (0, 1]")
+        _check(self.hidden >= 0, "--hidden must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: Literal["baseline", "fast", "best"] = _opt("fast", "named set of defaults (see PRESETS in config.py); other flags override it")
+    epochs: float = _opt(10.0, "passes over the training split (fractions allowed)")
+    batch_size: int = _opt(1024, "examples per step")
+    optimizer: Literal["sgd", "adam"] = _opt("sgd", "sgd (Nesterov) or adam")
+    lr: float = _opt(11.5, "SGD: learning rate per 1024 examples, decoupled from batch size and momentum; "
+                           "Adam: the usual step size")
+    momentum: float = _opt(0.85, "SGD Nesterov momentum")
+    weight_decay: float = _opt(0.0153, "SGD: weight decay per 1024 examples, decoupled from the learning rate; Adam: AdamW's decay")
+    bias_lr_scale: float = _opt(64.0, "multiplier on the learning rate of normalization biases")
+    label_smoothing: float = _opt(0.2, "label smoothing of the cross-entropy loss")
+    warmup: float = _opt(0.23, "share of steps spent warming the learning rate up to its peak")
+    lr_start: float = _opt(0.2, "learning rate at step 0, as a share of the peak")
+    lr_end: float = _opt(0.07, "learning rate at the last step, as a share of the peak")
+    lookahead: bool = _opt(True, "average weights every 5 steps (lookahead / EMA), from epoch 3 on")
+    whiten_bias_epochs: float = _opt(3.0, "airbench only: epochs during which the whitening layer's bias trains")
+    translate: int = _opt(2, "random translation in pixels (reflect padding); 0 = off")
+    flip: Literal["alternate", "random", "none"] = _opt("alternate", "horizontal flips: alternate each image's flip every epoch, random, or none")
+    tta: int = _opt(2, "test-time augmentation for final evaluation: 0 none, 1 flip, 2 flip + 1px translations")
+    patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0 = never)")
+    seed: int = _opt(0, "seed of initialization, shuffling and augmentation")
+    device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto picks CUDA when present")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _opt("auto", "auto: bf16 on CUDA and BF16-capable CPUs, else fp32")
+    channels_last: bool = _opt(True, "use channels_last memory format with reduced precision")
+    compile: bool = _opt(False, "torch.compile the model (pays a compile cost up front)")
+    threads: int = _opt(0, "torch CPU threads (0 = one per core)")
+    out: str = _opt("models/cnn.pt", "where the best checkpoint is written")
+    experiment: str = _opt("cv-image-classification", "MLflow experiment name")
+    run_name: str = _opt("", "MLflow run name (default: preset and time)")
+    mlflow: bool = _opt(True, "log to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo)")
+    max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = no cap); for smoke runs")
+
+    def __post_init__(self):
+        _check(self.epochs > 0, "--epochs must be > 0")
+        _check(self.batch_size >= 1, "--batch-size must be >= 1")
+        _check(self.lr > 0, "--lr must be > 0")
+        _check(0.0 <= self.momentum < 1.0, "--momentum must be in [0, 1)")
+        _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        _check(self.bias_lr_scale > 0, "--bias-lr-scale must be > 0")
+        _check(0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)")
+        _check(0.0 <= self.warmup < 1.0, "--warmup must be in [0, 1)")
+        _check(self.lr_start >= 0 and self.lr_end >= 0, "--lr-start and --lr-end must be >= 0")
+        _check(self.translate >= 0, "--translate must be >= 0")
+        _check(self.tta in (0, 1, 2), "--tta must be 0, 1 or 2")
+        _check(self.patience >= 0, "--patience must be >= 0")
+        _check(self.threads >= 0, "--threads must be >= 0")
+        _check(self.max_steps >= 0, "--max-steps must be >= 0")
+        _check(bool(self.out), "--out must name a file")
+
+
+# Presets fill in defaults; flags given on the command line win over them.
+# fast/best follow the public airbench93/airbench94 recipes (Keller Jordan), on a 45k/5k split.
+PRESETS: dict[str, dict] = {
+    "baseline": dict(
+        arch="baseline", widths=(32, 64), hidden=256, dropout=0.25, bn_momentum=0.1,
+        epochs=15, batch_size=128, optimizer="adam", lr=2e-3, weight_decay=0.01, label_smoothing=0.0,
+        warmup=0.1, lr_start=0.1, lr_end=0.0, lookahead=False, translate=4, flip="random", tta=0,
+    ),
+    "fast": dict(arch="airbench", widths=(64, 128, 128), epochs=11.0),
+    "best": dict(arch="airbench", widths=(64, 256, 256), epochs=10.0),
+}
+
+
+class ConfigError(ValueError):
+    """A setting with a value that cannot work; the message names the flag."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+SECTIONS = (DataConfig, ModelConfig, TrainConfig)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per dataclass field; defaults stay None so presets and explicit flags can be told apart."""
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train a CNN image classifier and log the run to MLflow.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+    )
+    for section in SECTIONS:
+        group = parser.add_argument_group(section.__name__)
+        hints = get_type_hints(section)
+        for f in fields(section):
+            kind = hints[f.name]
+            kwargs = dict(dest=f.name, default=None, help=f"{f.metadata['help']} (default: {f.default})")
+            if kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif get_origin(kind) is Literal:
+                choices = get_args(kind)
+                kwargs.update(type=type(choices[0]), choices=choices)
+            elif get_origin(kind) is tuple:
+                kwargs.update(type=get_args(kind)[0], nargs="+")
+            else:
+                kwargs["type"] = kind
+            group.add_argument(_flag(f.name), **kwargs)
+    parser.add_argument("--smoke", action="store_true", help="a few batches through every stage (sets --epochs 1 --max-steps 3 --limit 512 unless given)")
+    return parser
+
+
+def resolve(values: dict) -> tuple[DataConfig, ModelConfig, TrainConfig]:
+    """Apply preset defaults, then explicit values; raises ConfigError on a bad value."""
+    explicit = {k: v for k, v in values.items() if v is not None}
+    preset = explicit.get("preset", TrainConfig.preset)
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset must be one of {sorted(PRESETS)}")
+    merged = {**PRESETS[preset], **explicit}
+    out = []
+    for section in SECTIONS:
+        names = {f.name for f in fields(section)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in merged.items() if k in names}
+        out.append(section(**kwargs))
+    return tuple(out)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DataConfig, ModelConfig, TrainConfig]:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    if args.pop("smoke"):
+        for name, value in (("epochs", 1.0), ("max_steps", 3), ("limit", 512)):
+            if args.get(name) is None:
+                args[name] = value
+    try:
+        return resolve(args)
+    except ConfigError as e:
+        parser.error(str(e))
+
+
+def flat_params(*configs) -> dict:
+    """Every setting as name -> value, for logging."""
+    return {k: v for c in configs for k, v in dataclasses.asdict(c).items()}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Serving settings (api.py), read from the environment by from_env(): each field F from CATER_<F>, e.g. CATER_PORT."""
+
+    model_path: str = "models/cnn.pt"  # checkpoint written by train.py
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+    tta: int = 0  # test-time augmentation level at serving: 0 off, 1 flip, 2 flip + shifts (see transforms.tta_views)
+    top_k: int = 3  # classes returned when the request does not say
+    max_batch_size: int = 0  # images per forward pass; 0 = device default (CPU 32, CUDA 128)
+    max_wait_ms: float = 0.0  # extra wait for a fuller batch; 0 = take what is queued (batches still form under load)
+    max_body_bytes: int = 4 * 1024 * 1024  # request body limit, enforced while reading (413 above it)
+    max_pixels: int = 16_000_000  # width x height limit, checked before decoding (413 above it)
+    max_batch_images: int = 64  # images per /predict/batch request
+    api_key: str = ""  # when set, the predict routes need X-API-Key: <key> or Authorization: Bearer <key>
+    cors_origins: str = ""  # comma-separated allowed origins; empty = no CORS headers
+    threads: int = 0  # torch CPU threads; 0 = one per core minus one for the event loop (at least 1)
+    access_log: bool = False  # uvicorn's per-request log line (Prometheus /metrics counts requests either way)
+
+    def __post_init__(self):
+        _check(bool(self.model_path), "CATER_MODEL_PATH must name a file")
+        _check(0 <= self.port <= 65535, "CATER_PORT must be in [0, 65535]")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "CATER_DEVICE must be auto, cpu, cuda or cuda:N")
+        _check(self.tta in (0, 1, 2), "CATER_TTA must be 0, 1 or 2")
+        _check(self.top_k >= 1, "CATER_TOP_K must be >= 1")
+        _check(self.max_batch_size >= 0, "CATER_MAX_BATCH_SIZE must be >= 0")
+        _check(self.max_wait_ms >= 0, "CATER_MAX_WAIT_MS must be >= 0")
+        _check(self.max_body_bytes >= 1024, "CATER_MAX_BODY_BYTES must be >= 1024")
+        _check(self.max_pixels >= 1, "CATER_MAX_PIXELS must be >= 1")
+        _check(self.max_batch_images >= 1, "CATER_MAX_BATCH_IMAGES must be >= 1")
+        _check(self.threads >= 0, "CATER_THREADS must be >= 0")
+
+    @classmethod
+    def from_env(cls, env=None) -> "ServeConfig":
+        env = os.environ if env is None else env
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for f in fields(cls):
+            name = "CATER_" + f.name.upper()
+            raw = env.get(name)
+            if raw is None:
+                continue
+            kind = hints[f.name]
+            if kind is bool:
+                if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
+                kwargs[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                continue
+            try:
+                kwargs[f.name] = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**kwargs)
