@@ -1,0 +1,328 @@
+"""Collect: read CIFAR-10 or an image folder, split it into train/validation(/test), and feed batches to training."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from config import DataConfig
+from transforms import (CIFAR10_MEAN, CIFAR10_STD, augment_batch, channel_stats, eval_transform, flip_mask,
+                        normalize, pil_to_uint8, train_transform)
+
+CIFAR_RECORD = 1 + 3 * 32 * 32
+CIFAR_BATCH_RECORDS = 10_000  # records in each official batch file
+CIFAR_TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataError(RuntimeError):
+    """The data is missing or not what was expected; the message names the folder or file."""
+
+
+@dataclass
+class ImageSet:
+    """Labelled images, either decoded (uint8 N x 3 x H x W) or as file paths decoded on demand."""
+
+    labels: torch.Tensor
+    images: torch.Tensor | None = None
+    paths: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(
+            labels=self.labels[index],
+            images=None if self.images is None else self.images[index],
+            paths=None if self.paths is None else [self.paths[i] for i in index.tolist()],
+        )
+
+
+@dataclass
+class Dataset:
+    classes: list[str]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+def read_cifar10_binary(folder: Path):
+    """The official binary version: data_batch_1..5.bin, optional test_batch.bin and batches.meta.txt."""
+    def read(path: Path):
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size == 0 or raw.size % CIFAR_RECORD:
+            raise DataError(f"{path}: {raw.size} bytes is not a whole number of {CIFAR_RECORD}-byte CIFAR-10 records")
+        records = raw.reshape(-1, CIFAR_RECORD)
+        if len(records) != CIFAR_BATCH_RECORDS:
+            raise DataError(f"{path}: {len(records)} records, an official CIFAR-10 batch holds {CIFAR_BATCH_RECORDS}")
+        labels = torch.from_numpy(records[:, 0].astype(np.int64))
+        if labels.max() > 9:
+            raise DataError(f"{path}: label {int(labels.max())} found, CIFAR-10 labels are 0-9")
+        images = torch.from_numpy(records[:, 1:].copy()).view(-1, 3, 32, 32)
+        return images, labels
+
+    missing = [name for name in CIFAR_TRAIN_FILES if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{folder}: missing {', '.join(missing)} (expected data_batch_1.bin ... data_batch_5.bin)")
+    parts = [read(folder / name) for name in CIFAR_TRAIN_FILES]
+    images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    counts = torch.bincount(labels, minlength=10)
+    if counts.min() == 0:
+        raise DataError(f"{folder}: classes {torch.nonzero(counts == 0).flatten().tolist()} have no training images")
+    test = read(folder / "test_batch.bin") if (folder / "test_batch.bin").is_file() else None
+    meta = folder / "batches.meta.txt"
+    classes = [line.strip() for line in meta.read_text().splitlines() if line.strip()] if meta.is_file() else CIFAR_CLASSES
+    if len(classes) != 10:
+        raise DataError(f"{meta}: expected 10 class names, found {len(classes)}")
+    return images, labels, test, classes
+
+
+def read_cifar10_torchvision(root: Path, download: bool):
+    """torchvision's python-pickle copy under root/cifar-10-batches-py, downloaded there when asked."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(str(root), train=True, download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(f"{root}: no CIFAR-10 copy found ({e})") from None
+    except OSError as e:  # no network, DNS failure, disk full
+        raise DataError(f"could not download CIFAR-10 into {root}: {e}. Offline? Point --data-dir at a local copy "
+                        f"(a folder holding cifar-10-batches-bin/ or cifar-10-batches-py/)") from None
+    images = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()
+    test = None
+    if (root / "cifar-10-batches-py" / "test_batch").is_file():
+        t = CIFAR10(str(root), train=False, download=False)
+        test = (torch.from_numpy(t.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(t.targets))
+    return images, torch.tensor(train.targets), test, list(train.classes)
+
+
+def find_cifar10(data_dir: Path, download: bool):
+    for folder in (data_dir, data_dir / "cifar-10-batches-bin"):
+        if (folder / "data_batch_1.bin").is_file():
+            return (*read_cifar10_binary(folder), str(folder))
+    if (data_dir / "cifar-10-batches-py" / "data_batch_1").is_file() or download:
+        return (*read_cifar10_torchvision(data_dir, download), str(data_dir / "cifar-10-batches-py"))
+    raise DataError(f"{data_dir}: no CIFAR-10 found (looked for data_batch_1.bin, cifar-10-batches-bin/, "
+                    f"cifar-10-batches-py/) and --no-download was given")
+
+
+# ---------------------------------------------------------------- image folders
+
+def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str], torch.Tensor, list[str]]:
+    """Files under root/<class>/ (recursively), labelled by folder name in sorted order."""
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{root}: class folders {unknown} do not exist in train/")
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(str(path))
+                labels.append(index)
+    if not paths:
+        raise DataError(f"{root}: no images found in class sub-folders (extensions: {sorted(IMAGE_EXTENSIONS)})")
+    return paths, torch.tensor(labels), classes
+
+
+def open_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decode one file to uint8; failures come back as messages so they are reported together, by path."""
+
+    def __init__(self, paths: list[str], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return pil_to_uint8(open_image(self.paths[i]), self.size), ""
+        except DataError as e:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
+
+
+def decode_images(paths: list[str], size: int, workers: int, desc: str) -> torch.Tensor:
+    loader = torch.utils.data.DataLoader(_Decode(paths, size), batch_size=256, num_workers=workers,
+                                         collate_fn=lambda items: items)
+    images, errors = [], []
+    for batch in tqdm(loader, desc=f"decode {desc}", unit="batch", leave=False):
+        for image, error in batch:
+            images.append(image)
+            if error:
+                errors.append(error)
+    if errors:
+        listed = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
+        raise DataError(f"{len(errors)} unreadable image(s):\n  {listed}")
+    return torch.stack(images)
+
+
+def read_folder(cfg: DataConfig):
+    root = Path(cfg.data_dir)
+    if not (root / "train").is_dir():
+        raise DataError(f"{root}: expected train/<class>/ image folders (optional val/ and test/)")
+    train_paths, train_labels, classes = scan_folder(root / "train")
+    if len(classes) < 2:
+        raise DataError(f"{root / 'train'}: found {len(classes)} class folder(s), need at least 2")
+    splits = {"train": ImageSet(train_labels, paths=train_paths)}
+    for name in ("val", "test"):
+        if (root / name).is_dir():
+            paths, labels, _ = scan_folder(root / name, classes)
+            splits[name] = ImageSet(labels, paths=paths)
+    return splits, classes
+
+
+# ---------------------------------------------------------------- splitting and loading
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, held_out) indices: round(fraction * n_c) of each class c held out, chosen by a seeded shuffle."""
+    generator = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_held = int(round(fraction * len(members)))
+        held.append(members[:n_held])
+        keep.append(members[n_held:])
+    return torch.cat(keep).sort().values, torch.cat(held).sort().values
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Read the configured dataset and return seeded, stratified train/val splits (and test when present)."""
+    data_dir = Path(cfg.data_dir)
+    if cfg.dataset == "cifar10":
+        images, labels, test, classes, source = find_cifar10(data_dir, cfg.download)
+        if cfg.image_size != 32:
+            raise DataError("CIFAR-10 images are 32x32: use --image-size 32")
+        splits = {"train": ImageSet(labels, images=images)}
+        if test is not None:
+            splits["test"] = ImageSet(test[1], images=test[0])
+    else:
+        splits, classes = read_folder(cfg)
+        source = str(data_dir)
+
+    pool = splits["train"]
+    if cfg.limit and cfg.limit < len(pool):
+        _, picked = stratified_split(pool.labels, cfg.limit / len(pool), cfg.split_seed + 1)
+        pool = pool.subset(picked)
+    if "val" in splits:
+        train, val = pool, splits["val"]
+    else:
+        keep, held = stratified_split(pool.labels, cfg.val_fraction, cfg.split_seed)
+        train, val = pool.subset(keep), pool.subset(held)
+    if len(val) == 0:
+        raise DataError(f"{data_dir}: the validation split is empty; raise --val-fraction or add a val/ folder")
+    test = splits.get("test")
+
+    if cfg.dataset == "folder" and cfg.in_memory:
+        train.images = decode_images(train.paths, cfg.image_size, cfg.workers, "train")
+        val.images = decode_images(val.paths, cfg.image_size, cfg.workers, "val")
+        if test is not None:
+            test.images = decode_images(test.paths, cfg.image_size, cfg.workers, "test")
+    if cfg.dataset == "cifar10":
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    elif train.images is not None:
+        mean, std = channel_stats(train.images)
+    else:
+        sample = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:2000])
+        mean, std = channel_stats(decode_images(sample.paths, cfg.image_size, cfg.workers, "stats sample"))
+    return Dataset(classes, train, val, test, mean, std, source)
+
+
+# ---------------------------------------------------------------- batches
+
+class InMemoryLoader:
+    """Training batches from a uint8 tensor kept on the device, augmented a whole batch at a time.
+
+    Drops the last partial batch; each epoch is a fresh seeded shuffle, translation and flip pattern.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std, translate: int,
+                 flip: str, seed: int, device: torch.device):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size = min(batch_size, len(labels))
+        self.mean, self.std, self.translate, self.flip = mean, std, translate, flip
+        self.generator = torch.Generator().manual_seed(seed)
+        self.base_flips = torch.rand(len(labels), generator=self.generator) < 0.5
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(len(self.labels), generator=self.generator)
+        flips = flip_mask(self.epoch, self.base_flips, self.flip, self.generator)
+        self.epoch += 1
+        for step in range(len(self)):
+            index = order[step * self.batch_size:(step + 1) * self.batch_size]
+            device_index = index.to(self.images.device)
+            x = augment_batch(self.images[device_index], flips[index], self.mean, self.std, self.translate, self.generator)
+            yield x, self.labels[device_index]
+
+
+class _FileImages(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str], labels: torch.Tensor, transform):
+        self.paths, self.labels, self.transform = paths, labels, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(open_image(self.paths[i])), self.labels[i]
+
+
+def train_loader(split: ImageSet, batch_size: int, mean, std, translate: int, flip: str, seed: int,
+                 image_size: int, workers: int, device: torch.device):
+    """In-memory batches when the split is decoded, else per-image PIL transforms in worker processes."""
+    if split.images is not None:
+        return InMemoryLoader(split.images, split.labels, batch_size, mean, std, translate, flip, seed, device)
+    transform = train_transform(image_size, mean, std, translate, flip != "none")
+    return torch.utils.data.DataLoader(
+        _FileImages(split.paths, split.labels, transform), batch_size=min(batch_size, len(split)), shuffle=True,
+        drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
+
+
+def eval_batches(split: ImageSet, mean, std, batch_size: int, image_size: int, workers: int, device: torch.device):
+    """Normalized (x, y) batches in order, no augmentation: the evaluation path."""
+    if split.images is not None:
+        for start in range(0, len(split), batch_size):
+            x = split.images[start:start + batch_size].to(device, non_blocking=True)
+            yield normalize(x, mean, std), split.labels[start:start + batch_size].to(device)
+        return
+    loader = torch.utils.data.DataLoader(_FileImages(split.paths, split.labels, eval_transform(image_size, mean, std)),
+                                         batch_size=batch_size, num_workers=workers)
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device)
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return max(1, n_train // min(batch_size, n_train))
+
+
+def total_steps(n_train: int, batch_size: int, epochs: float) -> int:
+    return math.ceil(steps_per_epoch(n_train, batch_size) * epochs)
