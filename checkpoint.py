@@ -1,0 +1,73 @@
+"""Write and read the self-describing model checkpoint (models/cnn.pt): weights plus everything needed to rebuild and feed the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from config import ConfigError, ModelConfig
+from model import CnnClassifier
+
+FORMAT_VERSION = 1
+REQUIRED = ("state_dict", "model_config", "classes", "mean", "std", "image_size")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint is missing, unreadable, or not one of ours; the message says how to get a good one."""
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, *, classes, mean, std, image_size: int,
+                    metrics: dict, mlflow_run_id: str | None = None, extra: dict | None = None) -> Path:
+    """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        "model_config": dataclasses.asdict(model.cfg),
+        "classes": list(classes),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "image_size": int(image_size),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "mlflow_run_id": mlflow_run_id,
+        "torch_version": str(torch.__version__),
+        **(extra or {}),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CnnClassifier, dict]:
+    """Rebuild the model from the file alone (weights_only=True: nothing but tensors and plain data is unpickled)."""
+    path = Path(path)
+    hint = "train one with `make train` (or `make smoke` for a quick one), or set CATER_MODEL_PATH"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: {hint}")
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or pickled objects outside the allow-list
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}. Re-create it: {hint}") from None
+    if not isinstance(meta, dict) or any(k not in meta for k in REQUIRED):
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py (needs {', '.join(REQUIRED)}): {hint}")
+    try:
+        cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
+        model = CnnClassifier(cfg, num_classes=len(meta["classes"]), image_size=meta["image_size"])
+        model.load_state_dict(meta["state_dict"])
+    except (ConfigError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not match this code's model: {e}. Re-create it: {hint}") from None
+    model.to(device).eval()
+    return model, meta

@@ -1,0 +1,144 @@
+"""The CNN classifiers (seed baseline and airbench-style fast net) and their forward-time helpers; no I/O."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from config import ModelConfig
+from transforms import tta_views
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm with a frozen unit scale, trainable bias, and statistics kept in fp32 under autocast."""
+
+    def __init__(self, channels: int, momentum: float, learn_scale: bool = False):
+        super().__init__(channels, eps=1e-12 if not learn_scale else 1e-5, momentum=momentum)
+        self.weight.requires_grad = learn_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics over a bf16/fp16 batch lose precision; compute them in fp32 and hand back the input dtype.
+        return super().forward(x.float()).to(x.dtype)
+
+
+class Conv(nn.Conv2d):
+    """3x3 'same' conv without bias, initialised near identity (dirac) so a deep stack starts as a short path."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, kernel_size=3, padding="same", bias=False)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        w = self.weight.data
+        nn.init.dirac_(w[: min(w.size(0), w.size(1))])
+
+
+class ConvGroup(nn.Module):
+    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU."""
+
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float):
+        super().__init__()
+        self.conv1 = Conv(c_in, c_out)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = BatchNorm(c_out, bn_momentum)
+        self.conv2 = Conv(c_out, c_out)
+        self.norm2 = BatchNorm(c_out, bn_momentum)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class CnnClassifier(nn.Module):
+    """An image classifier built from a ModelConfig.
+
+    baseline: conv -> pool -> conv -> pool -> flatten -> FC (the seed's shape, with optional BN and dropout).
+    airbench: a frozen 2x2 patch-whitening conv, then one ConvGroup per width, global max-pool, scaled linear head.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, image_size: int = 32):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.arch == "baseline":
+            self.features, self.head = _baseline(cfg, num_classes, image_size)
+        else:
+            self.features, self.head = _airbench(cfg, num_classes)
+
+    @property
+    def whiten(self) -> nn.Conv2d | None:
+        return self.features[0] if self.cfg.arch == "airbench" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _baseline(cfg: ModelConfig, num_classes: int, image_size: int):
+    c1, c2 = cfg.widths
+    norm = (lambda c: nn.BatchNorm2d(c, momentum=cfg.bn_momentum)) if cfg.norm == "batch" else (lambda c: nn.Identity())
+    features = nn.Sequential(
+        nn.Conv2d(3, c1, 3, padding=1), norm(c1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), norm(c2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+    flat = c2 * (image_size // 4) ** 2
+    if cfg.hidden:
+        head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(flat, cfg.hidden), nn.ReLU(inplace=True),
+                             nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, num_classes))
+    else:
+        head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(flat, num_classes))
+    return features, head
+
+
+class _Scale(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def _airbench(cfg: ModelConfig, num_classes: int):
+    whiten_width = 2 * 3 * 2 * 2  # +/- each eigenvector of the 3x2x2 patch covariance
+    whiten = nn.Conv2d(3, whiten_width, kernel_size=2, padding=0, bias=True)
+    whiten.weight.requires_grad = False
+    nn.init.zeros_(whiten.bias)
+    layers = [whiten, nn.GELU()]
+    c_in = whiten_width
+    for width in cfg.widths:
+        layers.append(ConvGroup(c_in, width, cfg.bn_momentum))
+        c_in = width
+    features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(c_in, num_classes, bias=False), _Scale(cfg.logit_scale))
+    return features, head
+
+
+@torch.no_grad()
+def init_whitening(model: CnnClassifier, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set the frozen first conv to whiten 2x2 patches, from the covariance of normalized training images."""
+    layer = model.whiten
+    if layer is None:
+        return
+    c, (h, w) = images.shape[1], layer.weight.shape[2:]
+    patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+    cov = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)
+    filters = (eigenvectors / torch.sqrt(eigenvalues.clamp_min(0) + eps).view(-1, 1)).view(-1, c, h, w)
+    layer.weight.copy_(torch.cat([filters, -filters]).to(layer.weight.dtype))
+
+
+def param_groups(model: nn.Module) -> tuple[list, list]:
+    """(normalization biases, everything else that trains): the biases get their own learning rate."""
+    norm_biases, others = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (norm_biases if ".norm" in name and name.endswith("bias") else others).append(p)
+    return norm_biases, others
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, tta: int = 0) -> torch.Tensor:
+    """Logits for a normalized batch, averaged over the test-time-augmentation views of level tta."""
+    return sum(weight * model(view).float() for weight, view in tta_views(x, tta))
