@@ -1,0 +1,450 @@
+"""Train: fit a CnnClassifier on the configured data, log the run to MLflow, keep the best model in models/cnn.pt.
+
+    python train.py --help            every flag, generated from config.py
+    python train.py --preset fast     the default: airbench-style net, ~93% on CIFAR-10
+    python train.py --smoke           a few batches through every stage
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from checkpoint import save_checkpoint
+from config import DataConfig, ModelConfig, TrainConfig, flat_params, parse_args
+from data import DataError, Dataset, eval_batches, load_dataset, total_steps, train_loader
+from model import CnnClassifier, init_whitening, param_groups, predict_logits
+
+REPO = Path(__file__).resolve().parent
+LOOKAHEAD_START_EPOCH = 3  # let the weights move freely first; averaging early only slows learning
+LOOKAHEAD_EVERY = 5
+EVAL_BATCH = 1000
+
+
+# ---------------------------------------------------------------- device and numerics
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: where bf16 convolutions run faster than fp32 on the CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def pick_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if choice == "auto":
+        if device.type == "cuda":
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            choice = "bf16" if cpu_has_bf16() else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype | None
+    channels_last: bool
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+# ---------------------------------------------------------------- optimization
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Decoupled hyperparameters (airbench / Page): the loss is summed over the batch, and the step size is
+    # divided by Nesterov momentum's gain, so lr and weight decay keep their meaning across batch size and momentum.
+    gain = 1024 * (1 + 1 / (1 - cfg.momentum))
+    lr = cfg.lr / gain
+    decay = cfg.weight_decay * cfg.batch_size / gain  # shrinkage per step
+    biases, others = param_groups(model)
+    groups = [dict(params=others, lr=lr, weight_decay=decay / lr)]
+    if biases:
+        bias_lr = lr * cfg.bias_lr_scale
+        groups.append(dict(params=biases, lr=bias_lr, weight_decay=decay / bias_lr))
+    return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup from lr_start to 1 over the first `warmup` share of steps, then linear decay to lr_end."""
+    peak = int(cfg.warmup * total)
+    if step < peak:
+        return cfg.lr_start + (1 - cfg.lr_start) * step / peak
+    return 1 + (cfg.lr_end - 1) * (step - peak) / max(1, total - peak)
+
+
+class Lookahead:
+    """Every few steps pull the weights (and BN statistics) towards a slow average and copy it back."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, decay: float) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.slow:
+                self.slow[k].lerp_(v, 1 - decay)
+                v.copy_(self.slow[k])
+
+
+# ---------------------------------------------------------------- the loop
+
+@torch.no_grad()
+def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0) -> dict:
+    """Loss, top-1 accuracy and confusion matrix (rows: true class, columns: predicted) over batches."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum, n = 0.0, 0
+    for x, y in batches:
+        with rt.autocast():
+            logits = predict_logits(model, rt.prepare(x), tta)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        n += len(y)
+        confusion += torch.bincount((y * num_classes + logits.argmax(1)).cpu(), minlength=num_classes ** 2).view(num_classes, num_classes)
+    return {"loss": loss_sum / max(n, 1), "acc": confusion.diag().sum().item() / max(n, 1), "confusion": confusion}
+
+
+@dataclass
+class FitState:
+    step: int = 0
+    total_steps: int = 0
+    lookahead: Lookahead | None = None
+    history: list = field(default_factory=list)
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    best_state: dict | None = None
+    stopped: str = ""
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch: int, epochs: int,
+                    cfg: TrainConfig, rt: Runtime) -> dict:
+    model.train()
+    smoothing = cfg.label_smoothing
+    reduction = "sum" if cfg.optimizer == "sgd" else "mean"
+    loss_sum = correct = seen = 0
+    data_seconds = 0.0
+    start = time.perf_counter()
+    steps = min(len(loader), state.total_steps - state.step)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True)
+    batches = iter(loader)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        x, y = next(batches)
+        x, y = rt.prepare(x.to(rt.device, non_blocking=True)), y.to(rt.device, non_blocking=True)
+        data_seconds += time.perf_counter() - t0
+
+        with rt.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing, reduction=reduction)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+
+        if cfg.lookahead and epoch >= LOOKAHEAD_START_EPOCH and state.step % LOOKAHEAD_EVERY == 0:
+            if state.lookahead is None:
+                state.lookahead = Lookahead(model)
+            else:
+                # Average weakly while the weights still move fast, strongly near the end.
+                state.lookahead.update(model, decay=0.95 ** LOOKAHEAD_EVERY * (state.step / state.total_steps) ** 3)
+
+        n = len(y)
+        loss_sum += loss.item() * (1 if reduction == "sum" else n)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += n
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    bar.close()
+    if state.lookahead is not None:
+        state.lookahead.update(model, decay=1.0)
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "epoch_seconds": seconds,
+            "images_per_s": seen / seconds, "data_share": data_seconds / seconds, "lr": scheduler.get_last_lr()[0]}
+
+
+def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, image_size: int):
+    """Seeded model on its device with its numerics; returns (model, runtime)."""
+    torch.manual_seed(train_cfg.seed)
+    device = pick_device(train_cfg.device)
+    dtype = pick_precision(train_cfg.precision, device)
+    rt = Runtime(device, dtype, channels_last=train_cfg.channels_last and dtype is not None)
+    model = CnnClassifier(model_cfg, num_classes=len(data.classes), image_size=image_size)
+    sample = data.train.subset(torch.arange(min(5000, len(data.train))))
+    whiten_images = torch.cat([x for x, _ in eval_batches(sample, data.mean, data.std, EVAL_BATCH, image_size, 0, torch.device("cpu"))])
+    init_whitening(model, whiten_images)
+    model.to(device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, rt
+
+
+def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, on_epoch=None) -> FitState:
+    """Train, evaluating on validation after each epoch and keeping the best weights; Ctrl-C stops cleanly."""
+    loader = train_loader(data.train, cfg.batch_size, data.mean, data.std, cfg.translate, cfg.flip, cfg.seed,
+                          data_cfg.image_size, data_cfg.workers, rt.device)
+    state = FitState(total_steps=total_steps(len(data.train), cfg.batch_size, cfg.epochs))
+    if cfg.max_steps:
+        state.total_steps = min(state.total_steps, cfg.max_steps)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, state.total_steps, cfg))
+    net = torch.compile(model) if cfg.compile else model
+    epochs = math.ceil(state.total_steps / len(loader))
+    patience_left = cfg.patience
+    try:
+        for epoch in range(epochs):
+            if model.whiten is not None:
+                model.whiten.bias.requires_grad = epoch < cfg.whiten_bias_epochs
+            metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt)
+            val = evaluate(net, eval_batches(data.val, data.mean, data.std, EVAL_BATCH, data_cfg.image_size,
+                                             data_cfg.workers, rt.device), len(data.classes), rt)
+            metrics.update(val_loss=val["loss"], val_acc=val["acc"], epoch=epoch + 1)
+            state.history.append(metrics)
+            improved = val["acc"] > state.best_acc
+            if improved:
+                state.best_acc, state.best_epoch = val["acc"], epoch + 1
+                state.best_state = copy.deepcopy(model.state_dict())
+                patience_left = cfg.patience
+            else:
+                patience_left -= 1
+            tqdm.write(f"epoch {epoch + 1:>3}/{epochs}  train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f}"
+                       f"  val loss {val['loss']:.4f} acc {val['acc']:.4f}{' *' if improved else '  '}"
+                       f"  lr {metrics['lr']:.2e}  {metrics['epoch_seconds']:.1f}s  {metrics['images_per_s']:.0f} img/s"
+                       f"  data {100 * metrics['data_share']:.1f}%")
+            if on_epoch:
+                on_epoch(epoch + 1, metrics, improved)
+            if cfg.patience and patience_left <= 0:
+                state.stopped = f"early stop: no better validation accuracy for {cfg.patience} epochs"
+                break
+    except KeyboardInterrupt:
+        state.stopped = "interrupted"
+    if state.stopped:
+        tqdm.write(state.stopped)
+    return state
+
+
+# ---------------------------------------------------------------- reporting
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(5, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    rates = confusion.float() / confusion.sum(1, keepdim=True).clamp_min(1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
+           title="validation confusion matrix (counts)")
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    if len(classes) <= 20:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    loss_ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    acc_ax.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
+    acc_ax.plot(epochs, [h["val_acc"] for h in history], "o-", label="validation")
+    acc_ax.set(xlabel="epoch", ylabel="top-1 accuracy", title="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class Tracker:
+    """MLflow logging, or nothing when disabled; every call is a no-op without an active run."""
+
+    def __init__(self, enabled: bool, experiment: str, run_name: str):
+        self.run = None
+        self.mlflow = None
+        if not enabled:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri(f"sqlite:///{REPO / 'mlflow.db'}")
+            if mlflow.get_experiment_by_name(experiment) is None:
+                mlflow.create_experiment(experiment, artifact_location=(REPO / "mlruns").as_uri())
+        mlflow.set_experiment(experiment)
+        self.run = mlflow.start_run(run_name=run_name or None)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.info.run_id if self.run else None
+
+    def __getattr__(self, name):
+        # log_params, log_metrics, set_tags, log_artifact ... forwarded to mlflow while a run is open.
+        if self.run is None:
+            return lambda *args, **kwargs: None
+        return getattr(self.mlflow, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run is not None:
+            self.mlflow.end_run(status=status)
+            self.run = None
+
+
+def log_model(tracker: Tracker, model: CnnClassifier, image_size: int) -> None:
+    """The model as an MLflow pytorch flavor (torch.export format: no pickled code), with signature and example."""
+    if tracker.run is None:
+        return
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    cpu_model = copy.deepcopy(model).float().to("cpu", memory_format=torch.contiguous_format).eval()
+    example = torch.zeros(2, 3, image_size, image_size)  # batch of 2: a batch of 1 would pin the exported batch size
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), cpu_model(example).numpy())
+    mlflow.pytorch.log_model(
+        cpu_model, name="model", signature=signature, input_example=example.numpy(), serialization_format="pt2",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}"],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    data_cfg, model_cfg, train_cfg = parse_args(argv)
+    torch.set_num_threads(train_cfg.threads or len(os.sched_getaffinity(0)))
+    try:
+        data = load_dataset(data_cfg)
+        model, rt = setup(model_cfg, train_cfg, data, data_cfg.image_size)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"data: {data.source}  train {len(data.train)}  val {len(data.val)}  test {len(data.test) if data.test else 0}"
+          f"  classes {len(data.classes)}")
+    print(f"model: {model_cfg.arch} widths {list(model_cfg.widths)}  {n_params / 1e6:.2f}M params  "
+          f"device {rt.device}  precision {rt.dtype or 'fp32'}{' channels_last' if rt.channels_last else ''}"
+          f"  threads {torch.get_num_threads()}")
+
+    tracker = Tracker(train_cfg.mlflow, train_cfg.experiment,
+                      train_cfg.run_name or f"{train_cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    status = "FAILED"
+    try:
+        tracker.log_params(flat_params(data_cfg, model_cfg, train_cfg))
+        tracker.set_tags({"git_commit": git_commit(), "device": str(rt.device), "torch_version": torch.__version__,
+                          "precision": str(rt.dtype or "fp32"), "preset": train_cfg.preset,
+                          "data_source": data.source, "params": n_params})
+        ckpt_info = dict(classes=data.classes, mean=data.mean, std=data.std, image_size=data_cfg.image_size,
+                         mlflow_run_id=tracker.run_id,
+                         extra={"train_config": flat_params(train_cfg), "data_config": flat_params(data_cfg)})
+        start = time.perf_counter()
+
+        def on_epoch(epoch, metrics, improved):
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            if improved:  # the best model so far is on disk at every moment of the run
+                save_checkpoint(train_cfg.out, model, metrics={"val_acc": metrics["val_acc"], "epoch": epoch}, **ckpt_info)
+
+        state = fit(model, data, data_cfg, train_cfg, rt, on_epoch)
+        train_seconds = time.perf_counter() - start
+        if state.best_state is None:
+            print("error: stopped before the first epoch finished; nothing to save", file=sys.stderr)
+            status = "KILLED"
+            return 130
+        model.load_state_dict(state.best_state)
+        status = "KILLED" if state.stopped == "interrupted" else "FINISHED"
+        report(model, data, data_cfg, train_cfg, rt, state, tracker, ckpt_info, train_seconds)
+        return 0
+    finally:
+        tracker.end(status)
+
+
+def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, state: FitState,
+           tracker: Tracker, ckpt_info: dict, train_seconds: float) -> None:
+    """Final evaluation of the best weights; checkpoint, plots, tables and model logged."""
+    batches = lambda split: eval_batches(split, data.mean, data.std, EVAL_BATCH, data_cfg.image_size, data_cfg.workers, rt.device)  # noqa: E731
+    val = evaluate(model, batches(data.val), len(data.classes), rt)
+    final = {"best_epoch": state.best_epoch, "val_acc": val["acc"], "val_loss": val["loss"],
+             "train_seconds": train_seconds}
+    line = f"best epoch {state.best_epoch}: val acc {val['acc']:.4f}"
+    if cfg.tta:
+        tta = evaluate(model, batches(data.val), len(data.classes), rt, tta=cfg.tta)
+        final["val_acc_tta"] = tta["acc"]
+        line += f"  with TTA level {cfg.tta}: {tta['acc']:.4f}"
+    if data.test is not None:
+        test = evaluate(model, batches(data.test), len(data.classes), rt, tta=cfg.tta)
+        final.update(test_acc=test["acc"], test_loss=test["loss"])
+        line += f"  test acc {test['acc']:.4f}"
+    print(line + f"  ({train_seconds:.0f}s training)")
+
+    path = save_checkpoint(cfg.out, model, metrics=final, **ckpt_info)
+    print(f"saved {path}")
+    tracker.log_metrics(final)
+    if tracker.run is None:
+        return
+    per_class = val["confusion"].diag().float() / val["confusion"].sum(1).clamp_min(1)
+    tracker.log_metrics({f"val_acc_class_{i}": float(a) for i, a in enumerate(per_class)})
+    tracker.log_table({"class": data.classes, "accuracy": [round(float(a), 4) for a in per_class],
+                       "support": val["confusion"].sum(1).tolist()}, artifact_file="per_class_accuracy.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_confusion(val["confusion"], data.classes, Path(tmp) / "confusion_matrix.png")
+        plot_curves(state.history, Path(tmp) / "curves.png")
+        tracker.log_artifact(str(Path(tmp) / "confusion_matrix.png"))
+        tracker.log_artifact(str(Path(tmp) / "curves.png"))
+    tracker.log_artifact(str(path), artifact_path="checkpoint")
+    log_model(tracker, model, data_cfg.image_size)
+    print(f"mlflow run {tracker.run_id} ({tracker.mlflow.get_tracking_uri()})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
