@@ -1,0 +1,50 @@
+# CATER: collect -> arrange -> train -> evaluate -> release.  `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# Settings passed through to train.py when given, e.g. `make train EPOCHS=5 DATA_DIR=../shared/data`.
+PRESET ?=
+EPOCHS ?=
+DATA_DIR ?=
+DATASET ?=
+ARGS ?=
+TRAIN_FLAGS = $(if $(PRESET),--preset $(PRESET)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+              $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(DATASET),--dataset $(DATASET)) $(ARGS)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MLFLOW_PORT ?= 5000
+
+.PHONY: help install train smoke test serve mlflow-ui bench-train bench-serve clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+install:  ## create .venv and install requirements.txt into it
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+
+train:  ## train the default (fast) preset, log to MLflow, write models/cnn.pt
+	$(PY) train.py $(TRAIN_FLAGS)
+
+smoke:  ## a few batches through every stage: writes models/cnn.pt and an MLflow run
+	$(PY) train.py --smoke $(TRAIN_FLAGS)
+
+test:  ## run the test suite
+	$(PY) -m pytest -q
+
+serve:  ## serve models/cnn.pt on http://$(HOST):$(PORT)
+	$(PY) -m uvicorn api:app --host $(HOST) --port $(PORT)
+
+mlflow-ui:  ## browse runs in the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(MLFLOW_PORT)
+
+bench-train:  ## time the presets against the seed baseline on CIFAR-10 (DATA_DIR, default ../shared/data)
+	$(PY) benchmarks/train_speed.py --data-dir $(or $(DATA_DIR),../shared/data) $(ARGS)
+
+bench-serve:  ## load-test api.py against a naive handler and mlflow models serve
+	$(PY) benchmarks/serve_load.py $(ARGS)
+
+clean:  ## remove MLflow runs and checkpoints (keeps data and .venv)
+	rm -rf mlflow.db mlruns models/*.pt

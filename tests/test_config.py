@@ -1,0 +1,52 @@
+import pytest
+
+from config import PRESETS, ConfigError, ServeConfig, parse_args, resolve
+
+
+def test_defaults_follow_the_fast_preset():
+    data_cfg, model_cfg, train_cfg = parse_args([])
+    assert train_cfg.preset == "fast"
+    assert model_cfg.arch == "airbench" and model_cfg.widths == PRESETS["fast"]["widths"]
+    assert data_cfg.val_fraction == 0.1
+
+
+def test_explicit_flags_override_the_preset():
+    _, model_cfg, train_cfg = parse_args(["--preset", "baseline", "--epochs", "3", "--widths", "16", "32"])
+    assert model_cfg.arch == "baseline" and model_cfg.widths == (16, 32)
+    assert train_cfg.epochs == 3 and train_cfg.optimizer == "adam"
+
+
+def test_smoke_sets_small_run_unless_given():
+    data_cfg, _, train_cfg = parse_args(["--smoke", "--limit", "100"])
+    assert train_cfg.max_steps == 3 and data_cfg.limit == 100
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs"),
+    (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--tta", "3"], "--tta"),
+    (["--preset", "baseline", "--widths", "8", "8", "8"], "--widths"),
+])
+def test_bad_values_are_refused_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--no-such-flag"], ["--epochs", "many"], ["--optimizer", "rmsprop"]])
+def test_unknown_flags_and_bad_types_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_resolve_raises_config_error_for_unknown_preset():
+    with pytest.raises(ConfigError, match="--preset"):
+        resolve({"preset": "huge"})
+
+
+def test_serve_config_reads_environment_and_refuses_bad_values():
+    assert ServeConfig.from_env({"CATER_PORT": "9001"}).port == 9001
+    with pytest.raises(ConfigError, match="CATER_PORT"):
+        ServeConfig.from_env({"CATER_PORT": "eighty"})

@@ -1,0 +1,129 @@
+import mlflow
+import pytest
+import torch
+
+import train
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from config import ModelConfig, TrainConfig
+from model import CnnClassifier
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "artifacts"))
+    monkeypatch.chdir(tmp_path)  # default artifact root ./mlruns lands in tmp_path
+    return mlflow.MlflowClient(uri)
+
+
+def test_train_logs_run_and_writes_loadable_checkpoint(cifar_dir, tmp_path, tracking):
+    out = tmp_path / "models" / "cnn.pt"
+    code = train.main(["--data-dir", str(cifar_dir), "--epochs", "2", "--batch-size", "64", "--out", str(out),
+                       "--experiment", "test-exp", "--tta", "1", "--precision", "fp32"])
+    assert code == 0
+    model, meta = load_checkpoint(out)
+    assert meta["classes"][0] == "airplane" and meta["image_size"] == 32
+    assert {"val_acc", "val_acc_tta", "best_epoch", "train_seconds"} <= set(meta["metrics"])
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+    run = tracking.get_run(meta["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["preset"] == "fast" and run.data.params["epochs"] == "2.0"
+    assert {"git_commit", "device", "torch_version"} <= set(run.data.tags)
+    history = tracking.get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in history[:2]] == [1, 2]
+    for name in ("train_loss", "lr", "epoch_seconds", "images_per_s", "val_loss", "val_acc_class_0"):
+        assert name in run.data.metrics
+    artifacts = {a.path for a in tracking.list_artifacts(run.info.run_id)}
+    assert {"confusion_matrix.png", "curves.png", "per_class_accuracy.json", "checkpoint"} <= artifacts
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert logged(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_baseline_learns_the_toy_data(cifar_dir, tmp_path):
+    out = tmp_path / "cnn.pt"
+    assert train.main(["--preset", "baseline", "--data-dir", str(cifar_dir), "--epochs", "8", "--batch-size", "32",
+                       "--out", str(out), "--no-mlflow", "--val-fraction", "0.2"]) == 0
+    _, meta = load_checkpoint(out)
+    assert meta["metrics"]["val_acc"] >= 0.5  # chance is 0.1
+
+
+def test_folder_dataset_trains_streaming(folder_dir, tmp_path):
+    out = tmp_path / "cnn.pt"
+    assert train.main(["--dataset", "folder", "--data-dir", str(folder_dir), "--no-in-memory", "--workers", "0",
+                       "--image-size", "24", "--epochs", "1", "--batch-size", "16", "--out", str(out), "--no-mlflow"]) == 0
+    _, meta = load_checkpoint(out)
+    assert meta["classes"] == ["crack", "ok", "scratch"] and meta["image_size"] == 24
+    assert "test_acc" in meta["metrics"]
+
+
+def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
+    assert train.main(["--data-dir", str(tmp_path / "nowhere"), "--no-download", "--no-mlflow"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = TrainConfig(warmup=0.25, lr_start=0.2, lr_end=0.1)
+    factors = [train.lr_factor(s, 100, cfg) for s in range(101)]
+    assert factors[0] == pytest.approx(0.2) and factors[25] == pytest.approx(1.0) and factors[100] == pytest.approx(0.1)
+    assert factors.index(max(factors)) == 25
+
+
+def test_sgd_hyperparameters_are_decoupled_from_batch_size():
+    model = CnnClassifier(ModelConfig(), 10)
+    small, large = (train.make_optimizer(model, TrainConfig(batch_size=b)) for b in (256, 1024))
+    # summed loss: per-example step size is the same; weight decay per step grows with the batch
+    assert small.param_groups[0]["lr"] == large.param_groups[0]["lr"]
+    decay = lambda opt: opt.param_groups[0]["lr"] * opt.param_groups[0]["weight_decay"]  # noqa: E731
+    assert decay(large) == pytest.approx(4 * decay(small))
+    assert small.param_groups[1]["lr"] == pytest.approx(64 * small.param_groups[0]["lr"])
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = CnnClassifier(ModelConfig(), 10)
+    path = tmp_path / "cnn.pt"
+    info = dict(classes=[str(i) for i in range(10)], mean=(0.5,) * 3, std=(0.2,) * 3, image_size=32)
+    save_checkpoint(path, model, metrics={"val_acc": 0.5}, **info)
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, metrics={"val_acc": 0.9}, **info)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["cnn.pt"]  # no temp file left behind
+
+
+def test_bad_checkpoints_are_explained(tmp_path):
+    with pytest.raises(CheckpointError, match="make train"):
+        load_checkpoint(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(junk)
+    torch.save({"state_dict": {}}, junk)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(junk)
+
+
+def test_interrupted_run_keeps_its_best_checkpoint(cifar_dir, tmp_path, tracking, monkeypatch):
+    out = tmp_path / "cnn.pt"
+    real_epoch = train.train_one_epoch
+    calls = []
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupt_second_epoch)
+    assert train.main(["--data-dir", str(cifar_dir), "--epochs", "3", "--batch-size", "64", "--out", str(out),
+                       "--experiment", "test-exp", "--tta", "0"]) == 0
+    _, meta = load_checkpoint(out)
+    assert meta["metrics"]["best_epoch"] == 1
+    run = tracking.get_run(meta["mlflow_run_id"])
+    assert run.info.status == "KILLED" and "val_acc" in run.data.metrics

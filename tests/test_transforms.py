@@ -1,0 +1,79 @@
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+import transforms as T
+
+
+def test_eval_path_matches_decoded_dataset_path():
+    """The serving path (PIL -> eval_transform) equals the in-memory path (uint8 dataset -> normalize)."""
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    from_file = T.eval_transform(32, T.CIFAR10_MEAN, T.CIFAR10_STD)(Image.open(io.BytesIO(buffer.getvalue())))
+    stored = torch.from_numpy(array).permute(2, 0, 1)  # how data.py keeps CIFAR-10
+    assert torch.equal(from_file, T.normalize(stored, T.CIFAR10_MEAN, T.CIFAR10_STD))
+
+
+def test_normalize_matches_torchvision():
+    from torchvision.transforms import functional as TF
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    reference = TF.normalize(TF.to_tensor(image), T.CIFAR10_MEAN, T.CIFAR10_STD)
+    assert torch.allclose(T.eval_transform(8, T.CIFAR10_MEAN, T.CIFAR10_STD)(image), reference, atol=1e-6)
+
+
+def test_modes_become_rgb():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent -> white background
+    assert T.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    sixteen = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert T.to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([10, 20, 30] * 256)
+    assert T.to_rgb(palette).getpixel((0, 0)) == (10, 20, 30)
+    assert T.to_rgb(Image.new("CMYK", (4, 4), (0, 0, 0, 0))).mode == "RGB"
+    assert T.pil_to_uint8(Image.new("L", (50, 20), 128), 32).shape == (3, 32, 32)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (20, 10), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert T.to_rgb(Image.open(io.BytesIO(buffer.getvalue()))).size == (10, 20)
+
+
+def test_random_translate_shifts_within_bounds():
+    batch = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    generator = torch.Generator().manual_seed(0)
+    shifted = T.random_translate(batch, 2, generator)
+    padded = torch.nn.functional.pad(batch, (2, 2, 2, 2), mode="reflect")
+    for i in range(2):
+        assert any(torch.equal(shifted[i, 0], padded[i, 0, dy:dy + 6, dx:dx + 6]) for dy in range(5) for dx in range(5))
+    assert torch.equal(T.random_translate(batch, 0), batch)
+
+
+def test_alternating_flips_cover_both_orientations():
+    base = torch.tensor([True, False, True, False])
+    assert torch.equal(T.flip_mask(0, base, "alternate"), base)
+    assert torch.equal(T.flip_mask(1, base, "alternate"), ~base)
+    assert not T.flip_mask(3, base, "none").any()
+
+
+def test_augment_batch_flips_the_selected_images():
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    out = T.augment_batch(images, torch.tensor([True, False]), (0, 0, 0), (1, 1, 1), translate=0)
+    x = images.float() / 255
+    assert torch.allclose(out[0], x[0].flip(-1)) and torch.allclose(out[1], x[1])
+
+
+def test_tta_views_weights_sum_to_one():
+    x = torch.randn(2, 3, 8, 8)
+    for level in (0, 1, 2):
+        views = T.tta_views(x, level)
+        assert abs(sum(w for w, _ in views) - 1) < 1e-9
+        assert all(v.shape == x.shape for _, v in views)
