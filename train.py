@@ -222,6 +222,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     net = torch.compile(model) if cfg.compile else model
     epochs = math.ceil(state.total_steps / len(loader))
     patience_left = cfg.patience
+    start = time.perf_counter()
     try:
         for epoch in range(epochs):
             if model.whiten is not None:
@@ -229,7 +230,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
             metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt)
             val = evaluate(net, eval_batches(data.val, data.mean, data.std, EVAL_BATCH, data_cfg.image_size,
                                              data_cfg.workers, rt.device), len(data.classes), rt)
-            metrics.update(val_loss=val["loss"], val_acc=val["acc"], epoch=epoch + 1)
+            metrics.update(val_loss=val["loss"], val_acc=val["acc"], epoch=epoch + 1, elapsed_s=time.perf_counter() - start)
             state.history.append(metrics)
             improved = val["acc"] > state.best_acc
             if improved:
@@ -324,7 +325,7 @@ class Tracker:
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             mlflow.set_tracking_uri(f"sqlite:///{REPO / 'mlflow.db'}")
             if mlflow.get_experiment_by_name(experiment) is None:
-                mlflow.create_experiment(experiment, artifact_location=(REPO / "mlruns").as_uri())
+                mlflow.create_experiment(experiment, artifact_location=(REPO / "mlruns" / experiment.replace("/", "_")).as_uri())
         mlflow.set_experiment(experiment)
         self.run = mlflow.start_run(run_name=run_name or None)
 
@@ -427,7 +428,8 @@ def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Run
         line += f"  test acc {test['acc']:.4f}"
     print(line + f"  ({train_seconds:.0f}s training)")
 
-    path = save_checkpoint(cfg.out, model, metrics=final, **ckpt_info)
+    history = [{k: float(v) for k, v in h.items()} for h in state.history]
+    path = save_checkpoint(cfg.out, model, metrics=final, **{**ckpt_info, "extra": {**ckpt_info["extra"], "history": history}})
     print(f"saved {path}")
     tracker.log_metrics(final)
     if tracker.run is None:

@@ -1,0 +1,116 @@
+"""Time the training presets end to end on CIFAR-10 and print them side by side with the seed baseline.
+
+Each run is a real `train.py` process (MLflow logging included, experiment `bench-train`); wall time is the
+whole process, time-to-X is from the start of training to the end of the first epoch whose validation
+accuracy (no TTA) reaches X.
+
+    python benchmarks/train_speed.py --data-dir ../shared/data                      # fast x3 seeds, best, baseline
+    python benchmarks/train_speed.py --presets fast --seeds 1 --extra --epochs 2    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+THRESHOLDS = (0.90, 0.93, 0.94)
+
+
+def run_once(preset: str, seed: int, args) -> dict:
+    out = REPO / "bench-results" / f"{preset}-seed{seed}.pt"
+    cmd = [sys.executable, str(REPO / "train.py"), "--preset", preset, "--seed", str(seed), "--data-dir", args.data_dir,
+           "--out", str(out), "--experiment", "bench-train", "--run-name", f"bench-{preset}-seed{seed}", *args.extra]
+    print(f"\n$ {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "TQDM_DISABLE": "1"})
+    wall = time.perf_counter() - start
+    meta = torch.load(out, map_location="cpu", weights_only=True)
+    history, metrics = meta["history"], meta["metrics"]
+    images = sum(h["images_per_s"] * h["epoch_seconds"] for h in history)
+    train_seconds = sum(h["epoch_seconds"] for h in history)
+    return {
+        "preset": preset, "seed": seed, "wall_s": wall,
+        **{f"to_{int(t * 100)}": next((h["elapsed_s"] for h in history if h["val_acc"] >= t), None) for t in THRESHOLDS},
+        "val_acc": metrics["val_acc"], "val_acc_tta": metrics.get("val_acc_tta"),
+        "images_per_s": images / train_seconds,
+        "data_share": sum(h["data_share"] * h["epoch_seconds"] for h in history) / train_seconds,
+        "epochs": len(history),
+    }
+
+
+def fmt(values: list, kind: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    scale, unit = {"pct": (100, "%"), "s": (1, "s"), "n": (1, ""), "share": (100, "%")}[kind]
+    digits = 2 if kind == "pct" else (1 if kind == "share" else 0)
+    mean = statistics.mean(values) * scale
+    text = f"{mean:.{digits}f}{unit}"
+    if len(values) > 1:
+        text += f" ±{statistics.stdev(values) * scale:.{digits}f}"
+    return text
+
+
+COLUMNS = [
+    ("runs", None, None), ("wall", "wall_s", "s"), ("to 90%", "to_90", "s"), ("to 93%", "to_93", "s"),
+    ("to 94%", "to_94", "s"), ("val acc", "val_acc", "pct"), ("val acc TTA", "val_acc_tta", "pct"),
+    ("img/s", "images_per_s", "n"), ("data", "data_share", "share"),
+]
+
+
+def table(results: list[dict]) -> str:
+    rows = [["preset"] + [c[0] for c in COLUMNS]]
+    for preset in dict.fromkeys(r["preset"] for r in results):
+        runs = [r for r in results if r["preset"] == preset]
+        row = [preset]
+        for title, key, kind in COLUMNS:
+            if key is None:
+                row.append(str(len(runs)))
+            else:
+                values = [r[key] for r in runs]
+                cell = fmt(values, kind)
+                if key.startswith("to_") and None in values:
+                    cell += f" ({values.count(None)}/{len(values)} never)" if cell != "-" else " never"
+                row.append(cell)
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="../shared/data", help="a folder holding a CIFAR-10 copy")
+    parser.add_argument("--presets", nargs="+", default=["fast", "best", "baseline"], help="presets to run, in order")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds for the first preset (the others run once)")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to every train.py run")
+    args = parser.parse_args()
+    if not Path(args.data_dir).exists():
+        parser.error(f"--data-dir {args.data_dir} does not exist")
+
+    results = []
+    for i, preset in enumerate(args.presets):
+        for seed in range(args.seeds if i == 0 else 1):
+            results.append(run_once(preset, seed, args))
+            print("\n" + table(results), flush=True)
+
+    cpu = platform.processor() or platform.machine()
+    print(f"\nmachine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    print("time-to-X: from start of training to the end of the first epoch at X validation accuracy (no TTA)")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
