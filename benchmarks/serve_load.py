@@ -1,0 +1,373 @@
+"""Serving load benchmark: api.py, a naive one-forward-per-request FastAPI handler, and `mlflow models serve`.
+
+Each server is started here on a free loopback port, one at a time, and driven by the same asyncio load generator
+(aiohttp) with the same images at each concurrency level, for a fixed number of requests per level; then stopped.
+
+Images: 256 32x32 PNGs of CIFAR-10 records (data_batch_5.bin: the official test batch is not in ../shared/data),
+plus 8 "photos": other CIFAR-10 images upscaled to 640x480 and saved as JPEG, sent after every 33 PNGs (1 request
+in 34). Peak RSS is that of the server's whole process tree (mlflow serve runs uvicorn in a child process).
+api.py and the naive server get the file bytes, base64 in JSON. mlflow gets what its pyfunc signature takes: the
+normalized 1x3x32x32 float tensor as a nested list ({"inputs": ...}), made on the client with transforms.eval_transform
+before the clock starts, so its numbers leave out that client-side preprocessing.
+
+    python benchmarks/serve_load.py --checkpoint models/cnn.pt                 # the full run, all three servers
+    python benchmarks/serve_load.py --requests 200 --servers api naive         # a quick look
+
+CATER_* variables in the environment reach api.py (e.g. CATER_THREADS, CATER_MAX_BATCH_SIZE, CATER_MAX_WAIT_MS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import aiohttp  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from transforms import eval_transform  # noqa: E402
+
+PNGS_PER_PHOTO = 33  # a 640x480 JPEG request after every 33 PNG requests
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    env: dict
+    ready_path: str
+    predict_path: str
+    payload: str  # "base64" (api, naive) or "tensor" (mlflow)
+
+
+@dataclass
+class Result:
+    server: str
+    concurrency: int
+    requests: int
+    seconds: float
+    latencies: dict = field(default_factory=dict)  # kind -> list of seconds (successful requests)
+    errors: int = 0
+    first_error: str = ""
+    rss_start: float = 0.0
+    rss_end: float = 0.0
+    rss_peak: float = 0.0
+
+    def all_latencies(self) -> np.ndarray:
+        return np.concatenate([np.asarray(v) for v in self.latencies.values()]) if self.latencies else np.zeros(0)
+
+    def pct(self, q: float, kind: str | None = None) -> float:
+        values = np.asarray(self.latencies.get(kind, [])) if kind else self.all_latencies()
+        return float(np.percentile(values, q)) * 1000 if len(values) else float("nan")
+
+    @property
+    def rps(self) -> float:
+        return (self.requests - self.errors) / self.seconds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images and request bodies
+
+
+def cifar_images(data_dir: Path, count: int) -> list[Image.Image]:
+    """The first records of data_batch_5.bin (1 label byte + 3x1024 bytes of R, G, B planes each)."""
+    path = data_dir / "cifar-10-batches-bin" / "data_batch_5.bin"
+    records = np.fromfile(path, dtype=np.uint8, count=3073 * count).reshape(-1, 3073)
+    return [Image.fromarray(r[1:].reshape(3, 32, 32).transpose(1, 2, 0)) for r in records]
+
+
+def image_files(data_dir: Path, n_small: int, n_photos: int) -> list[tuple[str, bytes]]:
+    """(kind, file bytes): n_small 32x32 PNGs, then n_photos 640x480 JPEGs."""
+    out = []
+    images = cifar_images(data_dir, n_small + n_photos)
+    for image in images[:n_small]:
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        out.append(("png32", buf.getvalue()))
+    for image in images[n_small:]:
+        buf = io.BytesIO()
+        image.resize((640, 480), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+        out.append(("jpeg640", buf.getvalue()))
+    return out
+
+
+def request_bodies(files: list[tuple[str, bytes]], kind: str, meta: dict) -> list[tuple[str, bytes]]:
+    """The request sequence: PNGs in turn, with a photo after every PNGS_PER_PHOTO of them."""
+    small = [f for f in files if f[0] == "png32"]
+    photos = [f for f in files if f[0] != "png32"]
+    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+
+    def body(data: bytes) -> bytes:
+        if kind == "base64":
+            return json.dumps({"image_base64": base64.b64encode(data).decode()}).encode()
+        tensor = transform(Image.open(io.BytesIO(data))).unsqueeze(0)
+        return json.dumps({"inputs": tensor.tolist()}).encode()
+
+    small_bodies = [body(d) for _, d in small]
+    photo_bodies = [body(d) for _, d in photos]
+    sequence = []
+    for i in range(len(small_bodies)):
+        sequence.append(("png32", small_bodies[i]))
+        if photo_bodies and i % PNGS_PER_PHOTO == PNGS_PER_PHOTO - 1:
+            sequence.append(("jpeg640", photo_bodies[(i // PNGS_PER_PHOTO) % len(photo_bodies)]))
+    return sequence
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_rss_mb(proc: psutil.Process) -> float:
+    """RSS of the server process and all its children (mlflow serve runs uvicorn in a child)."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def start(server: Server, log_path: Path, timeout: float) -> subprocess.Popen:
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(server.command, cwd=REPO, env={**os.environ, **server.env}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    base = server.env["BENCH_URL"]
+    deadline = time.monotonic() + timeout
+
+    async def poll() -> bool:
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    return False
+                try:
+                    async with session.get(base + server.ready_path) as r:
+                        if r.status == 200:
+                            return True
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.25)
+        return False
+
+    if not asyncio.run(poll()):
+        stop(proc)
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
+        raise RuntimeError(f"{server.name} did not become ready (log {log_path}):\n    " + "\n    ".join(tail))
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group (it runs in a session of its own), SIGKILL if it lingers."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    except ProcessLookupError:  # the whole group is gone already
+        proc.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Load generator
+
+
+async def drive(url: str, bodies: list[tuple[str, bytes]], concurrency: int, n_requests: int,
+                proc: psutil.Process, result: Result) -> None:
+    """concurrency workers share a counter of n_requests; each sends its next request when the last one answered."""
+    headers = {"Content-Type": "application/json"}
+    counter = itertools.count()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60)
+
+    async def worker(session, n):
+        while (i := next(counter)) < n:
+            kind, body = bodies[i % len(bodies)]
+            start = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    ok, error = r.status == 200, f"HTTP {r.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                ok, error = False, f"{e.__class__.__name__}: {e}"
+            if ok:
+                result.latencies.setdefault(kind, []).append(time.perf_counter() - start)
+            else:
+                result.errors += 1
+                result.first_error = result.first_error or error
+
+    async def sample_memory(stop_event):
+        while not stop_event.is_set():
+            result.rss_peak = max(result.rss_peak, tree_rss_mb(proc))
+            await asyncio.sleep(0.1)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(worker(session, 2 * concurrency) for _ in range(concurrency)))  # warm-up, not counted
+        counter = itertools.count()
+        result.latencies, result.errors, result.first_error = {}, 0, ""
+        result.rss_start = tree_rss_mb(proc)
+        stop_event = asyncio.Event()
+        sampler = asyncio.create_task(sample_memory(stop_event))
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session, n_requests) for _ in range(concurrency)))
+        result.seconds = time.perf_counter() - start
+        stop_event.set()
+        await sampler
+        result.rss_end = tree_rss_mb(proc)
+        result.rss_peak = max(result.rss_peak, result.rss_end)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def print_table(results: list[Result]) -> None:
+    header = f"{'server':<8} {'conc':>4} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} " \
+             f"{'errors':>6} {'peak RSS MB':>11} {'RSS start->end MB':>17}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r.server:<8} {r.concurrency:>4} {r.requests:>8} {r.rps:>8.1f} {r.pct(50):>8.2f} {r.pct(95):>8.2f} "
+              f"{r.pct(99):>8.2f} {r.errors:>6} {r.rss_peak:>11.0f} {r.rss_start:>8.0f}->{r.rss_end:<8.0f}")
+        if r.errors:
+            print(f"         first error: {r.first_error}")
+
+
+def print_targets(results: list[Result]) -> None:
+    def find(server, concurrency):
+        return next((r for r in results if r.server == server and r.concurrency == concurrency), None)
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    api32, naive32, mlflow32, api1 = find("api", 32), find("naive", 32), find("mlflow", 32), find("api", 1)
+    print(f"\ntargets (set for a 2-core machine; this one has {os.cpu_count()} CPUs, the load generator on it too):")
+    if api32 and naive32:
+        ratio = api32.rps / naive32.rps
+        print(f"  concurrency 32: api / naive = {ratio:.2f}x req/s (target >= 3x: {verdict(ratio >= 3)})")
+    if api32 and mlflow32:
+        ratio = api32.rps / mlflow32.rps
+        print(f"  concurrency 32: api / mlflow = {ratio:.2f}x req/s (target >= 5x: {verdict(ratio >= 5)})")
+    if api32:
+        print(f"  concurrency 32: api p99 = {api32.pct(99):.1f} ms (target <= 50 ms: {verdict(api32.pct(99) <= 50)})")
+    if api1:
+        p50 = api1.pct(50, "png32")
+        print(f"  concurrency 1: api p50 for a 32x32 PNG = {p50:.2f} ms (target <= 5 ms: {verdict(p50 <= 5)})")
+    api = [r for r in results if r.server == "api"]
+    if api:
+        total, errors = sum(r.requests for r in api), sum(r.errors for r in api)
+        print(f"  api errors: {errors} over {total} requests (target: 0 over >= 20,000: "
+              f"{verdict(errors == 0 and total >= 20000)})")
+        print(f"  api RSS: {api[0].rss_start:.0f} MB after the first warm-up, {api[-1].rss_end:.0f} MB at the end, "
+              f"peak {max(r.rss_peak for r in api):.0f} MB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Load-test api.py against a naive handler and mlflow models serve.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default="models/cnn.pt", help="checkpoint written by train.py")
+    parser.add_argument("--data-dir", default="../shared/data", help="folder holding cifar-10-batches-bin/")
+    parser.add_argument("--requests", type=int, default=5000, help="measured requests per server and concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--warmup", type=int, default=300, help="requests sent to each server before measuring")
+    parser.add_argument("--servers", nargs="+", choices=["api", "naive", "mlflow"], default=["api", "naive", "mlflow"])
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlflow.db'}",
+                        help="MLflow store holding the run that logged the checkpoint's model")
+    parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for a server to be ready")
+    parser.add_argument("--logs", default="bench-results", help="folder for the servers' logs")
+    args = parser.parse_args(argv)
+
+    checkpoint, data_dir = Path(args.checkpoint).resolve(), Path(args.data_dir).resolve()
+    try:
+        _, meta = load_checkpoint(checkpoint)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    files = image_files(data_dir, n_small=256, n_photos=8)
+    logs = Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"checkpoint {checkpoint}  ({meta['model_config'].get('arch')}, {len(meta['classes'])} classes)")
+    print(f"images: 256 CIFAR-10 32x32 PNGs (data_batch_5.bin), 8 CIFAR-10 images upscaled to 640x480 JPEG "
+          f"(1 request in {PNGS_PER_PHOTO + 1}); per server {args.warmup} warm-up requests, then per level "
+          f"2x concurrency more and {args.requests} measured")
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}\n")
+
+    servers = []
+    for name in args.servers:
+        port = free_port()
+        env = {"BENCH_URL": f"http://127.0.0.1:{port}"}
+        if name == "api":
+            env.update(CATER_MODEL_PATH=str(checkpoint), CATER_HOST="127.0.0.1", CATER_PORT=str(port))
+            servers.append(Server(name, [sys.executable, str(REPO / "api.py")], env, "/ready", "/predict", "base64"))
+        elif name == "naive":
+            servers.append(Server(name, [sys.executable, str(REPO / "benchmarks" / "naive_server.py"),
+                                         "--checkpoint", str(checkpoint), "--port", str(port)],
+                                  env, "/health", "/predict", "base64"))
+        else:
+            run_id = meta.get("mlflow_run_id")
+            if not run_id:
+                print("mlflow: skipped, the checkpoint has no MLflow run id (trained with --no-mlflow?)\n")
+                continue
+            # mlflow execs `uvicorn` by name: put this interpreter's bin folder (the virtualenv's) first on PATH.
+            env.update(MLFLOW_TRACKING_URI=args.tracking_uri,
+                       PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+            servers.append(Server(name, [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
+                                         "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
+                                  env, "/ping", "/invocations", "tensor"))
+    if any(s.name == "mlflow" for s in servers):
+        print(f"mlflow: serving runs:/{meta['mlflow_run_id']}/model from {args.tracking_uri}; it is sent tensors "
+              "preprocessed on the client (not timed), the others image files\n")
+
+    results = []
+    for server in servers:
+        bodies = request_bodies(files, server.payload, meta)
+        try:
+            proc = start(server, logs / f"serve_{server.name}.log", args.startup_timeout)
+        except RuntimeError as e:
+            print(f"{e}\n{server.name}: skipped\n")
+            continue
+        url, process = server.env["BENCH_URL"] + server.predict_path, psutil.Process(proc.pid)
+        try:
+            # Some servers are slow for their first hundreds of requests (mlflow's took ~300 ms each): not measured.
+            asyncio.run(drive(url, bodies, 8, args.warmup, process, Result(server.name, 8, args.warmup, 0.0)))
+            for concurrency in args.concurrency:
+                result = Result(server.name, concurrency, args.requests, 0.0)
+                asyncio.run(drive(url, bodies, concurrency, args.requests, process, result))
+                results.append(result)
+                print(f"  {server.name:<6} c={concurrency:<3} {result.rps:8.1f} req/s  p99 {result.pct(99):7.2f} ms  "
+                      f"errors {result.errors}", flush=True)
+        finally:
+            stop(proc)
+    print()
+    print_table(results)
+    print_targets(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
