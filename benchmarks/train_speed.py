@@ -79,7 +79,7 @@ def table(results: list[dict]) -> str:
                 values = [r[key] for r in runs]
                 cell = fmt(values, kind)
                 if key.startswith("to_") and None in values:
-                    cell += f" ({values.count(None)}/{len(values)} never)" if cell != "-" else " never"
+                    cell = f"{cell} ({values.count(None)}/{len(values)} never)" if cell != "-" else "never"
                 row.append(cell)
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -104,7 +104,9 @@ def main() -> int:
             results.append(run_once(preset, seed, args))
             print("\n" + table(results), flush=True)
 
-    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+               platform.processor() or platform.machine())
     print(f"\nmachine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
     print("time-to-X: from start of training to the end of the first epoch at X validation accuracy (no TTA)")
