@@ -201,9 +201,10 @@ def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, image_s
     dtype = pick_precision(train_cfg.precision, device)
     rt = Runtime(device, dtype, channels_last=train_cfg.channels_last and dtype is not None)
     model = CnnClassifier(model_cfg, num_classes=len(data.classes), image_size=image_size)
-    sample = data.train.subset(torch.arange(min(5000, len(data.train))))
-    whiten_images = torch.cat([x for x, _ in eval_batches(sample, data.mean, data.std, EVAL_BATCH, image_size, 0, torch.device("cpu"))])
-    init_whitening(model, whiten_images)
+    if model.whiten is not None:  # patch statistics of the first 5000 training images, as airbench does
+        sample = data.train.subset(torch.arange(min(5000, len(data.train))))
+        batches = eval_batches(sample, data.mean, data.std, EVAL_BATCH, image_size, 0, torch.device("cpu"))
+        init_whitening(model, torch.cat([x for x, _ in batches]))
     model.to(device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
