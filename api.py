@@ -14,7 +14,6 @@ import gc
 import hmac
 import io
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError, ServeConfig
+from config import ConfigError, ServeConfig, available_cores
 from model import predict_logits
 from transforms import normalize, pil_to_uint8
 
@@ -387,7 +386,7 @@ async def lifespan(app: FastAPI):
     cfg: ServeConfig = app.state.config
     device = pick_device(cfg.device)
     # The event loop (HTTP, JSON, decoding) needs a core of its own; the forward pass gets the others.
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     threads = cfg.threads or max(1, cores - 1)
     torch.set_num_threads(threads)
     try:

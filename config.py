@@ -23,7 +23,7 @@ class DataConfig:
     in_memory: bool = _opt(True, "decode the dataset once into a uint8 tensor and augment whole batches; "
                                  "--no-in-memory streams per-image transforms through worker processes")
     workers: int = _opt(2, "data loader worker processes (streaming mode and image decoding)")
-    limit: int = _opt(0, "use at most this many training images, stratified (0 = all); for quick runs")
+    limit: int = _opt(0, "use about this many training images (before the validation split), stratified per class (0 = all)")
     download: bool = _opt(True, "download CIFAR-10 with torchvision when no local copy is found")
 
     def __post_init__(self):
@@ -31,6 +31,7 @@ class DataConfig:
         _check(8 <= self.image_size <= 1024, "--image-size must be between 8 and 1024")
         _check(self.workers >= 0, "--workers must be >= 0")
         _check(self.limit >= 0, "--limit must be >= 0")
+        _check(self.dataset != "cifar10" or self.image_size == 32, "CIFAR-10 images are 32x32: use --image-size 32")
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,14 @@ PRESETS: dict[str, dict] = {
     "fast": dict(arch="airbench", widths=(64, 128, 128), epochs=15.0),
     "best": dict(arch="airbench", widths=(64, 256, 256), epochs=12.0),
 }
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on: the affinity mask where the OS has one (Linux), else all cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 class ConfigError(ValueError):

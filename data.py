@@ -166,9 +166,13 @@ class _Decode(torch.utils.data.Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
 
 
+def _as_list(items):
+    return items
+
+
 def decode_images(paths: list[str], size: int, workers: int, desc: str) -> torch.Tensor:
     loader = torch.utils.data.DataLoader(_Decode(paths, size), batch_size=256, num_workers=workers,
-                                         collate_fn=lambda items: items)
+                                         collate_fn=_as_list)
     images, errors = [], []
     for batch in tqdm(loader, desc=f"decode {desc}", unit="batch", leave=False):
         for image, error in batch:
@@ -176,9 +180,26 @@ def decode_images(paths: list[str], size: int, workers: int, desc: str) -> torch
             if error:
                 errors.append(error)
     if errors:
-        listed = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
-        raise DataError(f"{len(errors)} unreadable image(s):\n  {listed}")
+        raise unreadable(errors)
     return torch.stack(images)
+
+
+def unreadable(errors: list[str]) -> DataError:
+    listed = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
+    return DataError(f"{len(errors)} unreadable image(s):\n  {listed}")
+
+
+def check_headers(paths: list[str]) -> None:
+    """Streaming mode: open every file's header up front, so a bad file is reported now and not mid-training."""
+    errors = []
+    for path in tqdm(paths, desc="check images", unit="file", leave=False):
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            errors.append(f"cannot read image {path}: {e}")
+    if errors:
+        raise unreadable(errors)
 
 
 def read_folder(cfg: DataConfig):
@@ -216,8 +237,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     data_dir = Path(cfg.data_dir)
     if cfg.dataset == "cifar10":
         images, labels, test, classes, source = find_cifar10(data_dir, cfg.download)
-        if cfg.image_size != 32:
-            raise DataError("CIFAR-10 images are 32x32: use --image-size 32")
         splits = {"train": ImageSet(labels, images=images)}
         if test is not None:
             splits["test"] = ImageSet(test[1], images=test[0])
@@ -236,8 +255,12 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         train, val = pool.subset(keep), pool.subset(held)
     if len(val) == 0:
         raise DataError(f"{data_dir}: the validation split is empty; raise --val-fraction or add a val/ folder")
+    if len(train) == 0:
+        raise DataError(f"{data_dir}: no training images left after the validation split; raise --limit or lower --val-fraction")
     test = splits.get("test")
 
+    if cfg.dataset == "folder" and not cfg.in_memory:
+        check_headers(train.paths + val.paths + (test.paths if test is not None else []))
     if cfg.dataset == "folder" and cfg.in_memory:
         train.images = decode_images(train.paths, cfg.image_size, cfg.workers, "train")
         val.images = decode_images(val.paths, cfg.image_size, cfg.workers, "val")
@@ -245,8 +268,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             test.images = decode_images(test.paths, cfg.image_size, cfg.workers, "test")
     if cfg.dataset == "cifar10":
         mean, std = CIFAR10_MEAN, CIFAR10_STD
-    elif train.images is not None:
-        mean, std = channel_stats(train.images)
+    elif train.images is not None:  # a sample keeps the float copy small
+        sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:10_000]
+        mean, std = channel_stats(train.images[sample])
     else:
         sample = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:2000])
         mean, std = channel_stats(decode_images(sample.paths, cfg.image_size, cfg.workers, "stats sample"))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import save_checkpoint
-from config import DataConfig, ModelConfig, TrainConfig, flat_params, parse_args
+from config import DataConfig, ModelConfig, TrainConfig, available_cores, flat_params, parse_args
 from data import DataError, Dataset, eval_batches, load_dataset, total_steps, train_loader
 from model import CnnClassifier, init_whitening, param_groups, predict_logits
 
@@ -57,7 +57,8 @@ def pick_precision(choice: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if choice == "auto":
         if device.type == "cuda":
-            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # Emulated bf16 (pre-Ampere GPUs) is slower than fp16 with loss scaling.
+            choice = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         else:
             choice = "bf16" if cpu_has_bf16() else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
@@ -140,6 +141,7 @@ class FitState:
     step: int = 0
     total_steps: int = 0
     lookahead: Lookahead | None = None
+    scaler: torch.amp.GradScaler | None = None
     history: list = field(default_factory=list)
     best_acc: float = -1.0
     best_epoch: int = -1
@@ -158,6 +160,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
     steps = min(len(loader), state.total_steps - state.step)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True)
     batches = iter(loader)
+    scaler = state.scaler
     for _ in range(steps):
         t0 = time.perf_counter()
         x, y = next(batches)
@@ -168,8 +171,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing, reduction=reduction)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         state.step += 1
 
@@ -201,8 +205,9 @@ def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, image_s
     dtype = pick_precision(train_cfg.precision, device)
     rt = Runtime(device, dtype, channels_last=train_cfg.channels_last and dtype is not None)
     model = CnnClassifier(model_cfg, num_classes=len(data.classes), image_size=image_size)
-    if model.whiten is not None:  # patch statistics of the first 5000 training images, as airbench does
-        sample = data.train.subset(torch.arange(min(5000, len(data.train))))
+    if model.whiten is not None:  # patch statistics of 5000 training images (a seeded sample: folders come class by class)
+        picked = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(train_cfg.seed))[:5000]
+        sample = data.train.subset(picked.sort().values)
         batches = eval_batches(sample, data.mean, data.std, EVAL_BATCH, image_size, 0, torch.device("cpu"))
         init_whitening(model, torch.cat([x for x, _ in batches]))
     model.to(device)
@@ -215,7 +220,9 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     """Train, evaluating on validation after each epoch and keeping the best weights; Ctrl-C stops cleanly."""
     loader = train_loader(data.train, cfg.batch_size, data.mean, data.std, cfg.translate, cfg.flip, cfg.seed,
                           data_cfg.image_size, data_cfg.workers, rt.device)
-    state = FitState(total_steps=total_steps(len(data.train), cfg.batch_size, cfg.epochs))
+    # fp16 needs loss scaling against gradient underflow; with bf16 or fp32 the scaler does nothing.
+    state = FitState(total_steps=total_steps(len(data.train), cfg.batch_size, cfg.epochs),
+                     scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16))
     if cfg.max_steps:
         state.total_steps = min(state.total_steps, cfg.max_steps)
     optimizer = make_optimizer(model, cfg)
@@ -365,7 +372,7 @@ def log_model(tracker: Tracker, model: CnnClassifier, image_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     data_cfg, model_cfg, train_cfg = parse_args(argv)
-    torch.set_num_threads(train_cfg.threads or len(os.sched_getaffinity(0)))
+    torch.set_num_threads(train_cfg.threads or available_cores())
     try:
         data = load_dataset(data_cfg)
         model, rt = setup(model_cfg, train_cfg, data, data_cfg.image_size)
@@ -404,9 +411,12 @@ def main(argv: list[str] | None = None) -> int:
             status = "KILLED"
             return 130
         model.load_state_dict(state.best_state)
-        status = "KILLED" if state.stopped == "interrupted" else "FINISHED"
         report(model, data, data_cfg, train_cfg, rt, state, tracker, ckpt_info, train_seconds)
+        status = "KILLED" if state.stopped == "interrupted" else "FINISHED"
         return 0
+    except DataError as e:  # an image that fails to decode mid-run, when streaming from a folder
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         tracker.end(status)
 

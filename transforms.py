@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -45,22 +47,27 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
+def _eval(image: Image.Image, size: int, mean, std) -> torch.Tensor:
+    return normalize(pil_to_uint8(image, size), mean, std)
+
+
+def _train(image: Image.Image, size: int, mean, std, translate: int, flip: bool) -> torch.Tensor:
+    x = normalize(pil_to_uint8(image, size), mean, std).unsqueeze(0)
+    x = random_translate(x, translate)
+    if flip and torch.rand(()) < 0.5:
+        x = x.flip(-1)
+    return x.squeeze(0)
+
+
+# partials of module-level functions, not closures: data-loader workers started by spawn must pickle them
 def eval_transform(size: int, mean, std):
     """PIL image -> normalized float tensor; the evaluation and serving path."""
-    def transform(image: Image.Image) -> torch.Tensor:
-        return normalize(pil_to_uint8(image, size), mean, std)
-    return transform
+    return functools.partial(_eval, size=size, mean=mean, std=std)
 
 
 def train_transform(size: int, mean, std, translate: int, flip: bool):
-    """PIL image -> augmented, normalized tensor; the per-image path for streamed image folders."""
-    def transform(image: Image.Image) -> torch.Tensor:
-        x = normalize(pil_to_uint8(image, size), mean, std).unsqueeze(0)
-        x = random_translate(x, translate)
-        if flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x.squeeze(0)
-    return transform
+    """PIL image -> augmented, normalized tensor; the per-image path for streamed image folders (random flips)."""
+    return functools.partial(_train, size=size, mean=mean, std=std, translate=translate, flip=flip)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

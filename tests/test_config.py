@@ -50,3 +50,19 @@ def test_serve_config_reads_environment_and_refuses_bad_values():
     assert ServeConfig.from_env({"CATER_PORT": "9001"}).port == 9001
     with pytest.raises(ConfigError, match="CATER_PORT"):
         ServeConfig.from_env({"CATER_PORT": "eighty"})
+
+
+def test_cifar_refuses_other_image_sizes(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--image-size", "64"])
+    assert "--image-size 32" in capsys.readouterr().err
+    parse_args(["--dataset", "folder", "--image-size", "64"])
+
+
+def test_available_cores_without_affinity(monkeypatch):
+    import os
+
+    import config
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert config.available_cores() == (os.cpu_count() or 1)

@@ -152,3 +152,25 @@ def test_in_memory_loader_batches_are_seeded_and_augmented(cifar_dir):
     assert steps == len(ds.train) // 32
     assert x1.shape == (32, 3, 32, 32) and torch.equal(x1, x2) and torch.equal(y1, y2)
     assert not torch.equal(x1, x3)
+
+
+def test_streaming_mode_checks_every_file_before_training(folder_dir):
+    (folder_dir / "test" / "ok" / "broken.jpg").write_bytes(b"garbage")
+    with pytest.raises(data.DataError, match="broken.jpg"):
+        data.load_dataset(DataConfig(dataset="folder", data_dir=str(folder_dir), in_memory=False, workers=0))
+
+
+def test_empty_training_split_is_explained(cifar_dir):
+    with pytest.raises(data.DataError, match="--limit"):
+        data.load_dataset(DataConfig(data_dir=str(cifar_dir), limit=10, val_fraction=0.9))
+
+
+def test_streaming_loader_works_with_spawned_workers(folder_dir):
+    """Workers started by spawn (macOS, Windows) must be able to pickle the dataset and its transform."""
+    import multiprocessing
+
+    ds = data.load_dataset(DataConfig(dataset="folder", data_dir=str(folder_dir), in_memory=False, workers=0))
+    loader = data.train_loader(ds.train, 8, ds.mean, ds.std, 2, "random", 0, 32, 1, torch.device("cpu"))
+    loader.multiprocessing_context = multiprocessing.get_context("spawn")
+    x, y = next(iter(loader))
+    assert x.shape == (8, 3, 32, 32) and y.shape == (8,)
