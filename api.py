@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError, ServeConfig, available_cores
+from config import ConfigError, ServeConfig, available_cores, pick_device
 from model import predict_logits
 from transforms import normalize, pil_to_uint8
 
@@ -374,24 +374,18 @@ async def require_api_key(request: Request, key: Annotated[str | None, Security(
 # The app
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     """Load the checkpoint once, warm up batch sizes 1, 2, 4 ... max, serve; on shutdown finish queued work."""
     cfg: ServeConfig = app.state.config
-    device = pick_device(cfg.device)
     # The event loop (HTTP, JSON, decoding) needs a core of its own; the forward pass gets the others.
     cores = available_cores()
     threads = cfg.threads or max(1, cores - 1)
     torch.set_num_threads(threads)
     try:
+        device = pick_device(cfg.device, "CATER_DEVICE")
         model, meta = await asyncio.to_thread(load_checkpoint, cfg.model_path, device)
-    except CheckpointError as e:
+    except (CheckpointError, ConfigError) as e:
         app.state.startup_error = str(e)
         log.error("cannot start: %s", e)
         raise

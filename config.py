@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Literal, get_args, get_origin, get_type_hints
 
+import torch
+
 
 def _opt(default, help: str):
     return field(default=default, metadata={"help": help})
@@ -126,6 +128,15 @@ def available_cores() -> int:
 
 class ConfigError(ValueError):
     """A setting with a value that cannot work; the message names the flag."""
+
+
+def pick_device(choice: str, setting: str) -> torch.device:
+    """auto: CUDA when present, else CPU. A CUDA device where there is none is refused, naming the setting."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{setting}={choice} was asked for but no CUDA device is available")
+    return torch.device(choice)
 
 
 def _check(ok: bool, message: str) -> None:

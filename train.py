@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import save_checkpoint
-from config import DataConfig, ModelConfig, TrainConfig, available_cores, flat_params, parse_args
+from config import (ConfigError, DataConfig, ModelConfig, TrainConfig, available_cores, flat_params, parse_args,
+                    pick_device)
 from data import DataError, Dataset, eval_batches, load_dataset, total_steps, train_loader
 from model import CnnClassifier, init_whitening, param_groups, predict_logits
 
@@ -43,14 +44,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda was asked for but no CUDA device is available")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
 
 
 def pick_precision(choice: str, device: torch.device) -> torch.dtype | None:
@@ -201,7 +194,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
 def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, image_size: int):
     """Seeded model on its device with its numerics; returns (model, runtime)."""
     torch.manual_seed(train_cfg.seed)
-    device = pick_device(train_cfg.device)
+    device = pick_device(train_cfg.device, "--device")
     dtype = pick_precision(train_cfg.precision, device)
     rt = Runtime(device, dtype, channels_last=train_cfg.channels_last and dtype is not None)
     model = CnnClassifier(model_cfg, num_classes=len(data.classes), image_size=image_size)
@@ -376,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = load_dataset(data_cfg)
         model, rt = setup(model_cfg, train_cfg, data, data_cfg.image_size)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_params = sum(p.numel() for p in model.parameters())

@@ -66,3 +66,14 @@ def test_available_cores_without_affinity(monkeypatch):
 
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     assert config.available_cores() == (os.cpu_count() or 1)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_naming_the_setting():
+    from config import pick_device
+
+    assert pick_device("auto", "--device").type == "cpu"
+    with pytest.raises(ConfigError, match="--device=cuda"):
+        pick_device("cuda", "--device")
+    with pytest.raises(ConfigError, match="CATER_DEVICE=cuda:1"):
+        pick_device("cuda:1", "CATER_DEVICE")

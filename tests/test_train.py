@@ -127,3 +127,9 @@ def test_interrupted_run_keeps_its_best_checkpoint(cifar_dir, tmp_path, tracking
     assert meta["metrics"]["best_epoch"] == 1
     run = tracking.get_run(meta["mlflow_run_id"])
     assert run.info.status == "KILLED" and "val_acc" in run.data.metrics
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_gpu_is_a_cli_error(cifar_dir, capsys):
+    assert train.main(["--data-dir", str(cifar_dir), "--device", "cuda", "--no-mlflow"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
