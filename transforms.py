@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -16,13 +18,18 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode (16-bit, CMYK, palette, alpha, grayscale) as 8-bit RGB, EXIF orientation applied."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit grayscale: scale to 8 bits instead of letting convert() clip at 255.
-        top = 65535 if image.mode.startswith("I;16") else max(image.getextrema()[1], 1)
-        image = image.point(lambda v: v * (255 / top)).convert("L")
-    elif image.mode == "F":
-        lo, hi = image.getextrema()
-        image = image.point(lambda v: (v - lo) * (255 / max(hi - lo, 1e-12))).convert("L")
+    if image.mode.startswith("I") or image.mode == "F":
+        # 16/32-bit grayscale: scale to 8 bits instead of letting convert() clip at 255. In numpy, because
+        # Image.point refuses I;16B/I;16L/I;16N. 16-bit spans 0..65535; I and F have no fixed range, so their own
+        # min..max is stretched over 0..255 (non-finite floats become the minimum).
+        values = np.asarray(image).astype(np.float32)
+        if image.mode.startswith("I;16"):
+            values *= 255 / 65535
+        else:
+            finite = np.isfinite(values)
+            lo, hi = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
+            values = (np.where(finite, values, lo) - lo) * (255 / max(hi - lo, 1e-12))
+        image = Image.fromarray(np.rint(values).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -32,12 +39,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def pil_to_uint8(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB, resized to size x size, as a 3xHxW uint8 tensor: what the datasets store and the server feeds."""
+RESIZE_POLICIES = ("squash", "crop", "pad")
+
+
+def fit_square(image: Image.Image, size: int, resize: str = "squash") -> Image.Image:
+    """size x size by the resize policy: squash (stretch the whole image), crop (centre square of the short side)
+    or pad (whole image, letterboxed with black)."""
+    if image.size == (size, size):
+        return image
+    if resize == "crop":
+        return ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
+    if resize == "pad":
+        return ImageOps.pad(image, (size, size), Image.Resampling.BILINEAR, color=0)
+    return image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+
+
+def pil_to_uint8(image: Image.Image, size: int, channels: int = 3, resize: str = "squash") -> torch.Tensor:
+    """RGB (or grayscale when channels is 1), fitted to size x size by the resize policy, as a CxHxW uint8 tensor:
+    what the datasets store and the server feeds."""
     image = to_rgb(image)
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1).contiguous()
+    if channels == 1:
+        image = image.convert("L")
+    image = fit_square(image, size, resize)
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, channels).permute(2, 0, 1).contiguous()
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -47,27 +71,28 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def _eval(image: Image.Image, size: int, mean, std) -> torch.Tensor:
-    return normalize(pil_to_uint8(image, size), mean, std)
+def _eval(image: Image.Image, size: int, mean, std, channels: int, resize: str) -> torch.Tensor:
+    return normalize(pil_to_uint8(image, size, channels, resize), mean, std)
 
 
-def _train(image: Image.Image, size: int, mean, std, translate: int, flip: bool) -> torch.Tensor:
-    x = normalize(pil_to_uint8(image, size), mean, std).unsqueeze(0)
-    x = random_translate(x, translate)
-    if flip and torch.rand(()) < 0.5:
-        x = x.flip(-1)
-    return x.squeeze(0)
+def _train(image: Image.Image, size: int, mean, std, translate: int, flip: bool, channels: int, resize: str,
+           crop_scale: float, rotate90: bool) -> torch.Tensor:
+    x = pil_to_uint8(image, size, channels, resize).unsqueeze(0)
+    flips = torch.rand(1) < 0.5 if flip else torch.zeros(1, dtype=torch.bool)
+    return augment_batch(x, flips, mean, std, translate, None, crop_scale, rotate90).squeeze(0)
 
 
 # partials of module-level functions, not closures: data-loader workers started by spawn must pickle them
-def eval_transform(size: int, mean, std):
+def eval_transform(size: int, mean, std, channels: int = 3, resize: str = "squash"):
     """PIL image -> normalized float tensor; the evaluation and serving path."""
-    return functools.partial(_eval, size=size, mean=mean, std=std)
+    return functools.partial(_eval, size=size, mean=mean, std=std, channels=channels, resize=resize)
 
 
-def train_transform(size: int, mean, std, translate: int, flip: bool):
+def train_transform(size: int, mean, std, translate: int, flip: bool, channels: int = 3, resize: str = "squash",
+                    crop_scale: float = 0.0, rotate90: bool = False):
     """PIL image -> augmented, normalized tensor; the per-image path for streamed image folders (random flips)."""
-    return functools.partial(_train, size=size, mean=mean, std=std, translate=translate, flip=flip)
+    return functools.partial(_train, size=size, mean=mean, std=std, translate=translate, flip=flip,
+                             channels=channels, resize=resize, crop_scale=crop_scale, rotate90=rotate90)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -103,10 +128,40 @@ def flip_mask(epoch: int, base: torch.Tensor, mode: str, generator: torch.Genera
     return base ^ bool(epoch % 2)
 
 
+# cos and sin of 0, 90, 180 and 270 degrees, exact, so rotations move whole pixels
+_COS = torch.tensor([1.0, 0.0, -1.0, 0.0])
+_SIN = torch.tensor([0.0, 1.0, 0.0, -1.0])
+
+
+def random_crop_rotate(batch: torch.Tensor, crop_scale: float, rotate90: bool,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random-resized crops (a share of the area in [crop_scale, 1], aspect 3:4 to 4:3, resized back to full size)
+    and, with rotate90, a random multiple of 90 degrees and a random vertical flip: one grid_sample for the batch."""
+    n = batch.shape[0]
+    sx, sy, tx, ty = torch.ones(n), torch.ones(n), torch.zeros(n), torch.zeros(n)
+    if crop_scale:
+        area = torch.empty(n).uniform_(crop_scale, 1.0, generator=generator)
+        ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator).exp()
+        sx, sy = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+        tx = (1 - sx) * (2 * torch.rand(n, generator=generator) - 1)
+        ty = (1 - sy) * (2 * torch.rand(n, generator=generator) - 1)
+    linear = torch.diag_embed(torch.stack([sx, sy], 1))
+    if rotate90:
+        k = torch.randint(0, 4, (n,), generator=generator)
+        vflip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        rotation = torch.stack([torch.stack([_COS[k], -_SIN[k] * vflip], 1), torch.stack([_SIN[k], _COS[k] * vflip], 1)], 1)
+        linear = linear @ rotation
+    theta = torch.cat([linear, torch.stack([tx, ty], 1).unsqueeze(2)], 2).to(batch.device, batch.dtype)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 def augment_batch(images: torch.Tensor, flips: torch.Tensor, mean, std, translate: int,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """A batch of uint8 NCHW images -> normalized, translated, flipped float batch (training path)."""
+                  generator: torch.Generator | None = None, crop_scale: float = 0.0, rotate90: bool = False) -> torch.Tensor:
+    """A batch of uint8 NCHW images -> normalized, cropped/rotated, translated, flipped float batch (training path)."""
     x = normalize(images, mean, std)
+    if crop_scale or rotate90:
+        x = random_crop_rotate(x, crop_scale, rotate90, generator)
     x = random_translate(x, translate, generator)
     return torch.where(flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
 

@@ -1,0 +1,127 @@
+"""Turn image files into uint8 arrays, robustly and with bounded memory: every unreadable file is reported by path."""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from transforms import pil_to_uint8
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Files per worker item. A worker sends back one pickled numpy array per chunk: a torch tensor per image would
+# travel as shared memory holding an open file descriptor each, and thousands of them exhaust `ulimit -n`.
+CHUNK = 64
+LISTED_ERRORS = 20
+
+
+class DataError(RuntimeError):
+    """The data is missing or not what was expected; the message names the folder or file."""
+
+
+def list_images(folder: Path) -> list[str]:
+    """Image files under folder, recursively, sorted, skipping hidden files/folders and __MACOSX."""
+    paths = []
+    for parent, dirs, files in os.walk(folder):
+        # Pruned in place so os.walk never descends into .git, .ipynb_checkpoints or macOS zip junk.
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__MACOSX"]
+        paths += [os.path.join(parent, f) for f in files
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(paths)
+
+
+def open_image(path: str) -> Image.Image:
+    """Open and fully load one file; raises DataError naming the file for any failure (bombs, truncation, zero bytes...)."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a folder file that large is refused too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return image
+    except Exception as e:  # anything a decoder raises, including DecompressionBombError (not an OSError)
+        raise DataError(f"cannot read image {path}: {e or type(e).__name__}") from None
+
+
+def unreadable(errors: list[str]) -> DataError:
+    """One error listing the first unreadable files and how many more there are."""
+    listed = "\n  ".join(errors[:LISTED_ERRORS])
+    more = f"\n  ... and {len(errors) - LISTED_ERRORS} more" if len(errors) > LISTED_ERRORS else ""
+    return DataError(f"{len(errors)} unreadable image(s):\n  {listed}{more}")
+
+
+class _Chunks(torch.utils.data.Dataset):
+    """Item i: files [i * CHUNK, (i + 1) * CHUNK) as (start, uint8 array [n, C, S, S], error messages)."""
+
+    def __init__(self, paths: list[str], size: int, channels: int, resize: str):
+        self.paths, self.size, self.channels, self.resize = paths, size, channels, resize
+
+    def __len__(self) -> int:
+        return -(-len(self.paths) // CHUNK)
+
+    def __getitem__(self, i: int):
+        start = i * CHUNK
+        paths = self.paths[start:start + CHUNK]
+        array = np.zeros((len(paths), self.channels, self.size, self.size), dtype=np.uint8)
+        errors = []
+        for j, path in enumerate(paths):
+            try:
+                array[j] = pil_to_uint8(open_image(path), self.size, self.channels, self.resize).numpy()
+            except DataError as e:
+                errors.append(str(e))
+            except Exception as e:  # a mode that cannot be converted, a resize that fails
+                errors.append(f"cannot read image {path}: {e or type(e).__name__}")
+        return start, array, errors
+
+
+def _unchanged(item):
+    # DataLoader's default would turn the numpy array into a shared-memory tensor, bringing the descriptors back.
+    return item
+
+
+def decode_files(paths: list[str], size: int, channels: int = 3, resize: str = "squash", workers: int = 2,
+                 desc: str = "decode") -> torch.Tensor:
+    """uint8 tensor [N, channels, size, size] in the order of paths; one DataError listing every unreadable file."""
+    chunks = _Chunks(paths, size, channels, resize)
+    # Filled in place: a list of per-image tensors plus torch.stack would hold every image twice.
+    images = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=min(workers, len(chunks)),
+                                         collate_fn=_unchanged)
+    errors = []
+    with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as progress:
+        for start, array, chunk_errors in loader:
+            images[start:start + len(array)] = torch.from_numpy(array)
+            errors += chunk_errors
+            progress.update(len(array))
+    if errors:
+        raise unreadable(errors)
+    return images
+
+
+def check_files(paths: list[str], workers: int = 2) -> None:
+    """Fully decode every file, so a streamed training run learns of every unreadable one now, not mid-epoch.
+
+    Each file goes through the same open, convert and resize steps as training, down to a 1x1 pixel that is
+    thrown away: the same parallel, descriptor-safe path as decode_files at almost no memory.
+    """
+    decode_files(paths, 1, workers=workers, desc="check images")
+
+
+def probe_images(paths: list[str], sample: int = 256, seed: int = 0) -> list[tuple[int, int, str]]:
+    """(width, height, mode) of a seeded random sample of files, from headers only; unreadable ones skipped."""
+    found = []
+    for path in random.Random(seed).sample(paths, min(sample, len(paths))):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    found.append((image.width, image.height, image.mode))
+        except Exception:  # decode_files or check_files reports it, by path
+            continue
+    return found
