@@ -107,6 +107,8 @@ class ModelInfo(BaseModel):
     mlflow_run_id: str | None
     classes: list[str]
     image_size: int
+    channels: int
+    resize: str
     mean: list[float]
     std: list[float]
     model_config_: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config")
@@ -168,11 +170,12 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def preprocess(data: bytes, image_size: int, max_pixels: int) -> torch.Tensor:
-    """Image file bytes -> 3xHxW uint8 tensor, by the shared evaluation pipeline (transforms.pil_to_uint8)."""
+def preprocess(data: bytes, meta: dict, max_pixels: int) -> torch.Tensor:
+    """Image file bytes -> CxHxW uint8 tensor, by the shared evaluation pipeline (transforms.pil_to_uint8) with the
+    checkpoint's size, channels and resize policy."""
     image = open_image(data, max_pixels)
     try:
-        return pil_to_uint8(image, image_size)
+        return pil_to_uint8(image, meta["image_size"], meta["channels"], meta["resize"])
     except Exception as e:  # broken EXIF or an unusual mode that cannot be converted
         raise HTTPException(400, f"cannot convert the image to RGB: {e}") from None
 
@@ -401,16 +404,16 @@ async def lifespan(app: FastAPI):
         return probs
 
     start = time.perf_counter()
-    blank = torch.zeros(3, meta["image_size"], meta["image_size"], dtype=torch.uint8)
+    blank = torch.zeros(meta["channels"], meta["image_size"], meta["image_size"], dtype=torch.uint8)
     sizes = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch] + [max_batch]
     for n in dict.fromkeys(sizes):
         await asyncio.to_thread(forward, model, meta, device, cfg.tta, [blank] * n)
-    await asyncio.to_thread(preprocess, base64.b64decode(EXAMPLE_PNG), meta["image_size"], cfg.max_pixels)
+    await asyncio.to_thread(preprocess, base64.b64decode(EXAMPLE_PNG), meta, cfg.max_pixels)
 
     app.state.meta = meta
     app.state.info = ModelInfo(
         checkpoint=str(cfg.model_path), mlflow_run_id=meta.get("mlflow_run_id"), classes=meta["classes"],
-        image_size=meta["image_size"], mean=meta["mean"], std=meta["std"], model_config=meta["model_config"],
+        image_size=meta["image_size"], channels=meta["channels"], resize=meta["resize"], mean=meta["mean"], std=meta["std"], model_config=meta["model_config"],
         metrics=meta.get("metrics", {}), device=str(device), tta=cfg.tta, max_batch_size=max_batch,
         max_wait_ms=cfg.max_wait_ms, torch_threads=threads)
     metrics.model.info({"checkpoint": str(cfg.model_path), "mlflow_run_id": meta.get("mlflow_run_id") or "",
@@ -458,13 +461,13 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     async def classify(request: Request, data_list: list, k: int | None, decode: Callable[[Any], bytes]) -> list[PredictResponse]:
         state = request.app.state
-        size, classes = state.meta["image_size"], state.meta["classes"]
+        meta, classes = state.meta, state.meta["classes"]
 
         def prepare_all() -> list[torch.Tensor]:
             out = []
             for i, data in enumerate(data_list):
                 try:
-                    out.append(preprocess(decode(data), size, config.max_pixels))
+                    out.append(preprocess(decode(data), meta, config.max_pixels))
                 except HTTPException as e:
                     if len(data_list) > 1:
                         e.detail = f"images[{i}]: {e.detail}"

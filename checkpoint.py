@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from config import ConfigError, ModelConfig
-from model import CnnClassifier
+from model import build_model
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added channels and resize (a version-1 file is RGB, squashed)
+READABLE_VERSIONS = (1, 2)
 REQUIRED = ("state_dict", "model_config", "classes", "mean", "std", "image_size")
 
 
@@ -20,19 +21,22 @@ class CheckpointError(RuntimeError):
     """The checkpoint is missing, unreadable, or not one of ours; the message says how to get a good one."""
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, *, classes, mean, std, image_size: int,
-                    metrics: dict, mlflow_run_id: str | None = None, extra: dict | None = None) -> Path:
+def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: ModelConfig, classes, mean, std,
+                    image_size: int, channels: int = 3, resize: str = "squash", metrics: dict,
+                    mlflow_run_id: str | None = None, extra: dict | None = None) -> Path:
     """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format_version": FORMAT_VERSION,
         "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-        "model_config": dataclasses.asdict(model.cfg),
+        "model_config": dataclasses.asdict(model_config),
         "classes": list(classes),
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "image_size": int(image_size),
+        "channels": int(channels),
+        "resize": str(resize),
         "metrics": {k: float(v) for k, v in metrics.items()},
         "mlflow_run_id": mlflow_run_id,
         "torch_version": str(torch.__version__),
@@ -51,7 +55,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, classes, mean, 
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CnnClassifier, dict]:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from the file alone (weights_only=True: nothing but tensors and plain data is unpickled)."""
     path = Path(path)
     hint = "train one with `make train` (or `make smoke` for a quick one), or set CATER_MODEL_PATH"
@@ -63,9 +67,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}. Re-create it: {hint}") from None
     if not isinstance(meta, dict) or any(k not in meta for k in REQUIRED):
         raise CheckpointError(f"{path} is not a checkpoint written by train.py (needs {', '.join(REQUIRED)}): {hint}")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path} has checkpoint format version {version!r}; this code reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}. Re-create it: {hint}")
+    meta.setdefault("channels", 3)
+    meta.setdefault("resize", "squash")
     try:
         cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
-        model = CnnClassifier(cfg, num_classes=len(meta["classes"]), image_size=meta["image_size"])
+        model = build_model(cfg, num_classes=len(meta["classes"]), image_size=meta["image_size"], in_chans=meta["channels"])
         model.load_state_dict(meta["state_dict"])
     except (ConfigError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not match this code's model: {e}. Re-create it: {hint}") from None

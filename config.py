@@ -22,6 +22,9 @@ class DataConfig:
     val_fraction: float = _opt(0.1, "share of the training set held out for validation, stratified (0.1 = 45k/5k on CIFAR-10)")
     split_seed: int = _opt(0, "seed of the train/validation split")
     image_size: int = _opt(32, "side of the square model input, in pixels")
+    channels: Literal[1, 3] = _opt(3, "1: grayscale, kept single-channel (cheaper); 3: RGB. Folders: chosen from the images")
+    resize: Literal["squash", "crop", "pad"] = _opt("squash", "how a non-square image becomes square: squash (stretch), "
+                                                              "crop (centre square) or pad (letterbox); stored in the checkpoint")
     in_memory: bool = _opt(True, "decode the dataset once into a uint8 tensor and augment whole batches; "
                                  "--no-in-memory streams per-image transforms through worker processes")
     workers: int = _opt(2, "data loader worker processes (streaming mode and image decoding)")
@@ -34,11 +37,16 @@ class DataConfig:
         _check(self.workers >= 0, "--workers must be >= 0")
         _check(self.limit >= 0, "--limit must be >= 0")
         _check(self.dataset != "cifar10" or self.image_size == 32, "CIFAR-10 images are 32x32: use --image-size 32")
+        _check(self.dataset != "cifar10" or self.channels == 3, "CIFAR-10 images are RGB: use --channels 3")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["baseline", "airbench"] = _opt("airbench", "baseline: conv-pool-conv-pool-fc; airbench: whitened conv groups")
+    arch: str = _opt("airbench", "baseline: conv-pool-conv-pool-fc; airbench: whitened conv groups; or a timm backbone "
+                                 "such as tf_efficientnet_lite0 (ImageNet weights, see --pretrained and --weights)")
+    pretrained: bool = _opt(True, "timm backbones: start from ImageNet weights (--weights, an installed weights package, "
+                                  "or timm's download)")
+    weights: str = _opt("", "timm backbones: a local ImageNet state-dict file (.pth, .pt or .safetensors) to start from")
     widths: tuple[int, ...] = _opt((64, 128, 128), "channels per conv block")
     hidden: int = _opt(256, "baseline only: width of the hidden fully connected layer (0 = none)")
     dropout: float = _opt(0.0, "dropout before the classifier")
@@ -47,6 +55,7 @@ class ModelConfig:
     logit_scale: float = _opt(1 / 9, "airbench only: constant scale of the output logits")
 
     def __post_init__(self):
+        _check(bool(self.arch), "--arch must name a network")
         _check(len(self.widths) >= 1 and all(w > 0 for w in self.widths), "--widths must be positive integers")
         _check(self.arch != "baseline" or len(self.widths) == 2, "--widths takes two values for --arch baseline")
         _check(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)")
@@ -56,7 +65,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: Literal["baseline", "fast", "best"] = _opt("fast", "named set of defaults (see PRESETS in config.py); other flags override it")
+    preset: Literal["auto", "baseline", "fast", "best"] = _opt(
+        "auto", "named set of defaults (see PRESETS in config.py); auto: fast for CIFAR-10, and for a folder settings "
+                "chosen from its images (printed and logged); other flags override it")
     epochs: float = _opt(15.0, "passes over the training split (fractions allowed)")
     batch_size: int = _opt(1024, "examples per step")
     optimizer: Literal["sgd", "adam"] = _opt("sgd", "sgd (Nesterov) or adam")
@@ -66,6 +77,11 @@ class TrainConfig:
     weight_decay: float = _opt(0.0153, "SGD: weight decay per 1024 examples, decoupled from the learning rate; Adam: AdamW's decay")
     bias_lr_scale: float = _opt(64.0, "multiplier on the learning rate of normalization biases")
     label_smoothing: float = _opt(0.2, "label smoothing of the cross-entropy loss")
+    balance: Literal["none", "weights"] = _opt("none", "imbalanced classes: weights = class-weighted loss (inverse square "
+                                                      "root of each class's share)")
+    select_metric: Literal["acc", "macro_f1"] = _opt("acc", "validation metric that picks the best checkpoint")
+    freeze_epochs: float = _opt(0.0, "timm backbones: epochs that train only the new classifier head before the whole network")
+    layer_decay: float = _opt(1.0, "learning-rate factor per layer from the head down (timm backbones; 1 = same rate everywhere)")
     warmup: float = _opt(0.23, "share of steps spent warming the learning rate up to its peak")
     lr_start: float = _opt(0.2, "learning rate at step 0, as a share of the peak")
     lr_end: float = _opt(0.07, "learning rate at the last step, as a share of the peak")
@@ -73,6 +89,9 @@ class TrainConfig:
     whiten_bias_epochs: float = _opt(3.0, "airbench only: epochs during which the whitening layer's bias trains")
     translate: int = _opt(2, "random translation in pixels (reflect padding); 0 = off")
     flip: Literal["alternate", "random", "none"] = _opt("alternate", "horizontal flips: alternate each image's flip every epoch, random, or none")
+    crop_scale: float = _opt(0.0, "random-resized crops: smallest share of the image area a crop keeps (0 = off)")
+    rotate90: bool = _opt(False, "also vertical flips and 90-degree rotations (for textures and inspection images "
+                                 "whose label does not depend on orientation)")
     tta: int = _opt(2, "test-time augmentation for final evaluation: 0 none, 1 flip, 2 flip + 1px translations")
     patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0 = never)")
     seed: int = _opt(0, "seed of initialization, shuffling and augmentation")
@@ -98,6 +117,9 @@ class TrainConfig:
         _check(0.0 <= self.warmup < 1.0, "--warmup must be in [0, 1)")
         _check(self.lr_start >= 0 and self.lr_end >= 0, "--lr-start and --lr-end must be >= 0")
         _check(self.translate >= 0, "--translate must be >= 0")
+        _check(self.crop_scale == 0 or 0.05 <= self.crop_scale <= 1, "--crop-scale must be 0 (off) or in [0.05, 1]")
+        _check(self.freeze_epochs >= 0, "--freeze-epochs must be >= 0")
+        _check(0 < self.layer_decay <= 1, "--layer-decay must be in (0, 1]")
         _check(self.tta in (0, 1, 2), "--tta must be 0, 1 or 2")
         _check(self.patience >= 0, "--patience must be >= 0")
         _check(self.threads >= 0, "--threads must be >= 0")
@@ -116,6 +138,7 @@ PRESETS: dict[str, dict] = {
     "fast": dict(arch="airbench", widths=(64, 128, 128), epochs=15.0),
     "best": dict(arch="airbench", widths=(64, 256, 256), epochs=12.0),
 }
+# "auto" (the default) is fast on CIFAR-10; on a folder, autoconfig.choose fills in settings from the images.
 
 
 def available_cores() -> int:
@@ -178,13 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(values: dict) -> tuple[DataConfig, ModelConfig, TrainConfig]:
-    """Apply preset defaults, then explicit values; raises ConfigError on a bad value."""
+def resolve(values: dict, chosen: dict | None = None) -> tuple[DataConfig, ModelConfig, TrainConfig]:
+    """Preset defaults, then settings chosen from the data (autoconfig), then explicit values; raises ConfigError."""
     explicit = {k: v for k, v in values.items() if v is not None}
     preset = explicit.get("preset", TrainConfig.preset)
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset must be one of {sorted(PRESETS)}")
-    merged = {**PRESETS[preset], **explicit}
+    if preset != "auto" and preset not in PRESETS:
+        raise ConfigError(f"--preset must be one of {['auto', *sorted(PRESETS)]}")
+    if preset == "auto" and not chosen:
+        preset = "fast"  # CIFAR-10, or a folder whose settings were all given
+    merged = {**PRESETS.get(preset, PRESETS["fast"]), **(chosen or {}), **explicit, "preset": preset}
     out = []
     for section in SECTIONS:
         names = {f.name for f in fields(section)}
@@ -193,15 +218,21 @@ def resolve(values: dict) -> tuple[DataConfig, ModelConfig, TrainConfig]:
     return tuple(out)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[DataConfig, ModelConfig, TrainConfig]:
+def parse_values(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The command line as {setting: value or None when not given}, with --smoke expanded."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     if args.pop("smoke"):
         for name, value in (("epochs", 1.0), ("max_steps", 3), ("limit", 512)):
             if args.get(name) is None:
                 args[name] = value
+    return parser, args
+
+
+def parse_args(argv: list[str] | None = None, chosen: dict | None = None) -> tuple[DataConfig, ModelConfig, TrainConfig]:
+    parser, args = parse_values(argv)
     try:
-        return resolve(args)
+        return resolve(args, chosen)
     except ConfigError as e:
         parser.error(str(e))
 

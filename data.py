@@ -8,22 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
-from config import DataConfig
-from transforms import (CIFAR10_MEAN, CIFAR10_STD, augment_batch, channel_stats, eval_transform, flip_mask,
-                        normalize, pil_to_uint8, train_transform)
+from autoconfig import FolderStats
+from config import DataConfig, TrainConfig
+from decode import IMAGE_EXTENSIONS, DataError, check_files, decode_files, list_images, open_image, probe_images
+from transforms import CIFAR10_MEAN, CIFAR10_STD, augment_batch, channel_stats, eval_transform, flip_mask, normalize, train_transform
 
 CIFAR_RECORD = 1 + 3 * 32 * 32
 CIFAR_BATCH_RECORDS = 10_000  # records in each official batch file
 CIFAR_TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class DataError(RuntimeError):
-    """The data is missing or not what was expected; the message names the folder or file."""
+# PIL modes without colour: such a folder is kept single-channel
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 @dataclass
@@ -121,10 +117,10 @@ def find_cifar10(data_dir: Path, download: bool):
 # ---------------------------------------------------------------- image folders
 
 def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str], torch.Tensor, list[str]]:
-    """Files under root/<class>/ (recursively), labelled by folder name in sorted order."""
+    """Files under root/<class>/ (recursively, hidden files and folders skipped), labelled by folder name in sorted order."""
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
     if classes is None:
         classes = found
     unknown = sorted(set(found) - set(classes))
@@ -132,74 +128,27 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
         raise DataError(f"{root}: class folders {unknown} do not exist in train/")
     paths, labels = [], []
     for index, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(str(path))
-                labels.append(index)
+        files = list_images(root / name) if (root / name).is_dir() else []
+        paths += files
+        labels += [index] * len(files)
     if not paths:
         raise DataError(f"{root}: no images found in class sub-folders (extensions: {sorted(IMAGE_EXTENSIONS)})")
     return paths, torch.tensor(labels), classes
 
 
-def open_image(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
-
-
-class _Decode(torch.utils.data.Dataset):
-    """Decode one file to uint8; failures come back as messages so they are reported together, by path."""
-
-    def __init__(self, paths: list[str], size: int):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return pil_to_uint8(open_image(self.paths[i]), self.size), ""
-        except DataError as e:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
-
-
-def _as_list(items):
-    return items
-
-
-def decode_images(paths: list[str], size: int, workers: int, desc: str) -> torch.Tensor:
-    loader = torch.utils.data.DataLoader(_Decode(paths, size), batch_size=256, num_workers=workers,
-                                         collate_fn=_as_list)
-    images, errors = [], []
-    for batch in tqdm(loader, desc=f"decode {desc}", unit="batch", leave=False):
-        for image, error in batch:
-            images.append(image)
-            if error:
-                errors.append(error)
-    if errors:
-        raise unreadable(errors)
-    return torch.stack(images)
-
-
-def unreadable(errors: list[str]) -> DataError:
-    listed = "\n  ".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
-    return DataError(f"{len(errors)} unreadable image(s):\n  {listed}")
-
-
-def check_headers(paths: list[str]) -> None:
-    """Streaming mode: open every file's header up front, so a bad file is reported now and not mid-training."""
-    errors = []
-    for path in tqdm(paths, desc="check images", unit="file", leave=False):
-        try:
-            with Image.open(path):
-                pass
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            errors.append(f"cannot read image {path}: {e}")
-    if errors:
-        raise unreadable(errors)
+def summarize_folder(data_dir: Path, sample: int = 256) -> FolderStats:
+    """Class counts of train/ and the typical size and colour of a seeded sample of its images (headers only)."""
+    root = Path(data_dir)
+    if not (root / "train").is_dir():
+        raise DataError(f"{root}: expected train/<class>/ image folders (optional val/ and test/)")
+    paths, labels, classes = scan_folder(root / "train")
+    probed = probe_images(paths, sample=sample)
+    if not probed:
+        raise DataError(f"{root / 'train'}: none of {min(sample, len(paths))} sampled files could be opened as an image")
+    sides = sorted(math.sqrt(w * h) for w, h, _ in probed)
+    return FolderStats(class_counts=tuple(torch.bincount(labels, minlength=len(classes)).tolist()),
+                       side=round(sides[len(sides) // 2]), grayscale=all(mode in GRAYSCALE_MODES for _, _, mode in probed),
+                       has_val=(root / "val").is_dir())
 
 
 def read_folder(cfg: DataConfig):
@@ -259,13 +208,14 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         raise DataError(f"{data_dir}: no training images left after the validation split; raise --limit or lower --val-fraction")
     test = splits.get("test")
 
+    decode = lambda paths, desc: decode_files(paths, cfg.image_size, cfg.channels, cfg.resize, cfg.workers, desc)  # noqa: E731
     if cfg.dataset == "folder" and not cfg.in_memory:
-        check_headers(train.paths + val.paths + (test.paths if test is not None else []))
+        check_files(train.paths + val.paths + (test.paths if test is not None else []), cfg.workers)
     if cfg.dataset == "folder" and cfg.in_memory:
-        train.images = decode_images(train.paths, cfg.image_size, cfg.workers, "train")
-        val.images = decode_images(val.paths, cfg.image_size, cfg.workers, "val")
+        train.images = decode(train.paths, "decode train")
+        val.images = decode(val.paths, "decode val")
         if test is not None:
-            test.images = decode_images(test.paths, cfg.image_size, cfg.workers, "test")
+            test.images = decode(test.paths, "decode test")
     if cfg.dataset == "cifar10":
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     elif train.images is not None:  # a sample keeps the float copy small
@@ -273,7 +223,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         mean, std = channel_stats(train.images[sample])
     else:
         sample = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:2000])
-        mean, std = channel_stats(decode_images(sample.paths, cfg.image_size, cfg.workers, "stats sample"))
+        mean, std = channel_stats(decode(sample.paths, "decode stats sample"))
     return Dataset(classes, train, val, test, mean, std, source)
 
 
@@ -285,12 +235,12 @@ class InMemoryLoader:
     Drops the last partial batch; each epoch is a fresh seeded shuffle, translation and flip pattern.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std, translate: int,
-                 flip: str, seed: int, device: torch.device):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std, cfg: TrainConfig,
+                 device: torch.device):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size = min(batch_size, len(labels))
-        self.mean, self.std, self.translate, self.flip = mean, std, translate, flip
-        self.generator = torch.Generator().manual_seed(seed)
+        self.mean, self.std, self.cfg = mean, std, cfg
+        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.base_flips = torch.rand(len(labels), generator=self.generator) < 0.5
         self.epoch = 0
 
@@ -298,8 +248,9 @@ class InMemoryLoader:
         return len(self.labels) // self.batch_size
 
     def __iter__(self):
+        cfg = self.cfg
         order = torch.randperm(len(self.labels), generator=self.generator)[:len(self) * self.batch_size]
-        flips = flip_mask(self.epoch, self.base_flips, self.flip, self.generator)
+        flips = flip_mask(self.epoch, self.base_flips, cfg.flip, self.generator)
         self.epoch += 1
         # On a GPU a batch's augmentation is a dozen tiny kernel launches that cost more than the math:
         # augment 16 batches per call there. On the CPU one batch at a time keeps the memory small.
@@ -307,7 +258,8 @@ class InMemoryLoader:
         for start in range(0, len(order), chunk):
             index = order[start:start + chunk]
             device_index = index.to(self.images.device)
-            x = augment_batch(self.images[device_index], flips[index], self.mean, self.std, self.translate, self.generator)
+            x = augment_batch(self.images[device_index], flips[index], self.mean, self.std, cfg.translate,
+                              self.generator, cfg.crop_scale, cfg.rotate90)
             yield from zip(x.split(self.batch_size), self.labels[device_index].split(self.batch_size))
 
 
@@ -322,27 +274,29 @@ class _FileImages(torch.utils.data.Dataset):
         return self.transform(open_image(self.paths[i])), self.labels[i]
 
 
-def train_loader(split: ImageSet, batch_size: int, mean, std, translate: int, flip: str, seed: int,
-                 image_size: int, workers: int, device: torch.device):
+def train_loader(split: ImageSet, data_cfg: DataConfig, cfg: TrainConfig, mean, std, device: torch.device):
     """In-memory batches when the split is decoded, else per-image PIL transforms in worker processes."""
     if split.images is not None:
-        return InMemoryLoader(split.images, split.labels, batch_size, mean, std, translate, flip, seed, device)
-    transform = train_transform(image_size, mean, std, translate, flip != "none")
+        return InMemoryLoader(split.images, split.labels, cfg.batch_size, mean, std, cfg, device)
+    transform = train_transform(data_cfg.image_size, mean, std, cfg.translate, cfg.flip != "none", data_cfg.channels,
+                                data_cfg.resize, cfg.crop_scale, cfg.rotate90)
+    workers = data_cfg.workers
     return torch.utils.data.DataLoader(
-        _FileImages(split.paths, split.labels, transform), batch_size=min(batch_size, len(split)), shuffle=True,
+        _FileImages(split.paths, split.labels, transform), batch_size=min(cfg.batch_size, len(split)), shuffle=True,
         drop_last=True, num_workers=workers, persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
+        generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
 
 
-def eval_batches(split: ImageSet, mean, std, batch_size: int, image_size: int, workers: int, device: torch.device):
+def eval_batches(split: ImageSet, mean, std, batch_size: int, cfg: DataConfig, device: torch.device, workers: int | None = None):
     """Normalized (x, y) batches in order, no augmentation: the evaluation path."""
     if split.images is not None:
         for start in range(0, len(split), batch_size):
             x = split.images[start:start + batch_size].to(device, non_blocking=True)
             yield normalize(x, mean, std), split.labels[start:start + batch_size].to(device)
         return
-    loader = torch.utils.data.DataLoader(_FileImages(split.paths, split.labels, eval_transform(image_size, mean, std)),
-                                         batch_size=batch_size, num_workers=workers)
+    transform = eval_transform(cfg.image_size, mean, std, cfg.channels, cfg.resize)
+    loader = torch.utils.data.DataLoader(_FileImages(split.paths, split.labels, transform), batch_size=batch_size,
+                                         num_workers=cfg.workers if workers is None else workers)
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device)
 

@@ -1,11 +1,11 @@
-"""The CNN classifiers (seed baseline and airbench-style fast net) and their forward-time helpers; no I/O."""
+"""The classifiers (seed baseline, airbench-style fast net, timm backbones) and their forward-time helpers; no I/O."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from config import ModelConfig
+from config import ConfigError, ModelConfig
 from transforms import tta_views
 
 
@@ -57,13 +57,13 @@ class CnnClassifier(nn.Module):
     airbench: a frozen 2x2 patch-whitening conv, then one ConvGroup per width, global max-pool, scaled linear head.
     """
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, image_size: int = 32):
+    def __init__(self, cfg: ModelConfig, num_classes: int, image_size: int = 32, in_chans: int = 3):
         super().__init__()
         self.cfg = cfg
         if cfg.arch == "baseline":
-            self.features, self.head = _baseline(cfg, num_classes, image_size)
+            self.features, self.head = _baseline(cfg, num_classes, image_size, in_chans)
         else:
-            self.features, self.head = _airbench(cfg, num_classes)
+            self.features, self.head = _airbench(cfg, num_classes, in_chans)
 
     @property
     def whiten(self) -> nn.Conv2d | None:
@@ -73,11 +73,11 @@ class CnnClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def _baseline(cfg: ModelConfig, num_classes: int, image_size: int):
+def _baseline(cfg: ModelConfig, num_classes: int, image_size: int, in_chans: int):
     c1, c2 = cfg.widths
     norm = (lambda c: nn.BatchNorm2d(c, momentum=cfg.bn_momentum)) if cfg.norm == "batch" else (lambda c: nn.Identity())
     features = nn.Sequential(
-        nn.Conv2d(3, c1, 3, padding=1), norm(c1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(in_chans, c1, 3, padding=1), norm(c1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(c1, c2, 3, padding=1), norm(c2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Flatten(),
     )
@@ -99,9 +99,9 @@ class _Scale(nn.Module):
         return x * self.scale
 
 
-def _airbench(cfg: ModelConfig, num_classes: int):
-    whiten_width = 2 * 3 * 2 * 2  # +/- each eigenvector of the 3x2x2 patch covariance
-    whiten = nn.Conv2d(3, whiten_width, kernel_size=2, padding=0, bias=True)
+def _airbench(cfg: ModelConfig, num_classes: int, in_chans: int):
+    whiten_width = 2 * in_chans * 2 * 2  # +/- each eigenvector of the Cx2x2 patch covariance
+    whiten = nn.Conv2d(in_chans, whiten_width, kernel_size=2, padding=0, bias=True)
     whiten.weight.requires_grad = False
     nn.init.zeros_(whiten.bias)
     layers = [whiten, nn.GELU()]
@@ -114,15 +114,43 @@ def _airbench(cfg: ModelConfig, num_classes: int):
     return features, head
 
 
+SCRATCH_ARCHS = ("baseline", "airbench")
+
+
+def build_model(cfg: ModelConfig, num_classes: int, image_size: int = 32, in_chans: int = 3) -> nn.Module:
+    """The network named by cfg.arch, randomly initialised: ours, or any timm model name (weights: pretrained.py)."""
+    if cfg.arch in SCRATCH_ARCHS:
+        return CnnClassifier(cfg, num_classes, image_size, in_chans)
+    import timm
+
+    if not timm.is_model(cfg.arch):
+        raise ConfigError(f"--arch {cfg.arch!r} is neither {' nor '.join(SCRATCH_ARCHS)} nor a timm model "
+                          f"(e.g. {', '.join(timm.list_models('*efficientnet_lite*')[:3])})")
+    return timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=cfg.dropout)
+
+
+def whitening_layer(model: nn.Module) -> nn.Conv2d | None:
+    """The frozen patch-whitening conv of the airbench net; None for other networks."""
+    return model.whiten if isinstance(model, CnnClassifier) else None
+
+
 @torch.no_grad()
-def init_whitening(model: CnnClassifier, images: torch.Tensor, eps: float = 5e-4) -> None:
-    """Set the frozen first conv to whiten 2x2 patches, from the covariance of normalized training images."""
-    layer = model.whiten
+def init_whitening(model: nn.Module, batches, eps: float = 5e-4) -> None:
+    """Set the frozen first conv to whiten 2x2 patches, from the covariance of normalized training images.
+
+    batches: a normalized NCHW batch, or an iterable of them; the covariance is accumulated batch by batch, so memory
+    holds one batch's patches at a time, whatever the image size.
+    """
+    layer = whitening_layer(model)
     if layer is None:
         return
-    c, (h, w) = images.shape[1], layer.weight.shape[2:]
-    patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
-    cov = patches.T @ patches / len(patches)
+    (h, w), cov, n = layer.weight.shape[2:], 0, 0
+    for images in [batches] if isinstance(batches, torch.Tensor) else batches:
+        c = images.shape[1]
+        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+        cov = cov + (patches.T @ patches).double()
+        n += len(patches)
+    cov = (cov / max(n, 1)).float()
     eigenvalues, eigenvectors = torch.linalg.eigh(cov)
     eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)
     filters = (eigenvectors / torch.sqrt(eigenvalues.clamp_min(0) + eps).view(-1, 1)).view(-1, c, h, w)

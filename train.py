@@ -1,4 +1,4 @@
-"""Train: fit a CnnClassifier on the configured data, log the run to MLflow, keep the best model in models/cnn.pt.
+"""Train: fit a classifier on the configured data, log the run to MLflow, keep the best model in models/cnn.pt.
 
     python train.py --help            every flag, generated from config.py
     python train.py --preset fast     the default: airbench-style net, ~93% on CIFAR-10
@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,11 +24,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import autoconfig
 from checkpoint import save_checkpoint
-from config import (ConfigError, DataConfig, ModelConfig, TrainConfig, available_cores, flat_params, parse_args,
-                    pick_device)
-from data import DataError, Dataset, eval_batches, load_dataset, total_steps, train_loader
-from model import CnnClassifier, init_whitening, param_groups, predict_logits
+from config import (ConfigError, DataConfig, ModelConfig, TrainConfig, available_cores, flat_params, parse_values,
+                    pick_device, resolve)
+from data import DataError, Dataset, eval_batches, load_dataset, summarize_folder, total_steps, train_loader
+from model import SCRATCH_ARCHS, build_model, init_whitening, param_groups, predict_logits, whitening_layer
+from pretrained import WeightsError, load_pretrained, normalization
+from scores import class_scores, class_weights
 
 REPO = Path(__file__).resolve().parent
 LOOKAHEAD_START_EPOCH = 3  # let the weights move freely first; averaging early only slows learning
@@ -76,6 +80,13 @@ class Runtime:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
+        if cfg.layer_decay < 1 and hasattr(model, "group_matcher"):  # timm: one group per depth, lr shrinking downwards
+            from timm.optim import param_groups_layer_decay
+
+            groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+            for group in groups:
+                group["lr"] = cfg.lr * group.pop("lr_scale", 1.0)
+            return torch.optim.AdamW(groups, lr=cfg.lr)
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Decoupled hyperparameters (airbench / Page): the loss is summed over the batch, and the step size is
     # divided by Nesterov momentum's gain, so lr and weight decay keep their meaning across batch size and momentum.
@@ -116,7 +127,7 @@ class Lookahead:
 
 @torch.no_grad()
 def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0) -> dict:
-    """Loss, top-1 accuracy and confusion matrix (rows: true class, columns: predicted) over batches."""
+    """Loss, confusion matrix (rows: true class, columns: predicted) and the scores.class_scores over batches."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, n = 0.0, 0
@@ -126,7 +137,7 @@ def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0) -> dic
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         n += len(y)
         confusion += torch.bincount((y * num_classes + logits.argmax(1)).cpu(), minlength=num_classes ** 2).view(num_classes, num_classes)
-    return {"loss": loss_sum / max(n, 1), "acc": confusion.diag().sum().item() / max(n, 1), "confusion": confusion}
+    return {"loss": loss_sum / max(n, 1), "confusion": confusion, **class_scores(confusion)}
 
 
 @dataclass
@@ -136,14 +147,14 @@ class FitState:
     lookahead: Lookahead | None = None
     scaler: torch.amp.GradScaler | None = None
     history: list = field(default_factory=list)
-    best_acc: float = -1.0
+    best_score: float = -1.0
     best_epoch: int = -1
     best_state: dict | None = None
     stopped: str = ""
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch: int, epochs: int,
-                    cfg: TrainConfig, rt: Runtime) -> dict:
+                    cfg: TrainConfig, rt: Runtime, weights: torch.Tensor | None = None) -> dict:
     model.train()
     smoothing = cfg.label_smoothing
     reduction = "sum" if cfg.optimizer == "sgd" else "mean"
@@ -162,7 +173,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
 
         with rt.autocast():
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing, reduction=reduction)
+            loss = F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=smoothing, reduction=reduction)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -188,71 +199,98 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
         state.lookahead.update(model, decay=1.0)
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "epoch_seconds": seconds,
-            "images_per_s": seen / seconds, "data_share": data_seconds / seconds, "lr": scheduler.get_last_lr()[0]}
+            "images_per_s": seen / seconds, "data_share": data_seconds / seconds, "lr": max(scheduler.get_last_lr())}
 
 
-def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, image_size: int):
-    """Seeded model on its device with its numerics; returns (model, runtime)."""
+def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, data_cfg: DataConfig):
+    """Seeded model on its device with its numerics; returns (model, runtime).
+
+    A pretrained backbone brings its own normalization, which replaces the dataset's (data.mean, data.std).
+    """
     torch.manual_seed(train_cfg.seed)
     device = pick_device(train_cfg.device, "--device")
     dtype = pick_precision(train_cfg.precision, device)
     rt = Runtime(device, dtype, channels_last=train_cfg.channels_last and dtype is not None)
-    model = CnnClassifier(model_cfg, num_classes=len(data.classes), image_size=image_size)
-    if model.whiten is not None:  # patch statistics of 5000 training images (a seeded sample: folders come class by class)
+    model = build_model(model_cfg, num_classes=len(data.classes), image_size=data_cfg.image_size, in_chans=data_cfg.channels)
+    if model_cfg.arch not in SCRATCH_ARCHS and model_cfg.pretrained:
+        source = load_pretrained(model, model_cfg.arch, model_cfg.weights)
+        data.mean, data.std = normalization(model, data_cfg.channels)
+        print(f"pretrained weights: {source}")
+    if whitening_layer(model) is not None:  # patch statistics of 5000 training images (a seeded sample: folders come class by class)
         picked = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(train_cfg.seed))[:5000]
         sample = data.train.subset(picked.sort().values)
-        batches = eval_batches(sample, data.mean, data.std, EVAL_BATCH, image_size, 0, torch.device("cpu"))
-        init_whitening(model, torch.cat([x for x, _ in batches]))
+        per_batch = max(1, 2_000_000 // data_cfg.image_size ** 2)  # bounds the patch matrix to ~100 MB at any size
+        init_whitening(model, (x for x, _ in eval_batches(sample, data.mean, data.std, per_batch, data_cfg,
+                                                          torch.device("cpu"), workers=0)))
     model.to(device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, rt
 
 
+def freeze_body(model: torch.nn.Module, frozen: bool) -> None:
+    """Train only the classifier head (timm backbones) while frozen; BatchNorm statistics keep adapting."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    for p in model.parameters():
+        if id(p) not in head:
+            p.requires_grad = not frozen
+
+
 def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, on_epoch=None) -> FitState:
     """Train, evaluating on validation after each epoch and keeping the best weights; Ctrl-C stops cleanly."""
-    loader = train_loader(data.train, cfg.batch_size, data.mean, data.std, cfg.translate, cfg.flip, cfg.seed,
-                          data_cfg.image_size, data_cfg.workers, rt.device)
+    loader = train_loader(data.train, data_cfg, cfg, data.mean, data.std, rt.device)
     # fp16 needs loss scaling against gradient underflow; with bf16 or fp32 the scaler does nothing.
     state = FitState(total_steps=total_steps(len(data.train), cfg.batch_size, cfg.epochs),
                      scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16))
     if cfg.max_steps:
         state.total_steps = min(state.total_steps, cfg.max_steps)
+    weights = None
+    if cfg.balance == "weights":
+        weights = class_weights(data.train.labels, len(data.classes)).to(rt.device)
+        tqdm.write("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(data.classes, weights.tolist())))
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, state.total_steps, cfg))
     net = torch.compile(model) if cfg.compile else model
     epochs = math.ceil(state.total_steps / len(loader))
+    whiten = whitening_layer(model)
+    can_freeze = cfg.freeze_epochs > 0 and hasattr(model, "get_classifier")
     patience_left = cfg.patience
     start = time.perf_counter()
     try:
         for epoch in range(epochs):
-            if model.whiten is not None:
-                model.whiten.bias.requires_grad = epoch < cfg.whiten_bias_epochs
-            metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt)
-            val = evaluate(net, eval_batches(data.val, data.mean, data.std, EVAL_BATCH, data_cfg.image_size,
-                                             data_cfg.workers, rt.device), len(data.classes), rt)
-            metrics.update(val_loss=val["loss"], val_acc=val["acc"], epoch=epoch + 1, elapsed_s=time.perf_counter() - start)
+            if whiten is not None:
+                whiten.bias.requires_grad = epoch < cfg.whiten_bias_epochs
+            if can_freeze:
+                freeze_body(model, epoch < cfg.freeze_epochs)
+            metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt, weights)
+            val = evaluate(net, eval_batches(data.val, data.mean, data.std, EVAL_BATCH, data_cfg, rt.device),
+                           len(data.classes), rt)
+            metrics.update(val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
+                           epoch=epoch + 1, elapsed_s=time.perf_counter() - start)
             state.history.append(metrics)
-            improved = val["acc"] > state.best_acc
+            score = val[cfg.select_metric]
+            improved = score > state.best_score
             if improved:
-                state.best_acc, state.best_epoch = val["acc"], epoch + 1
+                state.best_score, state.best_epoch = score, epoch + 1
                 state.best_state = copy.deepcopy(model.state_dict())
                 patience_left = cfg.patience
             else:
                 patience_left -= 1
             tqdm.write(f"epoch {epoch + 1:>3}/{epochs}  train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f}"
-                       f"  val loss {val['loss']:.4f} acc {val['acc']:.4f}{' *' if improved else '  '}"
+                       f"  val loss {val['loss']:.4f} acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else '  '}"
                        f"  lr {metrics['lr']:.2e}  {metrics['epoch_seconds']:.1f}s  {metrics['images_per_s']:.0f} img/s"
                        f"  data {100 * metrics['data_share']:.1f}%")
             if on_epoch:
                 on_epoch(epoch + 1, metrics, improved)
             if cfg.patience and patience_left <= 0:
-                state.stopped = f"early stop: no better validation accuracy for {cfg.patience} epochs"
+                state.stopped = f"early stop: no better validation {cfg.select_metric} for {cfg.patience} epochs"
                 break
     except KeyboardInterrupt:
         state.stopped = "interrupted"
     if state.stopped:
         tqdm.write(state.stopped)
+    if can_freeze:
+        freeze_body(model, False)
     return state
 
 
@@ -268,7 +306,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
+def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path, normalized: bool = False) -> None:
+    """Heat map coloured by each true class's share; cells show counts, or that share (recall per row) when normalized."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -278,14 +317,14 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> N
     rates = confusion.float() / confusion.sum(1, keepdim=True).clamp_min(1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
-           title="validation confusion matrix (counts)")
+           title=f"validation confusion matrix ({'share of each true class' if normalized else 'counts'})")
     ax.set_xticklabels(classes, rotation=45, ha="right")
     ax.set_yticklabels(classes)
     if len(classes) <= 20:
         for i in range(len(classes)):
             for j in range(len(classes)):
-                ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if rates[i, j] > 0.5 else "black")
+                text = f"{rates[i, j]:.2f}" if normalized else int(confusion[i, j])
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -346,7 +385,7 @@ class Tracker:
             self.run = None
 
 
-def log_model(tracker: Tracker, model: CnnClassifier, image_size: int) -> None:
+def log_model(tracker: Tracker, model: torch.nn.Module, channels: int, image_size: int) -> None:
     """The model as an MLflow pytorch flavor (torch.export format: no pickled code), with signature and example."""
     if tracker.run is None:
         return
@@ -354,7 +393,7 @@ def log_model(tracker: Tracker, model: CnnClassifier, image_size: int) -> None:
     from mlflow.models import infer_signature
 
     cpu_model = copy.deepcopy(model).float().to("cpu", memory_format=torch.contiguous_format).eval()
-    example = torch.zeros(2, 3, image_size, image_size)  # batch of 2: a batch of 1 would pin the exported batch size
+    example = torch.zeros(2, channels, image_size, image_size)  # batch of 2: a batch of 1 would pin the exported batch size
     with torch.no_grad():
         signature = infer_signature(example.numpy(), cpu_model(example).numpy())
     mlflow.pytorch.log_model(
@@ -363,19 +402,37 @@ def log_model(tracker: Tracker, model: CnnClassifier, image_size: int) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    data_cfg, model_cfg, train_cfg = parse_args(argv)
-    torch.set_num_threads(train_cfg.threads or available_cores())
+def configure(argv: list[str] | None) -> tuple[DataConfig, ModelConfig, TrainConfig, list[str]]:
+    """The three configs from the command line; for a folder without --preset, settings chosen from its images
+    (autoconfig) fill in whatever was not given. Returns the reasons for those choices too."""
+    parser, values = parse_values(argv)
+    chosen, reasons = {}, []
+    if values.get("dataset") == "folder" and values.get("preset") in (None, "auto"):
+        explicit = {k: v for k, v in values.items() if v is not None}
+        stats = summarize_folder(Path(values.get("data_dir") or DataConfig.data_dir))
+        chosen, reasons = autoconfig.choose(stats, explicit, cuda=torch.cuda.is_available())
     try:
+        return (*resolve(values, chosen), reasons)
+    except ConfigError as e:
+        parser.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        data_cfg, model_cfg, train_cfg, reasons = configure(argv)
+        torch.set_num_threads(train_cfg.threads or available_cores())
+        if reasons:
+            print("settings chosen from the images (a flag overrides any of them):\n  " + "\n  ".join(reasons))
         data = load_dataset(data_cfg)
-        model, rt = setup(model_cfg, train_cfg, data, data_cfg.image_size)
-    except (DataError, ConfigError) as e:
+        model, rt = setup(model_cfg, train_cfg, data, data_cfg)
+    except (DataError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_params = sum(p.numel() for p in model.parameters())
     print(f"data: {data.source}  train {len(data.train)}  val {len(data.val)}  test {len(data.test) if data.test else 0}"
-          f"  classes {len(data.classes)}")
-    print(f"model: {model_cfg.arch} widths {list(model_cfg.widths)}  {n_params / 1e6:.2f}M params  "
+          f"  classes {len(data.classes)}  {data_cfg.image_size}px x {data_cfg.channels} channel(s), {data_cfg.resize}")
+    widths = f" widths {list(model_cfg.widths)}" if model_cfg.arch in SCRATCH_ARCHS else ""
+    print(f"model: {model_cfg.arch}{widths}  {n_params / 1e6:.2f}M params  "
           f"device {rt.device}  precision {rt.dtype or 'fp32'}{' channels_last' if rt.channels_last else ''}"
           f"  threads {torch.get_num_threads()}")
 
@@ -386,8 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         tracker.log_params(flat_params(data_cfg, model_cfg, train_cfg))
         tracker.set_tags({"git_commit": git_commit(), "device": str(rt.device), "torch_version": torch.__version__,
                           "precision": str(rt.dtype or "fp32"), "preset": train_cfg.preset,
-                          "data_source": data.source, "params": n_params})
-        ckpt_info = dict(classes=data.classes, mean=data.mean, std=data.std, image_size=data_cfg.image_size,
+                          "data_source": data.source, "params": n_params,
+                          "chosen_settings": "; ".join(reasons) or "none (CIFAR-10 preset or all given)"})
+        ckpt_info = dict(model_config=model_cfg, classes=data.classes, mean=data.mean, std=data.std,
+                         image_size=data_cfg.image_size, channels=data_cfg.channels, resize=data_cfg.resize,
                          mlflow_run_id=tracker.run_id,
                          extra={"train_config": flat_params(train_cfg), "data_config": flat_params(data_cfg)})
         start = time.perf_counter()
@@ -395,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         def on_epoch(epoch, metrics, improved):
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if improved:  # the best model so far is on disk at every moment of the run
-                save_checkpoint(train_cfg.out, model, metrics={"val_acc": metrics["val_acc"], "epoch": epoch}, **ckpt_info)
+                save_checkpoint(train_cfg.out, model, metrics={"val_acc": metrics["val_acc"],
+                                                               "val_macro_f1": metrics["val_macro_f1"], "epoch": epoch},
+                                **ckpt_info)
 
         state = fit(model, data, data_cfg, train_cfg, rt, on_epoch)
         train_seconds = time.perf_counter() - start
@@ -414,41 +475,52 @@ def main(argv: list[str] | None = None) -> int:
         tracker.end(status)
 
 
+def metric_name(text: str) -> str:
+    """A class name as MLflow accepts it in a metric name (letters, digits, _ - . / and space)."""
+    return re.sub(r"[^\w\-./ ]", "_", text)
+
+
 def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, state: FitState,
            tracker: Tracker, ckpt_info: dict, train_seconds: float) -> None:
     """Final evaluation of the best weights; checkpoint, plots, tables and model logged."""
-    batches = lambda split: eval_batches(split, data.mean, data.std, EVAL_BATCH, data_cfg.image_size, data_cfg.workers, rt.device)  # noqa: E731
+    batches = lambda split: eval_batches(split, data.mean, data.std, EVAL_BATCH, data_cfg, rt.device)  # noqa: E731
     val = evaluate(model, batches(data.val), len(data.classes), rt)
-    final = {"best_epoch": state.best_epoch, "val_acc": val["acc"], "val_loss": val["loss"],
-             "train_seconds": train_seconds}
-    line = f"best epoch {state.best_epoch}: val acc {val['acc']:.4f}"
+    final = {"best_epoch": state.best_epoch, "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
+             "val_loss": val["loss"], "train_seconds": train_seconds}
+    line = f"best epoch {state.best_epoch} (by {cfg.select_metric}): val acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}"
     if cfg.tta:
         tta = evaluate(model, batches(data.val), len(data.classes), rt, tta=cfg.tta)
-        final["val_acc_tta"] = tta["acc"]
+        final.update(val_acc_tta=tta["acc"], val_macro_f1_tta=tta["macro_f1"])
         line += f"  with TTA level {cfg.tta}: {tta['acc']:.4f}"
-    if data.test is not None:
-        test = evaluate(model, batches(data.test), len(data.classes), rt, tta=cfg.tta)
-        final.update(test_acc=test["acc"], test_loss=test["loss"])
-        line += f"  test acc {test['acc']:.4f}"
+    if data.test is not None:  # reported, never used to choose anything; served without TTA, so measured without
+        test = evaluate(model, batches(data.test), len(data.classes), rt)
+        final.update(test_acc=test["acc"], test_macro_f1=test["macro_f1"], test_loss=test["loss"])
+        line += f"  test acc {test['acc']:.4f} macro-F1 {test['macro_f1']:.4f}"
     print(line + f"  ({train_seconds:.0f}s training)")
+    print(f"{'class':<24} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>7}")
+    for i, name in enumerate(data.classes):
+        print(f"{name[:24]:<24} {val['precision'][i]:>9.3f} {val['recall'][i]:>7.3f} {val['f1'][i]:>6.3f} {val['support'][i]:>7}")
 
     history = [{k: float(v) for k, v in h.items()} for h in state.history]
     path = save_checkpoint(cfg.out, model, metrics=final, **{**ckpt_info, "extra": {**ckpt_info["extra"], "history": history}})
     print(f"saved {path}")
-    tracker.log_metrics(final)
+    # End-of-run values under their own names (per-epoch val_acc etc. keep their curves), at the best epoch's step.
+    tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=state.best_epoch)
     if tracker.run is None:
         return
-    per_class = val["confusion"].diag().float() / val["confusion"].sum(1).clamp_min(1)
-    tracker.log_metrics({f"val_acc_class_{i}": float(a) for i, a in enumerate(per_class)})
-    tracker.log_table({"class": data.classes, "accuracy": [round(float(a), 4) for a in per_class],
-                       "support": val["confusion"].sum(1).tolist()}, artifact_file="per_class_accuracy.json")
+    tracker.log_metrics({f"val_{kind}_{metric_name(name)}": val[kind][i] for i, name in enumerate(data.classes)
+                         for kind in ("precision", "recall", "f1")}, step=state.best_epoch)
+    tracker.log_table({"class": data.classes, "precision": [round(v, 4) for v in val["precision"]],
+                       "recall": [round(v, 4) for v in val["recall"]], "f1": [round(v, 4) for v in val["f1"]],
+                       "support": val["support"]}, artifact_file="per_class_metrics.json")
     with tempfile.TemporaryDirectory() as tmp:
         plot_confusion(val["confusion"], data.classes, Path(tmp) / "confusion_matrix.png")
+        plot_confusion(val["confusion"], data.classes, Path(tmp) / "confusion_matrix_normalized.png", normalized=True)
         plot_curves(state.history, Path(tmp) / "curves.png")
-        tracker.log_artifact(str(Path(tmp) / "confusion_matrix.png"))
-        tracker.log_artifact(str(Path(tmp) / "curves.png"))
+        for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png"):
+            tracker.log_artifact(str(Path(tmp) / name))
     tracker.log_artifact(str(path), artifact_path="checkpoint")
-    log_model(tracker, model, data_cfg.image_size)
+    log_model(tracker, model, data_cfg.channels, data_cfg.image_size)
     print(f"mlflow run {tracker.run_id} ({tracker.mlflow.get_tracking_uri()})")
 
 

@@ -50,7 +50,7 @@ def checkpoint_path(tmp_path_factory) -> Path:
     with torch.no_grad():  # a non-trivial whitening layer, so predictions differ from image to image
         model.whiten.weight.normal_()
     path = tmp_path_factory.mktemp("ckpt") / "cnn.pt"
-    save_checkpoint(path, model, classes=CLASSES, mean=CIFAR10_MEAN, std=CIFAR10_STD, image_size=32,
+    save_checkpoint(path, model, model_config=model.cfg, classes=CLASSES, mean=CIFAR10_MEAN, std=CIFAR10_STD, image_size=32,
                     metrics={"val_acc": 0.5}, mlflow_run_id="run123")
     return path
 

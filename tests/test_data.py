@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import data
-from config import DataConfig
+from config import DataConfig, TrainConfig
 from conftest import RECORDS_PER_BATCH, write_cifar_batch
 
 
@@ -116,7 +116,7 @@ def test_image_folder_in_memory(folder_dir):
 def test_image_folder_streaming_keeps_paths(folder_dir):
     ds = data.load_dataset(DataConfig(dataset="folder", data_dir=str(folder_dir), in_memory=False, workers=0))
     assert ds.train.images is None and len(ds.train.paths) == len(ds.train)
-    x, y = next(data.eval_batches(ds.val, ds.mean, ds.std, 4, 32, 0, torch.device("cpu")))
+    x, y = next(data.eval_batches(ds.val, ds.mean, ds.std, 4, DataConfig(dataset="folder"), torch.device("cpu"), workers=0))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
 
 
@@ -142,8 +142,8 @@ def test_in_memory_loader_batches_are_seeded_and_augmented(cifar_dir):
     ds = data.load_dataset(DataConfig(data_dir=str(cifar_dir)))
 
     def first_batch(seed):
-        loader = data.InMemoryLoader(ds.train.images, ds.train.labels, 32, ds.mean, ds.std, 2, "alternate", seed,
-                                     torch.device("cpu"))
+        loader = data.InMemoryLoader(ds.train.images, ds.train.labels, 32, ds.mean, ds.std,
+                                     TrainConfig(translate=2, flip="alternate", seed=seed), torch.device("cpu"))
         return next(iter(loader)), len(loader)
 
     (x1, y1), steps = first_batch(0)
@@ -170,7 +170,8 @@ def test_streaming_loader_works_with_spawned_workers(folder_dir):
     import multiprocessing
 
     ds = data.load_dataset(DataConfig(dataset="folder", data_dir=str(folder_dir), in_memory=False, workers=0))
-    loader = data.train_loader(ds.train, 8, ds.mean, ds.std, 2, "random", 0, 32, 1, torch.device("cpu"))
+    loader = data.train_loader(ds.train, DataConfig(dataset="folder", workers=1), TrainConfig(batch_size=8, flip="random"),
+                               ds.mean, ds.std, torch.device("cpu"))
     loader.multiprocessing_context = multiprocessing.get_context("spawn")
     x, y = next(iter(loader))
     assert x.shape == (8, 3, 32, 32) and y.shape == (8,)

