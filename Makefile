@@ -15,7 +15,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MLFLOW_PORT ?= 5000
 
-.PHONY: help install train smoke test serve mlflow-ui bench-train bench-serve clean
+.PHONY: help install train smoke test serve mlflow-ui bench-train bench-serve bench-folder clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -45,6 +45,9 @@ bench-train:  ## time the presets against the seed baseline on CIFAR-10 (DATA_DI
 
 bench-serve:  ## load-test api.py against a naive handler and mlflow models serve
 	$(PY) benchmarks/serve_load.py $(ARGS)
+
+bench-folder:  ## default vs README-hint flags on Fashion-MNIST and ELPV image folders, and peak RSS at 10k x 224px
+	$(PY) benchmarks/folder_bench.py $(ARGS)
 
 clean:  ## remove MLflow runs and checkpoints (keeps data and .venv)
 	rm -rf mlflow.db mlruns models/*.pt
