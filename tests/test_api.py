@@ -356,19 +356,22 @@ def test_image_modes(client, reference, name):
 
 @pytest.mark.parametrize("name", ["rgba png", "16-bit png", "cmyk jpeg", "exif-rotated jpeg", "large jpeg photo",
                                   "animated gif"])
-def test_preprocessing_equals_evaluation_path(reference, name):
-    """The server's tensors are the evaluation pipeline's (transforms.eval_transform), bit for bit."""
-    _, meta = reference
+@pytest.mark.parametrize("channels, resize", [(3, "squash"), (1, "pad"), (3, "crop")])
+def test_preprocessing_equals_evaluation_path(reference, name, channels, resize):
+    """The server's tensors are the evaluation pipeline's (transforms.eval_transform), bit for bit, for every
+    channel count and resize policy a checkpoint can carry."""
+    meta = {**reference[1], "channels": channels, "resize": resize}
+    mean, std = meta["mean"][:channels], meta["std"][:channels]
     data = MODES[name]()
-    served = normalize(api.preprocess(data, meta["image_size"], 10**8), meta["mean"], meta["std"])
-    evaluated = eval_transform(meta["image_size"], meta["mean"], meta["std"])(Image.open(io.BytesIO(data)))
-    assert torch.equal(served, evaluated)
+    served = normalize(api.preprocess(data, meta, 10**8), mean, std)
+    evaluated = eval_transform(meta["image_size"], mean, std, channels, resize)(Image.open(io.BytesIO(data)))
+    assert served.shape == (channels, 32, 32) and torch.equal(served, evaluated)
 
 
 def test_exif_orientation_applied():
     data = exif_rotated_jpeg()
     stored = Image.open(io.BytesIO(data))
-    served = api.preprocess(data, 32, 10**8)
+    served = api.preprocess(data, {"image_size": 32, "channels": 3, "resize": "squash"}, 10**8)
     assert torch.equal(served, pil_to_uint8(ImageOps.exif_transpose(stored), 32))
     # Stored wide, red left and blue right; displayed (rotated 90 degrees clockwise) tall, red on top.
     assert stored.size == (48, 24)
