@@ -41,7 +41,7 @@ def create_app(checkpoint: str) -> FastAPI:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, meta = load_checkpoint(checkpoint, device)
         state.update(model=model, device=device, classes=meta["classes"],
-                     transform=eval_transform(meta["image_size"], meta["mean"], meta["std"]))
+                     transform=eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["channels"], meta["resize"]))
         yield
 
     app = FastAPI(lifespan=lifespan)

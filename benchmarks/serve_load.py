@@ -113,7 +113,7 @@ def request_bodies(files: list[tuple[str, bytes]], kind: str, meta: dict) -> lis
     """The request sequence: PNGs in turn, with a photo after every PNGS_PER_PHOTO of them."""
     small = [f for f in files if f[0] == "png32"]
     photos = [f for f in files if f[0] != "png32"]
-    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["channels"], meta["resize"])
 
     def body(data: bytes) -> bytes:
         if kind == "base64":
