@@ -58,3 +58,13 @@ def test_small_batch_overfits():
         optimizer.step()
     model.eval()
     assert (model(x).argmax(1) == y).float().mean() == 1.0
+
+
+def test_whitening_from_batches_equals_whitening_from_all_at_once():
+    torch.manual_seed(0)
+    images = torch.randn(40, 1, 12, 12)
+    whole, chunked = (CnnClassifier(ModelConfig(), 3, in_chans=1) for _ in range(2))
+    init_whitening(whole, images)
+    init_whitening(chunked, iter(images.split(7)))
+    assert whole.whiten.weight.shape == (8, 1, 2, 2)
+    assert torch.allclose(whole.whiten.weight, chunked.whiten.weight, atol=1e-3)

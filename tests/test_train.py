@@ -136,3 +136,20 @@ def test_interrupted_run_keeps_its_best_checkpoint(cifar_dir, tmp_path, tracking
 def test_cuda_asked_for_without_gpu_is_a_cli_error(cifar_dir, capsys):
     assert train.main(["--data-dir", str(cifar_dir), "--device", "cuda", "--no-mlflow"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_checkpoint_of_an_unknown_format_version_is_refused(tmp_path):
+    model = CnnClassifier(ModelConfig(), 10)
+    path = tmp_path / "cnn.pt"
+    save_checkpoint(path, model, model_config=model.cfg, classes=[str(i) for i in range(10)], mean=(0.5,) * 3,
+                    std=(0.2,) * 3, image_size=32, metrics={})
+    meta = torch.load(path, weights_only=True)
+    assert meta["format_version"] == 2 and meta["channels"] == 3 and meta["resize"] == "squash"
+    meta["format_version"] = 99
+    torch.save(meta, path)
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(path)
+    del meta["channels"], meta["resize"]  # a version-1 file: RGB, squashed
+    meta["format_version"] = 1
+    torch.save(meta, path)
+    assert load_checkpoint(path)[1]["channels"] == 3

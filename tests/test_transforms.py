@@ -1,6 +1,7 @@
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -77,3 +78,41 @@ def test_tta_views_weights_sum_to_one():
         views = T.tta_views(x, level)
         assert abs(sum(w for w, _ in views) - 1) < 1e-9
         assert all(v.shape == x.shape for _, v in views)
+
+
+def test_rotate90_moves_whole_pixels_and_covers_the_dihedral_group():
+    x = torch.arange(36.0).view(1, 1, 6, 6).repeat(64, 1, 1, 1)
+    out = T.random_crop_rotate(x, 0.0, True, torch.Generator().manual_seed(0))
+    views = [torch.rot90(v, k, (0, 1)) for v in (x[0, 0], x[0, 0].flip(0)) for k in range(4)]
+    seen = set()
+    for image in out[:, 0]:
+        matches = [i for i, v in enumerate(views) if torch.allclose(image, v, atol=1e-4)]
+        assert len(matches) == 1  # an exact rotation or reflection, no interpolation
+        seen.add(matches[0])
+    assert seen == set(range(8))
+
+
+def test_random_resized_crops_zoom_in_within_the_image():
+    x = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(16, 1, 32, 32).contiguous()  # a left-to-right ramp
+    out = T.random_crop_rotate(x, 0.5, False, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    spans = out[:, 0, 0, -1] - out[:, 0, 0, 0]
+    assert (spans < 0.99).all() and (spans > 0.5 * 0.75 ** 0.5 - 0.05).all()  # a crop of >= half the area
+
+
+def test_augment_batch_keeps_single_channel_images_single_channel():
+    images = torch.randint(0, 255, (4, 1, 20, 20), dtype=torch.uint8)
+    out = T.augment_batch(images, torch.tensor([True, False, True, False]), (0.5,), (0.5,), 2,
+                          torch.Generator().manual_seed(0), crop_scale=0.7, rotate90=True)
+    assert out.shape == (4, 1, 20, 20) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("resize, expected", [("squash", (8, 8)), ("crop", (8, 8)), ("pad", (8, 8))])
+def test_resize_policies_make_squares(resize, expected):
+    wide = Image.new("RGB", (40, 10), (200, 0, 0))
+    out = T.pil_to_uint8(wide, 8, 3, resize)
+    assert tuple(out.shape[1:]) == expected
+    if resize == "pad":  # letterboxed: black bars above and below the red band
+        assert out[0, 0, 4] == 0 and out[0, 4, 4] > 150
+    else:
+        assert (out[0] > 150).all()
