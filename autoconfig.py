@@ -51,11 +51,12 @@ def choose(stats: FolderStats, explicit: dict, cuda: bool = False) -> tuple[dict
 
     pick("channels", 1 if stats.grayscale else 3,
          "the sampled images are grayscale, kept single-channel" if stats.grayscale else "the images are in colour")
+    images = min(stats.images, explicit.get("limit") or stats.images)  # --limit trains on a stratified subset
     val_fraction = 0.0 if stats.has_val else pick(
-        "val_fraction", 0.15 if stats.images < SMALL_DATASET else 0.1,
-        f"{stats.images} images: a larger validation share keeps rare classes measurable" if stats.images < SMALL_DATASET
+        "val_fraction", 0.15 if images < SMALL_DATASET else 0.1,
+        f"{images} images: a larger validation share keeps rare classes measurable" if images < SMALL_DATASET
         else "10% is enough validation at this size")
-    n_train = max(1, round(stats.images * (1 - val_fraction)))
+    n_train = max(1, round(images * (1 - val_fraction)))
 
     small = stats.side <= SMALL_SIDE
     arch = pick("arch", "airbench" if small else TRANSFER_ARCH,
@@ -72,16 +73,20 @@ def choose(stats: FolderStats, explicit: dict, cuda: bool = False) -> tuple[dict
         size = pick("image_size", min(max(32 * round(stats.side / 32), 64), TRANSFER_MAX_SIDE),
                     f"the images' typical side ({stats.side}px), at most {TRANSFER_MAX_SIDE}px to keep CPU fine-tuning in minutes")
         batch = pick("batch_size", 32 if n_train >= 640 else 16, "small batches: many steps on a small dataset")
-        pick("epochs", float(min(30, max(5, round(TRANSFER_IMAGES / n_train)))),
-             f"about {TRANSFER_IMAGES} images seen in all, between 5 and 30 epochs")
+        epochs = pick("epochs", float(min(30, max(5, round(TRANSFER_IMAGES / n_train)))),
+                      f"about {TRANSFER_IMAGES} images seen in all, between 5 and 30 epochs")
+        freeze = pick("freeze_epochs", 1.0, "train the new head alone for one epoch first, as fastai's fine_tune does")
+        if "optimizer" not in explicit:  # these numbers are AdamW's; SGD reads lr per 1024 examples
+            pick("optimizer", "adam", "AdamW: the usual fine-tuning optimizer")
+            pick("lr", 1e-3, "AdamW peak learning rate for the head")
+            pick("weight_decay", 0.01, "AdamW weight decay")
         for name, value, why in (
             ("pretrained", True, "start from ImageNet weights"),
-            ("optimizer", "adam", "AdamW: the usual fine-tuning optimizer"),
-            ("lr", 1e-3, "AdamW peak learning rate for the head"),
-            ("weight_decay", 0.01, "AdamW weight decay"),
             ("layer_decay", 0.85, "lower learning rates for earlier layers (discriminative fine-tuning)"),
-            ("freeze_epochs", 1.0, "train the new head alone for one epoch first, as fastai's fine_tune does"),
-            ("warmup", 0.1, "short warmup"), ("lr_start", 0.1, "warmup from 10% of the peak"),
+            # the backbone joins after the head-only epochs: the warmup lasts one epoch beyond them, so its
+            # first steps are not taken at the peak rate
+            ("warmup", min(0.5, round((freeze + 1) / epochs, 3)), "warmup until one epoch after the head-only phase"),
+            ("lr_start", 0.1, "warmup from 10% of the peak"),
             ("lr_end", 0.01, "decay to 1% of the peak"),
             ("label_smoothing", 0.1, "mild label smoothing"),
             ("lookahead", False, "weight averaging is tuned for the from-scratch recipe"),

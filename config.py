@@ -209,7 +209,9 @@ def resolve(values: dict, chosen: dict | None = None) -> tuple[DataConfig, Model
         raise ConfigError(f"--preset must be one of {['auto', *sorted(PRESETS)]}")
     if preset == "auto" and not chosen:
         preset = "fast"  # CIFAR-10, or a folder whose settings were all given
-    merged = {**PRESETS.get(preset, PRESETS["fast"]), **(chosen or {}), **explicit, "preset": preset}
+    # auto on a folder builds on the preset of the network asked for (the baseline CNN has its own recipe)
+    base = PRESETS.get(preset) or PRESETS["baseline" if explicit.get("arch") == "baseline" else "fast"]
+    merged = {**base, **(chosen or {}), **explicit, "preset": preset}
     out = []
     for section in SECTIONS:
         names = {f.name for f in fields(section)}
@@ -229,10 +231,10 @@ def parse_values(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
     return parser, args
 
 
-def parse_args(argv: list[str] | None = None, chosen: dict | None = None) -> tuple[DataConfig, ModelConfig, TrainConfig]:
+def parse_args(argv: list[str] | None = None) -> tuple[DataConfig, ModelConfig, TrainConfig]:
     parser, args = parse_values(argv)
     try:
-        return resolve(args, chosen)
+        return resolve(args)
     except ConfigError as e:
         parser.error(str(e))
 

@@ -126,11 +126,16 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{root}: class folders {unknown} do not exist in train/")
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for index, name in enumerate(classes):
         files = list_images(root / name) if (root / name).is_dir() else []
         paths += files
         labels += [index] * len(files)
+        if not files and root.name == "train":
+            empty.append(name)
+    if empty:
+        raise DataError(f"{root}: class folders {empty} hold no images (extensions: {sorted(IMAGE_EXTENSIONS)}); "
+                        f"add images or remove the folders")
     if not paths:
         raise DataError(f"{root}: no images found in class sub-folders (extensions: {sorted(IMAGE_EXTENSIONS)})")
     return paths, torch.tensor(labels), classes
@@ -169,13 +174,16 @@ def read_folder(cfg: DataConfig):
 # ---------------------------------------------------------------- splitting and loading
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep, held_out) indices: round(fraction * n_c) of each class c held out, chosen by a seeded shuffle."""
+    """(keep, held_out) indices: round(fraction * n_c) of each class c (at least 1 of 2 or more) held out, chosen
+    by a seeded shuffle."""
     generator = torch.Generator().manual_seed(seed)
     keep, held = [], []
     for c in torch.unique(labels).tolist():
         members = torch.nonzero(labels == c).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         n_held = int(round(fraction * len(members)))
+        if n_held == 0 and fraction > 0 and len(members) >= 2:  # every class keeps one validation example
+            n_held = 1
         held.append(members[:n_held])
         keep.append(members[n_held:])
     return torch.cat(keep).sort().values, torch.cat(held).sort().values

@@ -212,16 +212,18 @@ def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, data_cf
     dtype = pick_precision(train_cfg.precision, device)
     rt = Runtime(device, dtype, channels_last=train_cfg.channels_last and dtype is not None)
     model = build_model(model_cfg, num_classes=len(data.classes), image_size=data_cfg.image_size, in_chans=data_cfg.channels)
+    if model_cfg.weights and (model_cfg.arch in SCRATCH_ARCHS or not model_cfg.pretrained):
+        raise ConfigError("--weights is for a pretrained timm backbone: drop it, or pick one with --arch (and --pretrained)")
     if model_cfg.arch not in SCRATCH_ARCHS and model_cfg.pretrained:
         source = load_pretrained(model, model_cfg.arch, model_cfg.weights)
         data.mean, data.std = normalization(model, data_cfg.channels)
         print(f"pretrained weights: {source}")
     if whitening_layer(model) is not None:  # patch statistics of 5000 training images (a seeded sample: folders come class by class)
         picked = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(train_cfg.seed))[:5000]
-        sample = data.train.subset(picked.sort().values)
         per_batch = max(1, 2_000_000 // data_cfg.image_size ** 2)  # bounds the patch matrix to ~100 MB at any size
-        init_whitening(model, (x for x, _ in eval_batches(sample, data.mean, data.std, per_batch, data_cfg,
-                                                          torch.device("cpu"), workers=0)))
+        init_whitening(model, (x for index in picked.sort().values.split(per_batch)
+                               for x, _ in eval_batches(data.train.subset(index), data.mean, data.std, per_batch,
+                                                        data_cfg, torch.device("cpu"), workers=0)))
     model.to(device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -410,7 +412,8 @@ def configure(argv: list[str] | None) -> tuple[DataConfig, ModelConfig, TrainCon
     if values.get("dataset") == "folder" and values.get("preset") in (None, "auto"):
         explicit = {k: v for k, v in values.items() if v is not None}
         stats = summarize_folder(Path(values.get("data_dir") or DataConfig.data_dir))
-        chosen, reasons = autoconfig.choose(stats, explicit, cuda=torch.cuda.is_available())
+        cuda = torch.cuda.is_available() and explicit.get("device", "auto") != "cpu"
+        chosen, reasons = autoconfig.choose(stats, explicit, cuda=cuda)
     try:
         return (*resolve(values, chosen), reasons)
     except ConfigError as e:

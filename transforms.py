@@ -39,9 +39,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-RESIZE_POLICIES = ("squash", "crop", "pad")
-
-
 def fit_square(image: Image.Image, size: int, resize: str = "squash") -> Image.Image:
     """size x size by the resize policy: squash (stretch the whole image), crop (centre square of the short side)
     or pad (whole image, letterboxed with black)."""

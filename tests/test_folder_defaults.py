@@ -101,3 +101,34 @@ def test_bad_new_flags_are_refused(flag, value, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--dataset", "folder", flag, value])
     assert flag in capsys.readouterr().err
+
+
+def test_choices_follow_limit_and_an_explicit_optimizer():
+    stats = FolderStats(class_counts=(25_000, 25_000), side=300, grayscale=False)
+    chosen, _ = choose(stats, {"limit": 1000})
+    assert chosen["val_fraction"] == 0.15 and chosen["epochs"] == 24  # sized for the 1,000 images trained on
+    chosen, _ = choose(stats, {"limit": 1000, "optimizer": "sgd"})
+    assert "lr" not in chosen and "weight_decay" not in chosen
+    assert chosen["warmup"] == pytest.approx(2 / chosen["epochs"], abs=1e-3)  # lasts one epoch past the head-only one
+
+
+def test_baseline_arch_on_a_folder_gets_its_own_recipe(tmp_path):
+    folder = write_folder(tmp_path / "f", (10, 10), (28, 28), "RGB")
+    _, model_cfg, train_cfg, _ = train.configure(["--dataset", "folder", "--data-dir", str(folder), "--arch", "baseline"])
+    assert model_cfg.widths == (32, 64) and train_cfg.optimizer == "adam"
+
+
+def test_empty_class_folder_and_tiny_classes(tmp_path):
+    folder = write_folder(tmp_path / "f", (10, 2), (28, 28), "L")
+    (folder / "train" / "class9").mkdir()
+    with pytest.raises(data.DataError, match="class9"):
+        data.summarize_folder(folder)
+    (folder / "train" / "class9").rmdir()
+    ds = data.load_dataset(data.DataConfig(dataset="folder", data_dir=str(folder), val_fraction=0.15, workers=0))
+    assert sorted(ds.val.labels.tolist()) == [0, 0, 1]  # the 2-image class keeps one for validation
+
+
+def test_weights_without_a_pretrained_backbone_is_refused(tmp_path, capsys):
+    folder = write_folder(tmp_path / "f", (10, 10), (28, 28), "L")
+    assert train.main(["--dataset", "folder", "--data-dir", str(folder), "--weights", "w.pth", "--no-mlflow"]) == 2
+    assert "--weights" in capsys.readouterr().err
