@@ -29,14 +29,21 @@ from checkpoint import save_checkpoint
 from config import (ConfigError, DataConfig, ModelConfig, TrainConfig, available_cores, flat_params, parse_values,
                     pick_device, resolve)
 from data import DataError, Dataset, eval_batches, load_dataset, summarize_folder, total_steps, train_loader
-from model import SCRATCH_ARCHS, build_model, init_whitening, param_groups, predict_logits, whitening_layer
+from model import SCRATCH_ARCHS, CnnClassifier, build_model, init_whitening, param_groups, predict_logits, whitening_layer
 from pretrained import WeightsError, load_pretrained, normalization
 from scores import class_scores, class_weights
 
 REPO = Path(__file__).resolve().parent
 LOOKAHEAD_START_EPOCH = 3  # let the weights move freely first; averaging early only slows learning
 LOOKAHEAD_EVERY = 5
-EVAL_BATCH = 1000
+EVAL_PIXELS = 1000 * 32 * 32  # pixels per evaluation batch for our nets: 1000 CIFAR-sized images
+BACKBONE_EVAL_PIXELS = 64 * 160 * 160  # and for an ImageNet backbone: 1000 images at 160 px peaked at 8.5 GB
+
+
+def eval_batch_size(model: torch.nn.Module, image_size: int) -> int:
+    """Evaluation batch size that keeps activation memory about constant whatever the input size."""
+    pixels = EVAL_PIXELS if isinstance(model, CnnClassifier) else BACKBONE_EVAL_PIXELS
+    return max(8, min(1000, pixels // image_size ** 2))
 
 
 # ---------------------------------------------------------------- device and numerics
@@ -256,6 +263,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     epochs = math.ceil(state.total_steps / len(loader))
     whiten = whitening_layer(model)
     can_freeze = cfg.freeze_epochs > 0 and hasattr(model, "get_classifier")
+    eval_size = eval_batch_size(model, data_cfg.image_size)
     patience_left = cfg.patience
     start = time.perf_counter()
     try:
@@ -265,7 +273,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
             if can_freeze:
                 freeze_body(model, epoch < cfg.freeze_epochs)
             metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt, weights)
-            val = evaluate(net, eval_batches(data.val, data.mean, data.std, EVAL_BATCH, data_cfg, rt.device),
+            val = evaluate(net, eval_batches(data.val, data.mean, data.std, eval_size, data_cfg, rt.device),
                            len(data.classes), rt)
             metrics.update(val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
                            epoch=epoch + 1, elapsed_s=time.perf_counter() - start)
@@ -486,7 +494,8 @@ def metric_name(text: str) -> str:
 def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, state: FitState,
            tracker: Tracker, ckpt_info: dict, train_seconds: float) -> None:
     """Final evaluation of the best weights; checkpoint, plots, tables and model logged."""
-    batches = lambda split: eval_batches(split, data.mean, data.std, EVAL_BATCH, data_cfg, rt.device)  # noqa: E731
+    size = eval_batch_size(model, data_cfg.image_size)
+    batches = lambda split: eval_batches(split, data.mean, data.std, size, data_cfg, rt.device)  # noqa: E731
     val = evaluate(model, batches(data.val), len(data.classes), rt)
     final = {"best_epoch": state.best_epoch, "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
              "val_loss": val["loss"], "train_seconds": train_seconds}
