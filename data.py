@@ -218,7 +218,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
     decode = lambda paths, desc: decode_files(paths, cfg.image_size, cfg.channels, cfg.resize, cfg.workers, desc)  # noqa: E731
     if cfg.dataset == "folder" and not cfg.in_memory:
-        check_files(train.paths + val.paths + (test.paths if test is not None else []), cfg.workers)
+        check_files(train.paths + val.paths + (test.paths if test is not None else []), cfg.workers, cfg.channels, cfg.resize)
     if cfg.dataset == "folder" and cfg.in_memory:
         train.images = decode(train.paths, "decode train")
         val.images = decode(val.paths, "decode val")

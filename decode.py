@@ -104,13 +104,13 @@ def decode_files(paths: list[str], size: int, channels: int = 3, resize: str = "
     return images
 
 
-def check_files(paths: list[str], workers: int = 2) -> None:
+def check_files(paths: list[str], workers: int = 2, channels: int = 3, resize: str = "squash") -> None:
     """Fully decode every file, so a streamed training run learns of every unreadable one now, not mid-epoch.
 
     Each file goes through the same open, convert and resize steps as training, down to a 1x1 pixel that is
     thrown away: the same parallel, descriptor-safe path as decode_files at almost no memory.
     """
-    decode_files(paths, 1, workers=workers, desc="check images")
+    decode_files(paths, 1, channels, resize, workers=workers, desc="check images")
 
 
 def probe_images(paths: list[str], sample: int = 256, seed: int = 0) -> list[tuple[int, int, str]]:
