@@ -228,7 +228,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     elif train.images is not None:  # a sample keeps the float copy small
         sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:10_000]
-        mean, std = channel_stats(train.images[sample])
+        mean, std = channel_stats(train.images, sample)
     else:
         sample = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:2000])
         mean, std = channel_stats(decode(sample.paths, "decode stats sample"))

@@ -116,3 +116,11 @@ def test_resize_policies_make_squares(resize, expected):
         assert out[0, 0, 4] == 0 and out[0, 4, 4] > 150
     else:
         assert (out[0] > 150).all()
+
+
+def test_channel_stats_in_chunks_equal_the_plain_formula():
+    images = torch.randint(0, 256, (700, 3, 9, 9), dtype=torch.uint8)
+    index = torch.randperm(700, generator=torch.Generator().manual_seed(0))[:500]
+    x = images[index].float().div(255).transpose(0, 1).reshape(3, -1)
+    mean, std = T.channel_stats(images, index, chunk=64)
+    assert mean == pytest.approx(x.mean(1).tolist(), abs=1e-6) and std == pytest.approx(x.std(1).tolist(), abs=1e-6)
