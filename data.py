@@ -144,9 +144,7 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
 def summarize_folder(data_dir: Path, sample: int = 256) -> FolderStats:
     """Class counts of train/ and the typical size and colour of a seeded sample of its images (headers only)."""
     root = Path(data_dir)
-    if not (root / "train").is_dir():
-        raise DataError(f"{root}: expected train/<class>/ image folders (optional val/ and test/)")
-    paths, labels, classes = scan_folder(root / "train")
+    paths, labels, classes = scan_folder(train_folder(root))
     probed = probe_images(paths, sample=sample)
     if not probed:
         raise DataError(f"{root / 'train'}: none of {min(sample, len(paths))} sampled files could be opened as an image")
@@ -156,11 +154,15 @@ def summarize_folder(data_dir: Path, sample: int = 256) -> FolderStats:
                        has_val=(root / "val").is_dir())
 
 
-def read_folder(cfg: DataConfig):
-    root = Path(cfg.data_dir)
+def train_folder(root: Path) -> Path:
     if not (root / "train").is_dir():
         raise DataError(f"{root}: expected train/<class>/ image folders (optional val/ and test/)")
-    train_paths, train_labels, classes = scan_folder(root / "train")
+    return root / "train"
+
+
+def read_folder(cfg: DataConfig):
+    root = Path(cfg.data_dir)
+    train_paths, train_labels, classes = scan_folder(train_folder(root))
     if len(classes) < 2:
         raise DataError(f"{root / 'train'}: found {len(classes)} class folder(s), need at least 2")
     splits = {"train": ImageSet(train_labels, paths=train_paths)}

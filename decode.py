@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import warnings
@@ -36,12 +37,18 @@ def list_images(folder: Path) -> list[str]:
     return sorted(paths)
 
 
+@contextlib.contextmanager
+def bombs_refused():
+    """Pillow only warns between MAX_IMAGE_PIXELS and twice that; a folder file that large is refused too."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def open_image(path: str) -> Image.Image:
     """Open and fully load one file; raises DataError naming the file for any failure (bombs, truncation, zero bytes...)."""
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a folder file that large is refused too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with bombs_refused():
             with Image.open(path) as image:
                 image.load()
                 return image
@@ -118,10 +125,8 @@ def probe_images(paths: list[str], sample: int = 256, seed: int = 0) -> list[tup
     found = []
     for path in random.Random(seed).sample(paths, min(sample, len(paths))):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as image:
-                    found.append((image.width, image.height, image.mode))
+            with bombs_refused(), Image.open(path) as image:
+                found.append((image.width, image.height, image.mode))
         except Exception:  # decode_files or check_files reports it, by path
             continue
     return found
