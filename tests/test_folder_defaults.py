@@ -45,6 +45,14 @@ def test_big_colour_folder_fine_tunes_for_a_few_epochs():
     assert chosen["image_size"] == 160 and chosen["epochs"] == 5 and chosen["channels"] == 3
 
 
+def test_backbone_input_grows_to_224px_only_while_the_decoded_images_stay_small():
+    inspection = choose(FolderStats(class_counts=(1131, 537, 222, 80), side=300, grayscale=True), {})[0]
+    many_colour = choose(FolderStats(class_counts=(900,) * 10, side=300, grayscale=False), {})[0]
+    assert inspection["image_size"] == 224 and many_colour["image_size"] == autoconfig.TRANSFER_BASE_SIDE
+    assert 1674 * 224**2 <= autoconfig.DECODED_BYTES < 8100 * 3 * 224**2
+    assert choose(FolderStats(class_counts=(300, 300), side=100, grayscale=False), {})[0]["image_size"] == 96
+
+
 def test_explicit_values_win_and_steer_the_rest():
     stats = FolderStats(class_counts=(1131, 537, 222, 80), side=300, grayscale=True)
     chosen, reasons = choose(stats, {"arch": "airbench", "balance": "none", "channels": 3})
