@@ -486,9 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         tracker.end(status)
 
 
-def metric_name(text: str) -> str:
-    """A class name as MLflow accepts it in a metric name (letters, digits, _ - . / and space)."""
-    return re.sub(r"[^\w\-./ ]", "_", text)
+def metric_names(classes: list[str]) -> list[str]:
+    """Class names as MLflow accepts them in metric names (letters, digits, _ - . / and space); names that come out
+    alike ("a:b" and "a?b") get their class index appended, so no class overwrites another's metrics."""
+    names = [re.sub(r"[^\w\-./ ]", "_", name) for name in classes]
+    return [f"{name}_{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
 
 
 def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, state: FitState,
@@ -520,7 +522,7 @@ def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Run
     tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=state.best_epoch)
     if tracker.run is None:
         return
-    tracker.log_metrics({f"val_{kind}_{metric_name(name)}": val[kind][i] for i, name in enumerate(data.classes)
+    tracker.log_metrics({f"val_{kind}_{name}": val[kind][i] for i, name in enumerate(metric_names(data.classes))
                          for kind in ("precision", "recall", "f1")}, step=state.best_epoch)
     tracker.log_table({"class": data.classes, "precision": [round(v, 4) for v in val["precision"]],
                        "recall": [round(v, 4) for v in val["recall"]], "f1": [round(v, 4) for v in val["f1"]],

@@ -153,3 +153,12 @@ def test_checkpoint_of_an_unknown_format_version_is_refused(tmp_path):
     meta["format_version"] = 1
     torch.save(meta, path)
     assert load_checkpoint(path)[1]["channels"] == 3
+
+
+def test_class_metric_names_are_valid_in_mlflow_and_distinct():
+    from mlflow.utils.validation import _validate_metric_name
+
+    names = train.metric_names(["a:b", "a?b", "ok", "café", "x y", "rust/scratch"])
+    assert names == ["a_b_0", "a_b_1", "ok", "café", "x y", "rust/scratch"]
+    for name in names:
+        _validate_metric_name(f"val_f1_{name}")
