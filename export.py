@@ -1,0 +1,146 @@
+"""Export a checkpoint (models/cnn.pt) to TorchScript and ONNX files beside it, for serving without this code.
+
+Both take uint8 images, N x C x H x W as transforms.pil_to_uint8 makes them (C, H and W from the checkpoint), and return
+logits: the checkpoint's normalization is inside the graph, test-time augmentation is not. Both carry the checkpoint's
+metadata as JSON (classes, image_size, channels, resize, mean, std, format_version, metrics, mlflow_run_id): ONNX in
+its metadata_props under "cater", TorchScript as the extra file "cater.json". Files are written atomically.
+
+    python export.py                              # models/cnn.pt -> models/cnn.torchscript.pt, models/cnn.onnx
+    python export.py --checkpoint other.pt --formats onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
+
+FORMATS = ("torchscript", "onnx")
+METADATA_KEY = "cater"
+META_FIELDS = ("classes", "image_size", "channels", "resize", "mean", "std", "metrics", "mlflow_run_id")
+
+
+class Uint8Classifier(nn.Module):
+    """uint8 images -> logits, with the checkpoint's per-channel normalization (transforms.normalize) in front."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images.float() / 255.0 - self.mean) / self.std).float()
+
+
+def metadata(meta: dict) -> str:
+    """What a server needs besides the graph, as JSON; the input layout is spelled out for other tools."""
+    info = {k: meta.get(k) for k in META_FIELDS}
+    info.update(format_version=meta.get("format_version", FORMAT_VERSION), input="uint8 NxCxHxW", output="logits")
+    return json.dumps(info)
+
+
+def output_paths(checkpoint: Path, out_dir: Path | None) -> dict[str, Path]:
+    folder = out_dir or checkpoint.parent
+    return {"torchscript": folder / f"{checkpoint.stem}.torchscript.pt", "onnx": folder / f"{checkpoint.stem}.onnx"}
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside `path`, renamed onto it when the block succeeds (removed when it fails)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def example_input(meta: dict, batch: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    size = (batch, meta["channels"], meta["image_size"], meta["image_size"])
+    return torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+
+
+def export_torchscript(module: Uint8Classifier, meta: dict, path: Path) -> Path:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript; C++ and older runtimes still load it
+        traced = torch.jit.trace(module, example_input(meta), check_trace=False)
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp), _extra_files={f"{METADATA_KEY}.json": metadata(meta)})
+    return path
+
+
+def export_onnx(module: Uint8Classifier, meta: dict, path: Path) -> Path:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.onnx.export(module, (example_input(meta),), dynamo=True, input_names=["images"],
+                                    output_names=["logits"], dynamic_shapes={"images": {0: batch}}, verbose=False)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp_dir:
+        program.save(str(Path(tmp_dir) / "model.onnx"))
+        proto = onnx.load(str(Path(tmp_dir) / "model.onnx"))  # weights inline: one self-contained file
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, metadata(meta)
+    onnx.checker.check_model(proto)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return path
+
+
+def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None) -> dict[str, Path]:
+    """Write the requested formats for the checkpoint; returns {format: path}."""
+    model, meta = load_checkpoint(checkpoint)
+    model = model.float().to("cpu", memory_format=torch.contiguous_format).eval()
+    module = Uint8Classifier(model, meta["mean"], meta["std"]).eval()
+    paths = output_paths(checkpoint, out_dir)
+    writers = {"torchscript": export_torchscript, "onnx": export_onnx}
+    return {fmt: writers[fmt](module, meta, paths[fmt]) for fmt in formats}
+
+
+def read_metadata(path: Path) -> dict:
+    """The metadata JSON of an exported file (either format)."""
+    if path.suffix == ".onnx":
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return json.loads(props[METADATA_KEY])
+    extra = {f"{METADATA_KEY}.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra[f"{METADATA_KEY}.json"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="models/cnn.pt", help="checkpoint written by train.py")
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, from: {', '.join(FORMATS)}")
+    parser.add_argument("--out-dir", default=None, help="folder for the exported files (default: the checkpoint's)")
+    args = parser.parse_args(argv)
+    formats = [f for f in args.formats.split(",") if f]
+    if not formats or (bad := [f for f in formats if f not in FORMATS]):
+        parser.error(f"--formats: pick from {', '.join(FORMATS)}" + (f" (unknown: {', '.join(bad)})" if formats else ""))
+    try:
+        paths = export(Path(args.checkpoint), formats, Path(args.out_dir) if args.out_dir else None)
+    except CheckpointError as e:
+        print(f"error: --checkpoint: {e}", file=sys.stderr)
+        return 2
+    for fmt, path in paths.items():
+        print(f"wrote {path} ({fmt}, {path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

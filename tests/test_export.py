@@ -1,0 +1,104 @@
+"""export.py: TorchScript and ONNX files that match the checkpoint's logits on real images, with its metadata."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+import export
+from checkpoint import load_checkpoint, save_checkpoint
+from config import ModelConfig
+from conftest import class_image
+from model import build_model
+from transforms import normalize, pil_to_uint8
+
+FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist" / "train"
+TOLERANCE = 1e-4  # max |logit difference| against the checkpoint run by PyTorch
+
+
+def real_images(n: int = 8) -> list[Image.Image]:
+    """Fashion-MNIST photos from ../shared when present (real data), else the tests' own striped images."""
+    files = sorted(FASHION.glob("*/*.png"))[:: 997][:n] if FASHION.is_dir() else []
+    if len(files) == n:
+        return [Image.open(io.BytesIO(f.read_bytes())) for f in files]
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(class_image(i % 3, rng, size=37)) for i in range(n)]
+
+
+def checkpoint(tmp_path: Path, arch: str, channels: int, image_size: int, resize: str) -> Path:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, widths=(8, 16, 16)) if arch == "airbench" else ModelConfig(arch=arch, pretrained=False)
+    model = build_model(cfg, num_classes=3, image_size=image_size, in_chans=channels).eval()
+    if arch == "airbench":
+        with torch.no_grad():  # a non-trivial whitening layer, so predictions differ from image to image
+            model.whiten.weight.normal_()
+    path = tmp_path / "cnn.pt"
+    save_checkpoint(path, model, model_config=cfg, classes=["crack", "ok", "scratch"], mean=[0.4] * channels,
+                    std=[0.3] * channels, image_size=image_size, channels=channels, resize=resize,
+                    metrics={"val_acc": 0.5}, mlflow_run_id="run123")
+    return path
+
+
+@pytest.mark.parametrize("arch, channels, image_size, resize", [
+    ("airbench", 3, 32, "squash"),
+    ("tf_efficientnet_lite0", 1, 64, "pad"),
+])
+def test_exports_match_the_checkpoint_on_real_images(tmp_path, arch, channels, image_size, resize):
+    path = checkpoint(tmp_path, arch, channels, image_size, resize)
+    paths = export.export(path, list(export.FORMATS))
+    assert paths == {"torchscript": tmp_path / "cnn.torchscript.pt", "onnx": tmp_path / "cnn.onnx"}
+
+    model, meta = load_checkpoint(path)
+    images = torch.stack([pil_to_uint8(im, image_size, channels, resize) for im in real_images()])
+    with torch.no_grad():
+        expected = model(normalize(images, meta["mean"], meta["std"])).numpy()
+        scripted = torch.jit.load(str(paths["torchscript"]), map_location="cpu")(images).numpy()
+    session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(uint8)"
+    for batch in (images[:1], images):  # the batch dimension is dynamic
+        onnx_logits = session.run(["logits"], {"images": batch.numpy()})[0]
+        assert np.abs(onnx_logits - expected[: len(batch)]).max() <= TOLERANCE
+    assert np.abs(scripted - expected).max() <= TOLERANCE
+    assert np.ptp(expected[:, 0]) > 1e-3  # the logits depend on the image: the comparison means something
+
+    for fmt in export.FORMATS:
+        info = export.read_metadata(paths[fmt])
+        assert info["classes"] == ["crack", "ok", "scratch"] and info["image_size"] == image_size
+        assert info["channels"] == channels and info["resize"] == resize and info["input"] == "uint8 NxCxHxW"
+        assert info["format_version"] == meta["format_version"] and info["mlflow_run_id"] == "run123"
+
+
+def test_failed_export_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = checkpoint(tmp_path, "airbench", 3, 32, "squash")
+    onnx_path = export.export(path, ["onnx"])["onnx"]
+    before = onnx_path.read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        export.export(path, ["onnx"])
+    assert onnx_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "cnn.pt"]
+
+
+def test_cli_errors_name_the_flag(tmp_path, capsys):
+    assert export.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--formats", "tflite"])
+    assert exc.value.code == 2 and "--formats" in capsys.readouterr().err
+
+
+def test_cli_writes_both_files(tmp_path, capsys):
+    path = checkpoint(tmp_path, "airbench", 3, 32, "squash")
+    assert export.main(["--checkpoint", str(path), "--out-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "cnn.torchscript.pt" in out and "cnn.onnx" in out
+    assert onnx.load(str(tmp_path / "out" / "cnn.onnx")).graph.input[0].name == "images"
