@@ -46,7 +46,7 @@ mlflow-ui:  ## browse runs in the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)
 bench-train:  ## time the presets against the seed baseline on CIFAR-10 (DATA_DIR, default ../shared/data)
 	$(PY) benchmarks/train_speed.py --data-dir $(or $(DATA_DIR),../shared/data) $(ARGS)
 
-bench-serve:  ## load-test api.py against a naive handler and mlflow models serve
+bench-serve:  ## load-test api.py (PyTorch and ONNX Runtime) against a naive handler and mlflow models serve
 	$(PY) benchmarks/serve_load.py $(ARGS)
 
 bench-folder:  ## default vs README-hint flags on Fashion-MNIST and ELPV image folders, and peak RSS at 10k x 224px

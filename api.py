@@ -2,7 +2,7 @@
 
 Run with `python api.py` or `uvicorn api:app`; settings come from CATER_* environment variables (config.ServeConfig).
 Request path: bytes -> PIL (format, size and decode checks) -> transforms.pil_to_uint8 -> MicroBatcher queue ->
-one forward pass per batch in a worker thread (transforms.normalize, model.predict_logits, softmax) -> top-k JSON.
+one forward pass per batch in a worker thread (predictor.py: PyTorch or ONNX Runtime, softmax) -> top-k JSON.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError
 from config import ConfigError, ServeConfig, available_cores, pick_device
-from model import predict_logits
-from transforms import normalize, pil_to_uint8
+from predictor import ONNX_SUFFIX, load_predictor
+from transforms import pil_to_uint8
 
 log = logging.getLogger("uvicorn.error")
 
@@ -113,6 +113,7 @@ class ModelInfo(BaseModel):
     std: list[float]
     model_config_: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config")
     metrics: dict[str, float]
+    backend: str = Field(description="torch (a .pt checkpoint) or onnxruntime (an exported .onnx file)")
     device: str
     tta: int
     max_batch_size: int
@@ -178,14 +179,6 @@ def preprocess(data: bytes, meta: dict, max_pixels: int) -> torch.Tensor:
         return pil_to_uint8(image, meta["image_size"], meta["channels"], meta["resize"])
     except Exception as e:  # broken EXIF or an unusual mode that cannot be converted
         raise HTTPException(400, f"cannot convert the image to RGB: {e}") from None
-
-
-def forward(model: torch.nn.Module, meta: dict, device: torch.device, tta: int, images: list[torch.Tensor]) -> torch.Tensor:
-    """A list of uint8 images -> class probabilities, one row per image, in one forward pass."""
-    with torch.inference_mode():
-        x = normalize(torch.stack(images).to(device, non_blocking=True), meta["mean"], meta["std"])
-        x = x.contiguous(memory_format=torch.channels_last)
-        return torch.softmax(predict_logits(model, x, tta), dim=1).cpu()
 
 
 def postprocess(probs: torch.Tensor, classes: list[str], k: int, tta: int) -> PredictResponse:
@@ -386,19 +379,22 @@ async def lifespan(app: FastAPI):
     threads = cfg.threads or max(1, cores - 1)
     torch.set_num_threads(threads)
     try:
+        if cfg.model_path.lower().endswith(ONNX_SUFFIX) and cfg.device.startswith("cuda"):
+            raise ConfigError(f"CATER_DEVICE={cfg.device}: an ONNX model runs on the CPU (onnxruntime); "
+                              "serve the .pt checkpoint for CUDA")
         device = pick_device(cfg.device, "CATER_DEVICE")
-        model, meta = await asyncio.to_thread(load_checkpoint, cfg.model_path, device)
+        predictor = await asyncio.to_thread(load_predictor, cfg.model_path, device, threads)
     except (CheckpointError, ConfigError) as e:
         app.state.startup_error = str(e)
         log.error("cannot start: %s", e)
         raise
-    model.to(memory_format=torch.channels_last)  # ~1.6x faster convolutions on CPU, same results
+    meta, device = predictor.meta, predictor.device
     max_batch = cfg.max_batch_size or (128 if device.type == "cuda" else 32)
     metrics: Metrics = app.state.metrics
 
     def run_batch(images: list[torch.Tensor]) -> torch.Tensor:
         start = time.perf_counter()
-        probs = forward(model, meta, device, cfg.tta, images)
+        probs = predictor.probabilities(torch.stack(images), cfg.tta)
         metrics.inference.observe(time.perf_counter() - start)
         metrics.batch_size.observe(len(images))
         return probs
@@ -407,18 +403,19 @@ async def lifespan(app: FastAPI):
     blank = torch.zeros(meta["channels"], meta["image_size"], meta["image_size"], dtype=torch.uint8)
     sizes = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch] + [max_batch]
     for n in dict.fromkeys(sizes):
-        await asyncio.to_thread(forward, model, meta, device, cfg.tta, [blank] * n)
+        await asyncio.to_thread(predictor.probabilities, blank.expand(n, -1, -1, -1), cfg.tta)
     await asyncio.to_thread(preprocess, base64.b64decode(EXAMPLE_PNG), meta, cfg.max_pixels)
 
     app.state.meta = meta
     app.state.info = ModelInfo(
         checkpoint=str(cfg.model_path), mlflow_run_id=meta.get("mlflow_run_id"), classes=meta["classes"],
         image_size=meta["image_size"], channels=meta["channels"], resize=meta["resize"], mean=meta["mean"], std=meta["std"], model_config=meta["model_config"],
-        metrics=meta.get("metrics", {}), device=str(device), tta=cfg.tta, max_batch_size=max_batch,
+        metrics=meta.get("metrics", {}), backend=predictor.backend, device=str(device), tta=cfg.tta, max_batch_size=max_batch,
         max_wait_ms=cfg.max_wait_ms, torch_threads=threads)
     metrics.model.info({"checkpoint": str(cfg.model_path), "mlflow_run_id": meta.get("mlflow_run_id") or "",
                         "arch": str(meta["model_config"].get("arch", "")), "classes": str(len(meta["classes"])),
-                        "image_size": str(meta["image_size"]), "device": str(device), "tta": str(cfg.tta)})
+                        "image_size": str(meta["image_size"]), "backend": predictor.backend, "device": str(device),
+                        "tta": str(cfg.tta)})
     app.state.batcher = MicroBatcher(run_batch, max_batch, cfg.max_wait_ms)
     # Decoding off the event loop, one thread per core: more threads only queue for the GIL and add memory.
     app.state.decode_pool = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="decode")

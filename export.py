@@ -2,7 +2,8 @@
 
 Both take uint8 images, N x C x H x W as transforms.pil_to_uint8 makes them (C, H and W from the checkpoint), and return
 logits: the checkpoint's normalization is inside the graph, test-time augmentation is not. Both carry the checkpoint's
-metadata as JSON (classes, image_size, channels, resize, mean, std, format_version, metrics, mlflow_run_id): ONNX in
+metadata as JSON (classes, image_size, channels, resize, mean, std, model_config, format_version, metrics,
+mlflow_run_id): ONNX in
 its metadata_props under "cater", TorchScript as the extra file "cater.json". Files are written atomically.
 
     python export.py                              # models/cnn.pt -> models/cnn.torchscript.pt, models/cnn.onnx
@@ -28,7 +29,7 @@ from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 
 FORMATS = ("torchscript", "onnx")
 METADATA_KEY = "cater"
-META_FIELDS = ("classes", "image_size", "channels", "resize", "mean", "std", "metrics", "mlflow_run_id")
+META_FIELDS = ("classes", "image_size", "channels", "resize", "mean", "std", "model_config", "metrics", "mlflow_run_id")
 
 
 class Uint8Classifier(nn.Module):

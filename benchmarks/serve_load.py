@@ -1,4 +1,5 @@
-"""Serving load benchmark: api.py, a naive one-forward-per-request FastAPI handler, and `mlflow models serve`.
+"""Serving load benchmark: api.py (PyTorch and ONNX Runtime backends), a naive one-forward-per-request FastAPI
+handler, and `mlflow models serve`.
 
 Each server is started here on a free loopback port, one at a time, and driven by the same asyncio load generator
 (aiohttp) with the same images at each concurrency level, for a fixed number of requests per level; then stopped.
@@ -6,11 +7,12 @@ Each server is started here on a free loopback port, one at a time, and driven b
 Images: 256 32x32 PNGs of CIFAR-10 records (data_batch_5.bin: the official test batch is not in ../shared/data),
 plus 8 "photos": other CIFAR-10 images upscaled to 640x480 and saved as JPEG, sent after every 33 PNGs (1 request
 in 34). Peak RSS is that of the server's whole process tree (mlflow serve runs uvicorn in a child process).
+api-onnx is api.py serving the checkpoint exported by export.py to a temporary ONNX file (CATER_MODEL_PATH=....onnx).
 api.py and the naive server get the file bytes, base64 in JSON. mlflow gets what its pyfunc signature takes: the
 normalized 1x3x32x32 float tensor as a nested list ({"inputs": ...}), made on the client with transforms.eval_transform
 before the clock starts, so its numbers leave out that client-side preprocessing.
 
-    python benchmarks/serve_load.py --checkpoint models/cnn.pt                 # the full run, all three servers
+    python benchmarks/serve_load.py --checkpoint models/cnn.pt                 # the full run, all four servers
     python benchmarks/serve_load.py --requests 200 --servers api naive         # a quick look
 
 CATER_* variables in the environment reach api.py (e.g. CATER_THREADS, CATER_MAX_BATCH_SIZE, CATER_MAX_WAIT_MS).
@@ -29,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +45,11 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import export  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from transforms import eval_transform  # noqa: E402
 
+SERVERS = ["api", "api-onnx", "naive", "mlflow"]
 PNGS_PER_PHOTO = 33  # a 640x480 JPEG request after every 33 PNG requests
 
 
@@ -246,12 +251,12 @@ async def drive(url: str, bodies: list[tuple[str, bytes]], concurrency: int, n_r
 
 
 def print_table(results: list[Result]) -> None:
-    header = f"{'server':<8} {'conc':>4} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} " \
+    header = f"{'server':<9} {'conc':>4} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} " \
              f"{'errors':>6} {'peak RSS MB':>11} {'RSS start->end MB':>17}"
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.server:<8} {r.concurrency:>4} {r.requests:>8} {r.rps:>8.1f} {r.pct(50):>8.2f} {r.pct(95):>8.2f} "
+        print(f"{r.server:<9} {r.concurrency:>4} {r.requests:>8} {r.rps:>8.1f} {r.pct(50):>8.2f} {r.pct(95):>8.2f} "
               f"{r.pct(99):>8.2f} {r.errors:>6} {r.rss_peak:>11.0f} {r.rss_start:>8.0f}->{r.rss_end:<8.0f}")
         if r.errors:
             print(f"         first error: {r.first_error}")
@@ -265,6 +270,7 @@ def print_targets(results: list[Result]) -> None:
         return "met" if ok else "MISSED"
 
     api32, naive32, mlflow32, api1 = find("api", 32), find("naive", 32), find("mlflow", 32), find("api", 1)
+    onnx32 = find("api-onnx", 32)
     print(f"\ntargets (set for a 2-core machine; this one has {os.cpu_count()} CPUs, the load generator on it too):")
     if api32 and naive32:
         ratio = api32.rps / naive32.rps
@@ -272,6 +278,9 @@ def print_targets(results: list[Result]) -> None:
     if api32 and mlflow32:
         ratio = api32.rps / mlflow32.rps
         print(f"  concurrency 32: api / mlflow = {ratio:.2f}x req/s (target >= 5x: {verdict(ratio >= 5)})")
+    if api32 and onnx32:
+        print(f"  concurrency 32: api-onnx / api = {onnx32.rps / api32.rps:.2f}x req/s, p99 {onnx32.pct(99):.1f} ms "
+              f"vs {api32.pct(99):.1f} ms (ONNX Runtime vs PyTorch behind the same server)")
     if api32:
         print(f"  concurrency 32: api p99 = {api32.pct(99):.1f} ms (target <= 50 ms: {verdict(api32.pct(99) <= 50)})")
     if api1:
@@ -294,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=5000, help="measured requests per server and concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--warmup", type=int, default=300, help="requests sent to each server before measuring")
-    parser.add_argument("--servers", nargs="+", choices=["api", "naive", "mlflow"], default=["api", "naive", "mlflow"])
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlflow.db'}",
                         help="MLflow store holding the run that logged the checkpoint's model")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for a server to be ready")
@@ -321,8 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.servers:
         port = free_port()
         env = {"BENCH_URL": f"http://127.0.0.1:{port}"}
-        if name == "api":
-            env.update(CATER_MODEL_PATH=str(checkpoint), CATER_HOST="127.0.0.1", CATER_PORT=str(port))
+        if name in ("api", "api-onnx"):
+            model = checkpoint
+            if name == "api-onnx":
+                model = export.export(checkpoint, ["onnx"], Path(tempfile.mkdtemp(prefix="serve-load-")))["onnx"]
+                print(f"api-onnx: serving {model}, exported from the checkpoint\n")
+            env.update(CATER_MODEL_PATH=str(model), CATER_HOST="127.0.0.1", CATER_PORT=str(port))
             servers.append(Server(name, [sys.executable, str(REPO / "api.py")], env, "/ready", "/predict", "base64"))
         elif name == "naive":
             servers.append(Server(name, [sys.executable, str(REPO / "benchmarks" / "naive_server.py"),
@@ -359,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = Result(server.name, concurrency, args.requests, 0.0)
                 asyncio.run(drive(url, bodies, concurrency, args.requests, process, result))
                 results.append(result)
-                print(f"  {server.name:<6} c={concurrency:<3} {result.rps:8.1f} req/s  p99 {result.pct(99):7.2f} ms  "
+                print(f"  {server.name:<8} c={concurrency:<3} {result.rps:8.1f} req/s  p99 {result.pct(99):7.2f} ms  "
                       f"errors {result.errors}", flush=True)
         finally:
             stop(proc)

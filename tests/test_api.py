@@ -132,6 +132,7 @@ def test_health_ready_model(client):
     assert info["classes"] == CLASSES and info["image_size"] == 32 and info["mlflow_run_id"] == "run123"
     assert info["model_config"]["widths"] == [8, 16, 16] and info["metrics"] == {"val_acc": 0.5}
     assert info["tta"] == 0 and info["max_batch_size"] == 32 and info["torch_threads"] >= 1
+    assert info["backend"] == "torch"
 
 
 def test_not_ready_before_startup(checkpoint_path):
@@ -520,6 +521,46 @@ def test_metrics(checkpoint_path):
                  "cater_batch_size_count 1.0", "cater_inference_duration_seconds_count 1.0"):
         assert line in text, line
     assert 'cater_model_info{' in text and 'mlflow_run_id="run123"' in text and 'classes="3"' in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ONNX backend: CATER_MODEL_PATH=models/cnn.onnx (made by export.py)
+
+
+@pytest.fixture(scope="module")
+def onnx_path(checkpoint_path, tmp_path_factory) -> Path:
+    import export
+
+    return export.export(checkpoint_path, ["onnx"], tmp_path_factory.mktemp("onnx"))["onnx"]
+
+
+@pytest.mark.parametrize("tta", [0, 2])
+def test_onnx_backend_serves_what_the_checkpoint_predicts(onnx_path, reference, tta):
+    files = [encode(noise(size=(40, 30), seed=i)) for i in range(6)]
+    with serving(onnx_path, tta=tta) as client:
+        info = client.get("/model").json()
+        assert info["backend"] == "onnxruntime" and info["device"] == "cpu" and info["classes"] == CLASSES
+        assert info["model_config"]["widths"] == [8, 16, 16] and info["mlflow_run_id"] == "run123"
+        results = client.post("/predict/batch", json={"images": [b64(d) for d in files], "top_k": 3}).json()
+        single = client.post("/predict", json={"image_base64": b64(files[0])}).json()
+        assert 'backend="onnxruntime"' in client.get("/metrics").text
+    for result, data in zip(results, files):
+        assert result["tta"] == tta
+        assert_matches(result, expected_probs(reference, data, tta))
+    assert_matches(single, expected_probs(reference, files[0], tta))
+
+
+def test_onnx_backend_errors_are_explained(onnx_path, tmp_path):
+    with pytest.raises(CheckpointError, match="make export"):
+        with serving(tmp_path / "missing.onnx"):
+            pass
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    with pytest.raises(CheckpointError, match="cannot read ONNX model"):
+        with serving(tmp_path / "bad.onnx"):
+            pass
+    with pytest.raises(ConfigError, match="CATER_DEVICE=cuda.*CPU"):
+        with serving(onnx_path, device="cuda"):
+            pass
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""Run the served model on batches of uint8 images: a PyTorch checkpoint (models/cnn.pt) or its ONNX export.
+
+Both backends take what transforms.pil_to_uint8 makes (N x C x H x W uint8, size and channels from the model's
+metadata) and return class probabilities, with the same test-time augmentation (transforms.tta_views): its flips and
+reflect-padded shifts commute with the per-channel normalization, so the ONNX file (normalization inside) gets the
+views as uint8 images and matches the checkpoint run by PyTorch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from checkpoint import READABLE_VERSIONS, CheckpointError, load_checkpoint
+from model import predict_logits
+from transforms import normalize, tta_views
+
+ONNX_SUFFIX = ".onnx"
+
+
+class TorchPredictor:
+    """A train.py checkpoint on a torch device (channels_last: ~1.6x faster convolutions on CPU, same results)."""
+
+    backend = "torch"
+
+    def __init__(self, path: str | Path, device: torch.device):
+        self.model, self.meta = load_checkpoint(path, device)
+        self.model.to(memory_format=torch.channels_last)
+        self.device = device
+
+    def probabilities(self, images: torch.Tensor, tta: int) -> torch.Tensor:
+        with torch.inference_mode():
+            x = normalize(images.to(self.device, non_blocking=True), self.meta["mean"], self.meta["std"])
+            x = x.contiguous(memory_format=torch.channels_last)
+            return torch.softmax(predict_logits(self.model, x, tta), dim=1).cpu()
+
+
+class OnnxPredictor:
+    """An export.py ONNX file in ONNX Runtime, on the CPU, with `threads` intra-op threads."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int):
+        import onnxruntime as ort
+
+        from export import read_metadata
+
+        path = Path(path)
+        hint = "export one with `make export`, or point CATER_MODEL_PATH at a checkpoint (.pt)"
+        if not path.is_file():
+            raise CheckpointError(f"no ONNX model at {path}: {hint}")
+        try:
+            self.meta = read_metadata(path)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # not ONNX, truncated, or exported by something else (no metadata)
+            raise CheckpointError(f"cannot read ONNX model {path}: {e.__class__.__name__}: {e}. {hint}") from None
+        version = self.meta.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise CheckpointError(f"{path} carries metadata format version {version!r}; this code reads versions "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))}. Re-export it: {hint}")
+        self.device = torch.device("cpu")
+
+    def probabilities(self, images: torch.Tensor, tta: int) -> torch.Tensor:
+        views = tta_views(images.float(), tta)  # exact integer pixels: flips and shifts move them, nothing mixes
+        logits = sum(weight * torch.from_numpy(self.session.run(["logits"], {"images": view.to(torch.uint8).numpy()})[0])
+                     for weight, view in views)
+        return torch.softmax(logits, dim=1)
+
+
+def load_predictor(path: str | Path, device: torch.device, threads: int) -> TorchPredictor | OnnxPredictor:
+    """The backend the file calls for: ONNX Runtime for .onnx, PyTorch for a checkpoint."""
+    if Path(path).suffix.lower() == ONNX_SUFFIX:
+        return OnnxPredictor(path, threads)
+    return TorchPredictor(path, device)
