@@ -7,8 +7,11 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
+import importlib.metadata
+import io
 import math
 import os
 import re
@@ -19,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -395,20 +397,34 @@ class Tracker:
             self.run = None
 
 
-def log_model(tracker: Tracker, model: torch.nn.Module, channels: int, image_size: int) -> None:
-    """The model as an MLflow pytorch flavor (torch.export format: no pickled code), with signature and example."""
-    if tracker.run is None:
-        return
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
+# What the logged pyfunc model (mlflow_model.py) imports, copied into the model so it loads without this repo.
+MODEL_CODE = ("mlflow_model.py", "predictor.py", "checkpoint.py", "config.py", "model.py", "transforms.py", "decode.py")
 
-    cpu_model = copy.deepcopy(model).float().to("cpu", memory_format=torch.contiguous_format).eval()
-    example = torch.zeros(2, channels, image_size, image_size)  # batch of 2: a batch of 1 would pin the exported batch size
-    with torch.no_grad():
-        signature = infer_signature(example.numpy(), cpu_model(example).numpy())
-    mlflow.pytorch.log_model(
-        cpu_model, name="model", signature=signature, input_example=example.numpy(), serialization_format="pt2",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}"],
+
+def log_model(tracker: Tracker, checkpoint: Path, meta: dict):
+    """The checkpoint as an MLflow pyfunc model that takes base64 image files (mlflow_model.py, logged as code, no
+    pickles); returns the ModelInfo (its model_uri is what the registry registers), or None without a run."""
+    if tracker.run is None:
+        return None
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L" if meta["channels"] == 1 else "RGB", (meta["image_size"],) * 2).save(buf, "PNG")
+    example = pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("long", "class_index"), ColSpec("string", "class_name"), ColSpec("double", "confidence"),
+                        ColSpec(Array("double"), "probabilities")]))
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "numpy", "pillow", "pandas", "timm", "tqdm")}
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=str(REPO / "mlflow_model.py"), artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(REPO / f) for f in MODEL_CODE[1:]], signature=signature, input_example=example,
+        pip_requirements=[f"{name}=={version.split('+')[0]}" for name, version in versions.items()],
     )
 
 
@@ -534,7 +550,7 @@ def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Run
         for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png"):
             tracker.log_artifact(str(Path(tmp) / name))
     tracker.log_artifact(str(path), artifact_path="checkpoint")
-    log_model(tracker, model, data_cfg.channels, data_cfg.image_size)
+    log_model(tracker, path, {"channels": data_cfg.channels, "image_size": data_cfg.image_size})
     print(f"mlflow run {tracker.run_id} ({tracker.mlflow.get_tracking_uri()})")
 
 

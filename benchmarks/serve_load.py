@@ -8,9 +8,8 @@ Images: 256 32x32 PNGs of CIFAR-10 records (data_batch_5.bin: the official test 
 plus 8 "photos": other CIFAR-10 images upscaled to 640x480 and saved as JPEG, sent after every 33 PNGs (1 request
 in 34). Peak RSS is that of the server's whole process tree (mlflow serve runs uvicorn in a child process).
 api-onnx is api.py serving the checkpoint exported by export.py to a temporary ONNX file (CATER_MODEL_PATH=....onnx).
-api.py and the naive server get the file bytes, base64 in JSON. mlflow gets what its pyfunc signature takes: the
-normalized 1x3x32x32 float tensor as a nested list ({"inputs": ...}), made on the client with transforms.eval_transform
-before the clock starts, so its numbers leave out that client-side preprocessing.
+Every server gets the image file bytes, base64 in JSON: api.py and the naive server as {"image_base64": ...}, mlflow
+as its pyfunc signature (mlflow_model.py) takes them, {"dataframe_split": {"columns": ["image"], "data": [[...]]}}.
 
     python benchmarks/serve_load.py --checkpoint models/cnn.pt                 # the full run, all four servers
     python benchmarks/serve_load.py --requests 200 --servers api naive         # a quick look
@@ -47,7 +46,6 @@ from PIL import Image  # noqa: E402
 
 import export  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from transforms import eval_transform  # noqa: E402
 
 SERVERS = ["api", "api-onnx", "naive", "mlflow"]
 PNGS_PER_PHOTO = 33  # a 640x480 JPEG request after every 33 PNG requests
@@ -60,7 +58,7 @@ class Server:
     env: dict
     ready_path: str
     predict_path: str
-    payload: str  # "base64" (api, naive) or "tensor" (mlflow)
+    payload: str  # "base64" (api, naive) or "dataframe" (mlflow)
 
 
 @dataclass
@@ -118,13 +116,11 @@ def request_bodies(files: list[tuple[str, bytes]], kind: str, meta: dict) -> lis
     """The request sequence: PNGs in turn, with a photo after every PNGS_PER_PHOTO of them."""
     small = [f for f in files if f[0] == "png32"]
     photos = [f for f in files if f[0] != "png32"]
-    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"], meta["channels"], meta["resize"])
-
     def body(data: bytes) -> bytes:
+        image = base64.b64encode(data).decode()
         if kind == "base64":
-            return json.dumps({"image_base64": base64.b64encode(data).decode()}).encode()
-        tensor = transform(Image.open(io.BytesIO(data))).unsqueeze(0)
-        return json.dumps({"inputs": tensor.tolist()}).encode()
+            return json.dumps({"image_base64": image}).encode()
+        return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image]]}}).encode()
 
     small_bodies = [body(d) for _, d in small]
     photo_bodies = [body(d) for _, d in photos]
@@ -351,10 +347,10 @@ def main(argv: list[str] | None = None) -> int:
                        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
             servers.append(Server(name, [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
                                          "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-                                  env, "/ping", "/invocations", "tensor"))
+                                  env, "/ping", "/invocations", "dataframe"))
     if any(s.name == "mlflow" for s in servers):
-        print(f"mlflow: serving runs:/{meta['mlflow_run_id']}/model from {args.tracking_uri}; it is sent tensors "
-              "preprocessed on the client (not timed), the others image files\n")
+        print(f"mlflow: serving runs:/{meta['mlflow_run_id']}/model from {args.tracking_uri}, the logged pyfunc model "
+              "(mlflow_model.py): base64 image files in a dataframe_split body\n")
 
     results = []
     for server in servers:

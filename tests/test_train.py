@@ -40,8 +40,6 @@ def test_train_logs_run_and_writes_loadable_checkpoint(cifar_dir, tmp_path, trac
     artifacts = {a.path for a in tracking.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png", "per_class_metrics.json",
             "checkpoint"} <= artifacts
-    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    assert logged(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_baseline_learns_the_toy_data(cifar_dir, tmp_path):
