@@ -105,6 +105,9 @@ class TrainConfig:
     run_name: str = _opt("", "MLflow run name (default: preset and time)")
     mlflow: bool = _opt(True, "log to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo)")
     max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = no cap); for smoke runs")
+    register: bool = _opt(True, "register the model in the MLflow registry and move its 'champion' alias to it when "
+                                "it beats the champion on the same validation split (--smoke: off)")
+    model_name: str = _opt("", "registered model name (default: cater-cifar10, or cater-<folder name>)")
 
     def __post_init__(self):
         _check(self.epochs > 0, "--epochs must be > 0")
@@ -225,7 +228,7 @@ def parse_values(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     if args.pop("smoke"):
-        for name, value in (("epochs", 1.0), ("max_steps", 3), ("limit", 512)):
+        for name, value in (("epochs", 1.0), ("max_steps", 3), ("limit", 512), ("register", False)):
             if args.get(name) is None:
                 args[name] = value
     return parser, args

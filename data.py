@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,18 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
+
+
+def split_fingerprint(data: Dataset, data_dir: str | Path) -> str:
+    """A short hash naming the validation split: the same images with the same labels give the same hash, whatever
+    the input size or training settings (folders: file paths relative to the data folder; CIFAR-10: the pixels)."""
+    digest = hashlib.sha256("\n".join(data.classes).encode())
+    digest.update(data.val.labels.numpy().astype(np.int64).tobytes())
+    if data.val.paths is not None:
+        digest.update("\n".join(os.path.relpath(p, data_dir) for p in data.val.paths).encode())
+    else:
+        digest.update(data.val.images.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- CIFAR-10

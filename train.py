@@ -30,9 +30,11 @@ import autoconfig
 from checkpoint import save_checkpoint
 from config import (ConfigError, DataConfig, ModelConfig, TrainConfig, available_cores, flat_params, parse_values,
                     pick_device, resolve)
-from data import DataError, Dataset, eval_batches, load_dataset, summarize_folder, total_steps, train_loader
+from data import (DataError, Dataset, eval_batches, load_dataset, split_fingerprint, summarize_folder, total_steps,
+                  train_loader)
 from model import SCRATCH_ARCHS, CnnClassifier, build_model, init_whitening, param_groups, predict_logits, whitening_layer
 from pretrained import WeightsError, load_pretrained, normalization
+from registry import CHAMPION, default_name, register_and_promote
 from scores import class_scores, class_weights
 
 REPO = Path(__file__).resolve().parent
@@ -428,6 +430,25 @@ def log_model(tracker: Tracker, checkpoint: Path, meta: dict):
     )
 
 
+def register(tracker: Tracker, model_uri: str, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, score: float) -> None:
+    """A registry version for this run's model; the champion alias moves to it only when it is better (registry.py).
+    A registry that fails leaves the finished run and its checkpoint as they are, with a warning."""
+    name = cfg.model_name or default_name(data_cfg.dataset, data_cfg.data_dir)
+    try:
+        result = register_and_promote(model_uri, name, metric=cfg.select_metric, score=score,
+                                      split=split_fingerprint(data, data_cfg.data_dir))
+    except Exception as e:  # a tracking server that refuses or is gone: the run itself is complete
+        print(f"warning: could not register the model as {name!r}: {e.__class__.__name__}: {e}", file=sys.stderr)
+        tracker.set_tag("registry_error", str(e)[:500])
+        return
+    tracker.set_tags({"registered_model": name, "model_version": result.version, "champion": str(result.promoted),
+                      "champion_decision": result.reason})
+    if result.previous_score is not None:
+        tracker.log_metric("champion_previous_score", result.previous_score)
+    state = f"now {CHAMPION}" if result.promoted else f"{CHAMPION} stays version {result.previous_version}"
+    print(f"registered {name} version {result.version}, {state}: {result.reason}")
+
+
 def configure(argv: list[str] | None) -> tuple[DataConfig, ModelConfig, TrainConfig, list[str]]:
     """The three configs from the command line; for a folder without --preset, settings chosen from its images
     (autoconfig) fill in whatever was not given. Returns the reasons for those choices too."""
@@ -550,7 +571,9 @@ def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Run
         for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png"):
             tracker.log_artifact(str(Path(tmp) / name))
     tracker.log_artifact(str(path), artifact_path="checkpoint")
-    log_model(tracker, path, {"channels": data_cfg.channels, "image_size": data_cfg.image_size})
+    logged = log_model(tracker, path, {"channels": data_cfg.channels, "image_size": data_cfg.image_size})
+    if cfg.register and logged is not None:
+        register(tracker, logged.model_uri, data, data_cfg, cfg, final[f"val_{cfg.select_metric}"])
     print(f"mlflow run {tracker.run_id} ({tracker.mlflow.get_tracking_uri()})")
 
 

@@ -1,5 +1,5 @@
 """The MLflow model train.py logs (mlflow_model.py): base64 image files in, classes and probabilities out, also
-through MLflow's own scoring server (`mlflow models serve`)."""
+through MLflow's own scoring server (`mlflow models serve`); its registry versions and the champion alias."""
 
 import base64
 import io
@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 import data
+import registry
 import train
 from checkpoint import load_checkpoint
 from conftest import RECORDS_PER_BATCH, class_image, write_cifar_batch
@@ -122,3 +123,76 @@ def test_mlflow_scoring_server_answers_an_image(trained, tmp_path):
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
         log.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry: each run registers a version; the champion alias moves only for a better score on the same split
+
+
+def test_first_run_is_registered_as_champion(trained, monkeypatch):
+    run_id, checkpoint, uri = trained
+    client = mlflow.MlflowClient(uri)
+    champion = client.get_model_version_by_alias("cater-cifar10", registry.CHAMPION)
+    assert champion.run_id == run_id and champion.tags["select_metric"] == "acc"
+    meta = load_checkpoint(checkpoint)[1]
+    assert float(champion.tags["score"]) == pytest.approx(meta["metrics"]["val_acc"])
+    tags = client.get_run(run_id).data.tags
+    assert tags["registered_model"] == "cater-cifar10" and tags["champion"] == "True"
+    assert tags["champion_decision"].startswith("first champion")
+
+
+def test_champion_moves_only_for_a_better_score_on_the_same_split(trained, monkeypatch):
+    run_id, _, uri = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    name = "decisions"
+    first = registry.register_and_promote(f"runs:/{run_id}/model", name, metric="acc", score=0.5, split="s1")
+    assert first.promoted and first.previous_version is None
+
+    def attempt(score, split="s1", metric="acc"):
+        result = registry.register_and_promote(f"runs:/{run_id}/model", name, metric=metric, score=score, split=split)
+        champion = str(client.get_model_version_by_alias(name, registry.CHAMPION).version)
+        return result, champion
+
+    worse, champion = attempt(0.4)
+    assert not worse.promoted and champion == "1" and "does not beat" in worse.reason and worse.previous_score == 0.5
+    tie, champion = attempt(0.5)
+    assert not tie.promoted and champion == "1"
+    other_split, champion = attempt(0.9, split="s2")
+    assert not other_split.promoted and champion == "1" and "another validation split" in other_split.reason
+    other_metric, champion = attempt(0.9, metric="macro_f1")
+    assert not other_metric.promoted and champion == "1"
+    better, champion = attempt(0.6)
+    assert better.promoted and champion == better.version == "6" and "beats champion version 1" in better.reason
+    assert client.get_model_version(name, "2").tags["champion_decision"] == worse.reason
+
+
+def test_retraining_the_same_way_keeps_the_champion_and_smoke_runs_do_not_register(trained, monkeypatch, capsys):
+    run_id, checkpoint, uri = trained
+    client = mlflow.MlflowClient(uri)
+    root = checkpoint.parents[1]
+    monkeypatch.setattr(data, "CIFAR_BATCH_RECORDS", RECORDS_PER_BATCH)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(root)
+    args = ["--data-dir", str(root), "--epochs", "1", "--batch-size", "64", "--precision", "fp32", "--experiment", "model-test"]
+    assert train.main(args + ["--out", str(root / "again.pt")]) == 0  # same seed, same data: the same score, not better
+    assert "registered cater-cifar10 version 2, champion stays version 1: val acc" in capsys.readouterr().out
+    assert client.get_model_version_by_alias("cater-cifar10", registry.CHAMPION).run_id == run_id
+    assert train.main(args + ["--out", str(root / "smoke.pt"), "--smoke"]) == 0
+    assert "registered" not in capsys.readouterr().out
+    assert len(client.search_model_versions("name='cater-cifar10'")) == 2
+
+
+def test_fetch_checkpoint_of_the_champion(trained, monkeypatch, tmp_path):
+    run_id, checkpoint, uri = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    path, info = registry.fetch_checkpoint("models:/cater-cifar10@champion", tmp_path)
+    assert info == {"registered_model": "cater-cifar10", "model_version": "1", "model_alias": "champion", "run_id": run_id}
+    assert path.read_bytes() == checkpoint.read_bytes()
+    assert registry.fetch_checkpoint("models:/cater-cifar10/1", tmp_path)[1]["model_alias"] is None
+    with pytest.raises(registry.RegistryError, match="not a registered model URI"):
+        registry.fetch_checkpoint("models:/", tmp_path)
+    with pytest.raises(registry.RegistryError, match="cannot fetch models:/cater-cifar10@nope"):
+        registry.fetch_checkpoint("models:/cater-cifar10@nope", tmp_path)
+    with pytest.raises(registry.RegistryError, match="cannot fetch models:/missing/3"):
+        registry.fetch_checkpoint("models:/missing/3", tmp_path)
