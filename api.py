@@ -13,12 +13,15 @@ import binascii
 import gc
 import hmac
 import io
+import itertools
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import torch
@@ -32,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoint import CheckpointError
 from config import ConfigError, ServeConfig, available_cores, pick_device
-from predictor import ONNX_SUFFIX, load_predictor
+from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor, load_predictor
+from registry import RegistryError, fetch_checkpoint
 from transforms import pil_to_uint8
 
 log = logging.getLogger("uvicorn.error")
@@ -113,6 +117,9 @@ class ModelInfo(BaseModel):
     std: list[float]
     model_config_: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config")
     metrics: dict[str, float]
+    registered_model: str | None = Field(description="MLflow registered model, when served from models:/...")
+    model_version: str | None = Field(description="its version")
+    model_alias: str | None = Field(description="the alias it was resolved by (e.g. champion)")
     backend: str = Field(description="torch (a .pt checkpoint) or onnxruntime (an exported .onnx file)")
     device: str
     tta: int
@@ -123,6 +130,7 @@ class ModelInfo(BaseModel):
 
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in (
     (400, "invalid base64, empty or undecodable image"), (401, "missing or wrong API key (only when one is configured)"),
+    (409, "reload failed: the served model stays"),
     (413, "body, image dimensions or image count over the limit"), (415, "image format not accepted"),
     (503, "model not loaded yet"))}
 
@@ -370,62 +378,97 @@ async def require_api_key(request: Request, key: Annotated[str | None, Security(
 # The app
 
 
+@dataclass(frozen=True)
+class Served:
+    """The model being served and what goes with it; replaced whole by /reload."""
+
+    predictor: TorchPredictor | OnnxPredictor
+    meta: dict
+    info: ModelInfo
+    labels: dict[str, str]  # of the Prometheus cater_model info metric
+
+    def describe(self) -> str:
+        version = f" version {self.info.model_version}" if self.info.model_version else ""
+        return f"{self.info.registered_model or self.info.checkpoint}{version}"
+
+
+def load_model(cfg: ServeConfig, threads: int) -> tuple[TorchPredictor | OnnxPredictor, dict]:
+    """What CATER_MODEL_PATH names, loaded: a checkpoint, an ONNX file, or a registered model (models:/<name>@<alias>,
+    fetched from MLFLOW_TRACKING_URI); returns (predictor, registry info, empty for files)."""
+    if cfg.model_path.lower().endswith(ONNX_SUFFIX) and cfg.device.startswith("cuda"):
+        raise ConfigError(f"CATER_DEVICE={cfg.device}: an ONNX model runs on the CPU (onnxruntime); "
+                          "serve the .pt checkpoint for CUDA")
+    device = pick_device(cfg.device, "CATER_DEVICE")
+    if not cfg.model_path.startswith("models:/"):
+        return load_predictor(cfg.model_path, device, threads), {}
+    with tempfile.TemporaryDirectory(prefix="cater-model-") as tmp:  # the checkpoint is read whole: no need to keep it
+        path, registered = fetch_checkpoint(cfg.model_path, tmp)
+        return load_predictor(path, device, threads), registered
+
+
+def load_served(cfg: ServeConfig, threads: int) -> Served:
+    """Load, warm up batch sizes 1, 2, 4 ... max and describe the model; blocking (run it in a thread)."""
+    start = time.perf_counter()
+    predictor, registered = load_model(cfg, threads)
+    meta, device = predictor.meta, predictor.device
+    max_batch = cfg.max_batch_size or (128 if device.type == "cuda" else 32)
+    blank = torch.zeros(meta["channels"], meta["image_size"], meta["image_size"], dtype=torch.uint8)
+    for n in dict.fromkeys([2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch] + [max_batch]):
+        predictor.probabilities(blank.expand(n, -1, -1, -1), cfg.tta)
+    preprocess(base64.b64decode(EXAMPLE_PNG), meta, cfg.max_pixels)
+    info = ModelInfo(
+        checkpoint=str(cfg.model_path), mlflow_run_id=meta.get("mlflow_run_id"), classes=meta["classes"],
+        image_size=meta["image_size"], channels=meta["channels"], resize=meta["resize"], mean=meta["mean"],
+        std=meta["std"], model_config=meta["model_config"], metrics=meta.get("metrics", {}),
+        registered_model=registered.get("registered_model"), model_version=registered.get("model_version"),
+        model_alias=registered.get("model_alias"), backend=predictor.backend, device=str(device), tta=cfg.tta,
+        max_batch_size=max_batch, max_wait_ms=cfg.max_wait_ms, torch_threads=threads)
+    labels = {"checkpoint": str(cfg.model_path), "mlflow_run_id": meta.get("mlflow_run_id") or "",
+              "registered_model": info.registered_model or "", "model_version": info.model_version or "",
+              "arch": str(meta["model_config"].get("arch", "")), "classes": str(len(meta["classes"])),
+              "image_size": str(meta["image_size"]), "backend": predictor.backend, "device": str(device),
+              "tta": str(cfg.tta)}
+    log.info("loaded %s (%s, %d classes) on %s, %d torch threads, batches up to %d, in %.0f ms",
+             cfg.model_path + (f" = version {info.model_version}" if info.model_version else ""),
+             meta["model_config"].get("arch"), len(meta["classes"]), device, threads, max_batch,
+             (time.perf_counter() - start) * 1000)
+    return Served(predictor, meta, info, labels)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    """Load the checkpoint once, warm up batch sizes 1, 2, 4 ... max, serve; on shutdown finish queued work."""
+    """Load the model once and warm it up, serve; on shutdown finish queued work."""
     cfg: ServeConfig = app.state.config
     # The event loop (HTTP, JSON, decoding) needs a core of its own; the forward pass gets the others.
     cores = available_cores()
     threads = cfg.threads or max(1, cores - 1)
     torch.set_num_threads(threads)
     try:
-        if cfg.model_path.lower().endswith(ONNX_SUFFIX) and cfg.device.startswith("cuda"):
-            raise ConfigError(f"CATER_DEVICE={cfg.device}: an ONNX model runs on the CPU (onnxruntime); "
-                              "serve the .pt checkpoint for CUDA")
-        device = pick_device(cfg.device, "CATER_DEVICE")
-        predictor = await asyncio.to_thread(load_predictor, cfg.model_path, device, threads)
-    except (CheckpointError, ConfigError) as e:
+        served = await asyncio.to_thread(load_served, cfg, threads)
+    except (CheckpointError, ConfigError, RegistryError) as e:
         app.state.startup_error = str(e)
         log.error("cannot start: %s", e)
         raise
-    meta, device = predictor.meta, predictor.device
-    max_batch = cfg.max_batch_size or (128 if device.type == "cuda" else 32)
     metrics: Metrics = app.state.metrics
 
-    def run_batch(images: list[torch.Tensor]) -> torch.Tensor:
-        start = time.perf_counter()
-        probs = predictor.probabilities(torch.stack(images), cfg.tta)
+    def run_batch(items: list[tuple[Any, torch.Tensor]]) -> list[torch.Tensor]:
+        """(predictor, image) pairs -> one probability row each; during a reload a batch may hold both models."""
+        start, rows = time.perf_counter(), []
+        for predictor, group in itertools.groupby(items, key=lambda item: item[0]):
+            rows += list(predictor.probabilities(torch.stack([x for _, x in group]), cfg.tta))
         metrics.inference.observe(time.perf_counter() - start)
-        metrics.batch_size.observe(len(images))
-        return probs
+        metrics.batch_size.observe(len(items))
+        return rows
 
-    start = time.perf_counter()
-    blank = torch.zeros(meta["channels"], meta["image_size"], meta["image_size"], dtype=torch.uint8)
-    sizes = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch] + [max_batch]
-    for n in dict.fromkeys(sizes):
-        await asyncio.to_thread(predictor.probabilities, blank.expand(n, -1, -1, -1), cfg.tta)
-    await asyncio.to_thread(preprocess, base64.b64decode(EXAMPLE_PNG), meta, cfg.max_pixels)
-
-    app.state.meta = meta
-    app.state.info = ModelInfo(
-        checkpoint=str(cfg.model_path), mlflow_run_id=meta.get("mlflow_run_id"), classes=meta["classes"],
-        image_size=meta["image_size"], channels=meta["channels"], resize=meta["resize"], mean=meta["mean"], std=meta["std"], model_config=meta["model_config"],
-        metrics=meta.get("metrics", {}), backend=predictor.backend, device=str(device), tta=cfg.tta, max_batch_size=max_batch,
-        max_wait_ms=cfg.max_wait_ms, torch_threads=threads)
-    metrics.model.info({"checkpoint": str(cfg.model_path), "mlflow_run_id": meta.get("mlflow_run_id") or "",
-                        "arch": str(meta["model_config"].get("arch", "")), "classes": str(len(meta["classes"])),
-                        "image_size": str(meta["image_size"]), "backend": predictor.backend, "device": str(device),
-                        "tta": str(cfg.tta)})
-    app.state.batcher = MicroBatcher(run_batch, max_batch, cfg.max_wait_ms)
+    app.state.served, app.state.threads, app.state.reload_lock = served, threads, asyncio.Lock()
+    metrics.model.info(served.labels)
+    app.state.batcher = MicroBatcher(run_batch, served.info.max_batch_size, cfg.max_wait_ms)
     # Decoding off the event loop, one thread per core: more threads only queue for the GIL and add memory.
     app.state.decode_pool = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="decode")
     # Everything alive now (torch, FastAPI, the model) lives as long as the server: keep it out of the cyclic GC,
     # whose full passes over it stalled every in-flight request for ~100 ms on a 2-core machine.
     gc.freeze()
     app.state.ready = True
-    log.info("serving %s (%s, %d classes) on %s, %d torch threads, batches up to %d, warm-up %.0f ms",
-             cfg.model_path, meta["model_config"].get("arch"), len(meta["classes"]), device, threads, max_batch,
-             (time.perf_counter() - start) * 1000)
     try:
         yield
     finally:
@@ -458,7 +501,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     async def classify(request: Request, data_list: list, k: int | None, decode: Callable[[Any], bytes]) -> list[PredictResponse]:
         state = request.app.state
-        meta, classes = state.meta, state.meta["classes"]
+        served: Served = state.served  # this request stays with this model, even if /reload swaps in another
+        meta, classes = served.meta, served.meta["classes"]
 
         def prepare_all() -> list[torch.Tensor]:
             out = []
@@ -472,7 +516,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             return out
 
         images = await asyncio.get_running_loop().run_in_executor(state.decode_pool, prepare_all)
-        probs = await asyncio.gather(*(state.batcher.submit(x) for x in images))
+        probs = await asyncio.gather(*(state.batcher.submit((served.predictor, x)) for x in images))
         return [postprocess(p, classes, k or config.top_k, config.tta) for p in probs]
 
     predict_deps = [Depends(require_api_key), Depends(ready_state)]
@@ -492,8 +536,25 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     @app.get("/model", response_model=ModelInfo, response_model_by_alias=True, tags=["status"],
              responses={503: ERRORS[503]})
     async def model_info(request: Request = Depends(ready_state)):
-        """The served checkpoint: classes, model config, metrics, MLflow run id, serving settings."""
-        return request.app.state.info
+        """The served model: classes, model config, metrics, MLflow run id and registry version, serving settings."""
+        return request.app.state.served.info
+
+    @app.post("/reload", response_model=ModelInfo, response_model_by_alias=True, tags=["status"],
+              dependencies=[Depends(require_api_key)], responses={401: ERRORS[401], 409: ERRORS[409], 503: ERRORS[503]})
+    async def reload(request: Request = Depends(ready_state)):
+        """Load CATER_MODEL_PATH again (for models:/<name>@champion: the current champion) and swap it in. Requests in
+        flight finish on the model they started with; a load that fails keeps the served model (409, with why)."""
+        state = request.app.state
+        async with state.reload_lock:
+            try:
+                served = await asyncio.to_thread(load_served, config, state.threads)
+            except Exception as e:  # whatever went wrong, the served model stays
+                log.warning("reload failed, still serving %s: %s", state.served.describe(), e)
+                raise HTTPException(409, f"reload failed, still serving {state.served.describe()}: {e}") from None
+            log.info("reloaded: %s replaces %s", served.describe(), state.served.describe())
+            state.served = served
+            state.metrics.model.info(served.labels)
+        return served.info
 
     @app.post("/predict", response_model=PredictResponse, tags=["predict"], dependencies=predict_deps, responses=ERRORS)
     async def predict(body: PredictRequest, request: Request):

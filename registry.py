@@ -8,12 +8,14 @@ anything else (another split, another metric, a version registered by hand) it d
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 CHAMPION = "champion"
+DEFAULT_TRACKING_URI = f"sqlite:///{Path(__file__).resolve().parent / 'mlflow.db'}"  # train.py's store without MLFLOW_TRACKING_URI
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -85,13 +87,14 @@ def fetch_checkpoint(uri: str, dst: str | Path) -> tuple[Path, dict]:
     if not match:
         raise RegistryError(f"{uri!r} is not a registered model URI: use models:/<name>@<alias> or models:/<name>/<version>")
     name, alias, version = match["name"], match["alias"], match["version"]
-    client = mlflow.MlflowClient()
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    client = mlflow.MlflowClient(tracking_uri)
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
-                                                         dst_path=str(tempfile.mkdtemp(dir=dst))))
+                                                         dst_path=str(tempfile.mkdtemp(dir=dst)), tracking_uri=tracking_uri))
     except MlflowException as e:
-        raise RegistryError(f"cannot fetch {uri} from {mlflow.get_tracking_uri()}: {e.message}") from None
+        raise RegistryError(f"cannot fetch {uri} from {tracking_uri}: {e.message}") from None
     checkpoints = sorted(local.glob("artifacts/*.pt"))
     if not checkpoints:
         raise RegistryError(f"{uri} (version {mv.version}) holds no checkpoint: register a model logged by train.py")

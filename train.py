@@ -34,7 +34,7 @@ from data import (DataError, Dataset, eval_batches, load_dataset, split_fingerpr
                   train_loader)
 from model import SCRATCH_ARCHS, CnnClassifier, build_model, init_whitening, param_groups, predict_logits, whitening_layer
 from pretrained import WeightsError, load_pretrained, normalization
-from registry import CHAMPION, default_name, register_and_promote
+from registry import CHAMPION, DEFAULT_TRACKING_URI, default_name, register_and_promote
 from scores import class_scores, class_weights
 
 REPO = Path(__file__).resolve().parent
@@ -377,7 +377,7 @@ class Tracker:
 
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri(f"sqlite:///{REPO / 'mlflow.db'}")
+            mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
             if mlflow.get_experiment_by_name(experiment) is None:
                 mlflow.create_experiment(experiment, artifact_location=(REPO / "mlruns" / experiment.replace("/", "_")).as_uri())
         mlflow.set_experiment(experiment)

@@ -196,3 +196,73 @@ def test_fetch_checkpoint_of_the_champion(trained, monkeypatch, tmp_path):
         registry.fetch_checkpoint("models:/cater-cifar10@nope", tmp_path)
     with pytest.raises(registry.RegistryError, match="cannot fetch models:/missing/3"):
         registry.fetch_checkpoint("models:/missing/3", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# api.py serving the champion from the registry, and /reload
+
+
+def test_api_serves_the_champion_and_reloads_a_new_one_without_failing_requests(trained, monkeypatch, tmp_path):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    import api
+    from config import ServeConfig
+
+    run_id, checkpoint, uri = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client_ml = mlflow.MlflowClient(uri)
+    champion = client_ml.get_model_version_by_alias("cater-cifar10", registry.CHAMPION)
+    config = ServeConfig(model_path="models:/cater-cifar10@champion", device="cpu", api_key="k",
+                         threads=torch.get_num_threads())
+    image = png_b64(5)
+    with TestClient(api.create_app(config)) as client:
+        info = client.get("/model").json()
+        assert (info["registered_model"], info["model_version"], info["model_alias"]) == \
+               ("cater-cifar10", str(champion.version), "champion")
+        assert info["mlflow_run_id"] == run_id
+        assert f'model_version="{champion.version}"' in client.get("/metrics").text
+        expected = checkpoint_probs(checkpoint, [image])[0]
+        r = client.post("/predict", json={"image_base64": image}, headers={"X-API-Key": "k"})
+        assert r.status_code == 200 and abs(r.json()["confidence"] - float(expected.max())) < 1e-5
+
+        # a better version arrives: the alias moves, the server picks it up on /reload
+        better = registry.register_and_promote(f"runs:/{run_id}/model", "cater-cifar10", metric="acc",
+                                               score=float(champion.tags["score"]) + 0.1, split=champion.tags["split"])
+        assert better.promoted
+        assert client.post("/reload").status_code == 401
+        results, stop = [], threading.Event()
+
+        def load():
+            while not stop.is_set():
+                results.append(client.post("/predict", json={"image_base64": image}, headers={"X-API-Key": "k"}).status_code)
+
+        workers = [threading.Thread(target=load) for _ in range(3)]
+        for w in workers:
+            w.start()
+        r = client.post("/reload", headers={"X-API-Key": "k"})
+        stop.set()
+        for w in workers:
+            w.join()
+        assert r.status_code == 200 and r.json()["model_version"] == better.version
+        assert results and set(results) == {200}
+        assert client.get("/model").json()["model_version"] == better.version
+        assert f'model_version="{better.version}"' in client.get("/metrics").text
+
+        # the alias now points at a model that is not one of ours: the reload fails, the served model stays
+        code = tmp_path / "echo_model.py"
+        code.write_text("import mlflow\n\n\nclass Echo(mlflow.pyfunc.PythonModel):\n"
+                        "    def predict(self, context, model_input, params=None):\n        return model_input\n\n\n"
+                        "mlflow.models.set_model(Echo())\n")
+        mlflow.set_experiment("model-test")
+        with mlflow.start_run():
+            foreign = mlflow.pyfunc.log_model(name="model", python_model=str(code), pip_requirements=[])
+        broken = mlflow.register_model(foreign.model_uri, "cater-cifar10").version
+        client_ml.set_registered_model_alias("cater-cifar10", registry.CHAMPION, broken)
+        r = client.post("/reload", headers={"X-API-Key": "k"})
+        assert r.status_code == 409 and f"still serving cater-cifar10 version {better.version}" in r.json()["detail"]
+        assert "holds no checkpoint" in r.json()["detail"]
+        assert client.get("/model").json()["model_version"] == better.version
+        assert client.post("/predict", json={"image_base64": image}, headers={"X-API-Key": "k"}).status_code == 200
+    client_ml.set_registered_model_alias("cater-cifar10", registry.CHAMPION, better.version)  # for any later test
