@@ -15,7 +15,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MLFLOW_PORT ?= 5000
 
-.PHONY: help install train smoke test export serve mlflow-ui bench-train bench-serve bench-folder clean
+.PHONY: help install train smoke test export sweep serve mlflow-ui bench-train bench-serve bench-folder clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +33,9 @@ smoke:  ## a few batches through every stage: writes models/cnn.pt and an MLflow
 
 test:  ## run the test suite
 	$(PY) -m pytest -q
+
+sweep:  ## compare settings: a grid of short runs (lr x widths x augmentation) under one MLflow parent run
+	$(PY) sweep.py $(TRAIN_FLAGS)
 
 export:  ## TorchScript and ONNX files next to models/cnn.pt (CHECKPOINT=path for another), with its metadata
 	$(PY) export.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)

@@ -108,6 +108,7 @@ class TrainConfig:
     register: bool = _opt(True, "register the model in the MLflow registry and move its 'champion' alias to it when "
                                 "it beats the champion on the same validation split (--smoke: off)")
     model_name: str = _opt("", "registered model name (default: cater-cifar10, or cater-<folder name>)")
+    parent_run: str = _opt("", "MLflow run id to nest this run under (sweep.py sets it for its child runs)")
 
     def __post_init__(self):
         _check(self.epochs > 0, "--epochs must be > 0")

@@ -210,7 +210,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
         state.lookahead.update(model, decay=1.0)
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "epoch_seconds": seconds,
-            "images_per_s": seen / seconds, "data_share": data_seconds / seconds, "lr": max(scheduler.get_last_lr())}
+            "images_per_s": seen / seconds, "data_share": data_seconds / seconds, "learning_rate": max(scheduler.get_last_lr())}
 
 
 def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, data_cfg: DataConfig):
@@ -292,7 +292,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
                 patience_left -= 1
             tqdm.write(f"epoch {epoch + 1:>3}/{epochs}  train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f}"
                        f"  val loss {val['loss']:.4f} acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else '  '}"
-                       f"  lr {metrics['lr']:.2e}  {metrics['epoch_seconds']:.1f}s  {metrics['images_per_s']:.0f} img/s"
+                       f"  lr {metrics['learning_rate']:.2e}  {metrics['epoch_seconds']:.1f}s  {metrics['images_per_s']:.0f} img/s"
                        f"  data {100 * metrics['data_share']:.1f}%")
             if on_epoch:
                 on_epoch(epoch + 1, metrics, improved)
@@ -368,7 +368,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 class Tracker:
     """MLflow logging, or nothing when disabled; every call is a no-op without an active run."""
 
-    def __init__(self, enabled: bool, experiment: str, run_name: str):
+    def __init__(self, enabled: bool, experiment: str, run_name: str, parent_run: str = ""):
         self.run = None
         self.mlflow = None
         if not enabled:
@@ -381,7 +381,8 @@ class Tracker:
             if mlflow.get_experiment_by_name(experiment) is None:
                 mlflow.create_experiment(experiment, artifact_location=(REPO / "mlruns" / experiment.replace("/", "_")).as_uri())
         mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_name=run_name or None)
+        # system metrics (CPU, memory, disk, GPU when present) sampled by MLflow in the background
+        self.run = mlflow.start_run(run_name=run_name or None, parent_run_id=parent_run or None, log_system_metrics=True)
 
     @property
     def run_id(self) -> str | None:
@@ -485,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
           f"  threads {torch.get_num_threads()}")
 
     tracker = Tracker(train_cfg.mlflow, train_cfg.experiment,
-                      train_cfg.run_name or f"{train_cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+                      train_cfg.run_name or f"{train_cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", train_cfg.parent_run)
     status = "FAILED"
     try:
         tracker.log_params(flat_params(data_cfg, model_cfg, train_cfg))

@@ -13,6 +13,7 @@ def tracking(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a short run still gets samples
     monkeypatch.chdir(tmp_path)  # default artifact root ./mlruns lands in tmp_path
     return mlflow.MlflowClient(uri)
 
@@ -33,10 +34,11 @@ def test_train_logs_run_and_writes_loadable_checkpoint(cifar_dir, tmp_path, trac
     assert {"git_commit", "device", "torch_version"} <= set(run.data.tags)
     history = tracking.get_metric_history(run.info.run_id, "val_acc")
     assert [m.step for m in history[:2]] == [1, 2]
-    for name in ("train_loss", "lr", "epoch_seconds", "images_per_s", "val_loss", "val_macro_f1", "final_val_acc",
+    for name in ("train_loss", "learning_rate", "epoch_seconds", "images_per_s", "val_loss", "val_macro_f1", "final_val_acc",
                  "final_val_macro_f1", "val_f1_airplane", "val_precision_truck", "val_recall_ship"):
         assert name in run.data.metrics
     assert tracking.get_metric_history(run.info.run_id, "final_val_acc")[0].step == meta["metrics"]["best_epoch"]
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     artifacts = {a.path for a in tracking.list_artifacts(run.info.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png", "per_class_metrics.json",
             "checkpoint"} <= artifacts
