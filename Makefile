@@ -14,8 +14,10 @@ TRAIN_FLAGS = $(if $(PRESET),--preset $(PRESET)) $(if $(EPOCHS),--epochs $(EPOCH
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MLFLOW_PORT ?= 5000
+MLFLOW_BACKEND ?= postgresql+psycopg2://mlflow:mlflow@127.0.0.1:5432/mlflow
+MLFLOW_ARTIFACTS ?= s3://mlflow-artifacts
 
-.PHONY: help install train smoke test export sweep serve mlflow-ui bench-train bench-serve bench-folder clean
+.PHONY: help install train smoke test export sweep serve mlflow-ui mlflow-server bench-train bench-serve bench-folder clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -46,6 +48,10 @@ serve:  ## serve models/cnn.pt on http://$(HOST):$(PORT)
 mlflow-ui:  ## browse runs in the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(MLFLOW_PORT)
 
+mlflow-server:  ## team tracking server: runs and registry in PostgreSQL (MLFLOW_BACKEND), artifacts in S3 (MLFLOW_ARTIFACTS)
+	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS) \
+		--serve-artifacts --host $(HOST) --port $(MLFLOW_PORT)
+
 bench-train:  ## time the presets against the seed baseline on CIFAR-10 (DATA_DIR, default ../shared/data)
 	$(PY) benchmarks/train_speed.py --data-dir $(or $(DATA_DIR),../shared/data) $(ARGS)
 
@@ -56,4 +62,4 @@ bench-folder:  ## default vs README-hint flags on Fashion-MNIST and ELPV image f
 	$(PY) benchmarks/folder_bench.py $(ARGS)
 
 clean:  ## remove MLflow runs and checkpoints (keeps data and .venv)
-	rm -rf mlflow.db mlruns models/*.pt
+	rm -rf mlflow.db mlruns models/*.pt models/*.onnx

@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoint import CheckpointError
+from decode import UPLOAD_FORMATS
 from config import ConfigError, ServeConfig, available_cores, pick_device
 from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor, load_predictor
 from registry import RegistryError, fetch_checkpoint
@@ -41,7 +42,6 @@ from transforms import pil_to_uint8
 
 log = logging.getLogger("uvicorn.error")
 
-ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP")  # MPO: the JPEG of many cameras and phones
 MAX_TOP_K = 1000
 # A 2x2 PNG, so the OpenAPI examples can be sent as they are.
 EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8ISfHwMDAxMDAwMDAAAANBAEIfXHKZgAAAABJRU5ErkJggg=="
@@ -167,7 +167,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise HTTPException(400, "the data is not an image: send a PNG, JPEG, BMP, GIF or WebP file") from None
     except Exception as e:  # a malformed header: PIL raises SyntaxError, ValueError, struct.error, ...
         raise image_error(e, "cannot read the image header") from None
-    if image.format not in ALLOWED_FORMATS:
+    if image.format not in UPLOAD_FORMATS:
         raise HTTPException(415, f"image format {image.format} is not accepted: send PNG, JPEG, BMP, GIF or WebP")
     width, height = image.size
     if width * height > max_pixels:
@@ -554,6 +554,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             log.info("reloaded: %s replaces %s", served.describe(), state.served.describe())
             state.served = served
             state.metrics.model.info(served.labels)
+            # the old model was frozen out of the cyclic GC at startup: let it go, and freeze the new one
+            gc.unfreeze()
+            await asyncio.to_thread(gc.collect)
+            gc.freeze()
         return served.info
 
     @app.post("/predict", response_model=PredictResponse, tags=["predict"], dependencies=predict_deps, responses=ERRORS)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from transforms import pil_to_uint8
 
+UPLOAD_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP")  # what the servers decode; MPO: many cameras' JPEG
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Files per worker item. A worker sends back one pickled numpy array per chunk: a torch tensor per image would
 # travel as shared memory holding an open file descriptor each, and thousands of them exhaust `ulimit -n`.

@@ -65,6 +65,8 @@ def atomic_path(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename, as checkpoint.save_checkpoint does
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -108,13 +110,14 @@ def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None) ->
     model = model.float().to("cpu", memory_format=torch.contiguous_format).eval()
     module = Uint8Classifier(model, meta["mean"], meta["std"]).eval()
     paths = output_paths(checkpoint, out_dir)
+    paths["onnx"].parent.mkdir(parents=True, exist_ok=True)
     writers = {"torchscript": export_torchscript, "onnx": export_onnx}
     return {fmt: writers[fmt](module, meta, paths[fmt]) for fmt in formats}
 
 
 def read_metadata(path: Path) -> dict:
     """The metadata JSON of an exported file (either format)."""
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         return json.loads(props[METADATA_KEY])
     extra = {f"{METADATA_KEY}.json": ""}
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: --checkpoint: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the exporter refused the model, or the folder is not writable
+        print(f"error: export of {args.checkpoint} failed: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return 1
     for fmt, path in paths.items():
         print(f"wrote {path} ({fmt}, {path.stat().st_size / 1e6:.1f} MB)")
     return 0

@@ -24,7 +24,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from decode import bombs_refused
+from decode import UPLOAD_FORMATS, bombs_refused
 from predictor import TorchPredictor
 from transforms import pil_to_uint8
 
@@ -47,7 +47,7 @@ def decode_row(i: int, text: str, meta: dict) -> torch.Tensor:
     except (binascii.Error, ValueError):
         raise bad("'image' is not valid base64") from None
     try:
-        with bombs_refused(), Image.open(io.BytesIO(data)) as image:
+        with bombs_refused(), Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
             if image.width * image.height > MAX_PIXELS:  # checked from the header, before decoding
                 raise ValueError(f"{image.width}x{image.height} is over the limit of {MAX_PIXELS} pixels")
             image.load()

@@ -3,7 +3,9 @@ the same validation split, and fetch a registered model's checkpoint for serving
 
 A version carries tags `split` (data.split_fingerprint), `select_metric` and `score` (its validation value of that
 metric). A new version takes the alias only from a champion with the same split and metric and a lower score; from
-anything else (another split, another metric, a version registered by hand) it does not, and says so.
+anything else (another split, another metric, a version registered by hand) it does not, and says so. The compare and
+the alias move are two calls: two runs finishing at the same moment on one server can both win against the old
+champion, and the later move stands.
 """
 
 from __future__ import annotations
@@ -88,13 +90,15 @@ def fetch_checkpoint(uri: str, dst: str | Path) -> tuple[Path, dict]:
         raise RegistryError(f"{uri!r} is not a registered model URI: use models:/<name>@<alias> or models:/<name>/<version>")
     name, alias, version = match["name"], match["alias"], match["version"]
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    client = mlflow.MlflowClient(tracking_uri)
     try:
+        client = mlflow.MlflowClient(tracking_uri)
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
                                                          dst_path=str(tempfile.mkdtemp(dir=dst)), tracking_uri=tracking_uri))
     except MlflowException as e:
         raise RegistryError(f"cannot fetch {uri} from {tracking_uri}: {e.message}") from None
+    except Exception as e:  # an unreachable server, a store that cannot be opened
+        raise RegistryError(f"cannot fetch {uri} from {tracking_uri}: {e.__class__.__name__}: {e}") from None
     checkpoints = sorted(local.glob("artifacts/*.pt"))
     if not checkpoints:
         raise RegistryError(f"{uri} (version {mv.version}) holds no checkpoint: register a model logged by train.py")

@@ -1,7 +1,7 @@
 """Compare training settings as one MLflow study: a grid of train.py runs, each a child run of one parent run.
 
-The grid crosses learning-rate scales (times the learning rate the run would otherwise use), network widths and
-augmentation on/off. Every other flag goes to every run unchanged (e.g. --dataset folder --data-dir DIR). By default
+The grid crosses learning-rate scales (times the learning rate the run would otherwise use), network widths (of the
+from-scratch nets; a pretrained backbone's are fixed) and augmentation on/off. Every other flag goes to every run unchanged (e.g. --dataset folder --data-dir DIR). By default
 each run trains on a 5,000-image stratified subset for 4 epochs, so the default grid of 8 runs fits in well under 30
 minutes on 2 CPU cores; raise --limit/--epochs, or widen the grid, for a real study. Child runs write their checkpoints
 to a temporary folder (models/cnn.pt is left alone) and do not register models. At the end a table compares them,
@@ -60,11 +60,12 @@ def parse_widths(text: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def base_lr(train_args: list[str]) -> float:
-    """The learning rate train.py would use with these flags (preset, settings chosen from a folder, --lr)."""
+def resolved(train_args: list[str]) -> tuple[str, float]:
+    """The network and learning rate train.py would use with these flags (preset, settings chosen from a folder)."""
     import train
 
-    return train.configure(train_args)[2].lr
+    _, model_cfg, train_cfg, _ = train.configure(train_args)
+    return model_cfg.arch, train_cfg.lr
 
 
 def ui_link(experiment_id: str, run_id: str) -> str:
@@ -108,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         common = [*train_args, "--epochs", str(args.epochs), "--experiment", args.experiment, "--no-register"]
         if args.limit:
             common += ["--limit", str(args.limit)]
-        lr = base_lr(common)
+        arch, lr = resolved(common)
+        if arch not in ("airbench", "baseline") and len(widths) > 1:
+            raise ConfigError(f"--widths: {arch} is a pretrained backbone of fixed width; give one value, or sweep "
+                              "--arch airbench")
+        if arch == "baseline" and any(len(w) != 2 for _, w in widths):
+            raise ConfigError("--widths: the baseline net takes two widths, like 32-64")
     except ConfigError as e:
         parser.error(str(e))
 
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     grid = list(itertools.product(scales, widths, augment))
     parent = train.Tracker(True, args.experiment, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    parent.log_params({"lr_scales": args.lr_scales, "widths": args.widths, "augment": args.augment,
+    parent.log_params({"arch": arch, "lr_scales": args.lr_scales, "widths": args.widths, "augment": args.augment,
                        "limit": args.limit, "epochs": args.epochs, "base_lr": lr, "runs": len(grid),
                        "train_args": shlex.join(train_args)})
     experiment_id = parent.run.info.experiment_id

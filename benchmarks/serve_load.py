@@ -323,13 +323,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}\n")
 
     servers = []
+    exports = tempfile.TemporaryDirectory(prefix="serve-load-")  # the ONNX file of api-onnx, removed at exit
     for name in args.servers:
         port = free_port()
         env = {"BENCH_URL": f"http://127.0.0.1:{port}"}
         if name in ("api", "api-onnx"):
             model = checkpoint
             if name == "api-onnx":
-                model = export.export(checkpoint, ["onnx"], Path(tempfile.mkdtemp(prefix="serve-load-")))["onnx"]
+                model = export.export(checkpoint, ["onnx"], Path(exports.name))["onnx"]
                 print(f"api-onnx: serving {model}, exported from the checkpoint\n")
             env.update(CATER_MODEL_PATH=str(model), CATER_HOST="127.0.0.1", CATER_PORT=str(port))
             servers.append(Server(name, [sys.executable, str(REPO / "api.py")], env, "/ready", "/predict", "base64"))
@@ -372,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"errors {result.errors}", flush=True)
         finally:
             stop(proc)
+    exports.cleanup()
     print()
     print_table(results)
     print_targets(results)

@@ -102,3 +102,5 @@ def test_cli_writes_both_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cnn.torchscript.pt" in out and "cnn.onnx" in out
     assert onnx.load(str(tmp_path / "out" / "cnn.onnx")).graph.input[0].name == "images"
+    assert export.main(["--checkpoint", str(path), "--formats", "onnx", "--out-dir", str(tmp_path / "new" / "dir")]) == 0
+    assert (tmp_path / "new" / "dir" / "cnn.onnx").is_file()

@@ -37,7 +37,8 @@ def test_sweep_runs_children_under_one_parent_and_names_the_best(folder_dir, tmp
 
 def test_sweep_flag_errors_name_the_flag(capsys):
     for argv, flag in ((["--widths", "huge"], "--widths"), (["--augment", "maybe"], "--augment"),
-                       (["--lr-scales", "x"], "--lr-scales"), (["--no-mlflow"], "--no-mlflow")):
+                       (["--lr-scales", "x"], "--lr-scales"), (["--no-mlflow"], "--no-mlflow"),
+                       (["--arch", "tf_efficientnet_lite0"], "--widths"), (["--preset", "baseline"], "--widths")):
         with pytest.raises(SystemExit) as exc:
             sweep.main(argv)
         assert exc.value.code == 2 and flag in capsys.readouterr().err
