@@ -572,7 +572,13 @@ def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Run
         for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png"):
             tracker.log_artifact(str(Path(tmp) / name))
     tracker.log_artifact(str(path), artifact_path="checkpoint")
-    logged = log_model(tracker, path, {"channels": data_cfg.channels, "image_size": data_cfg.image_size})
+    try:
+        logged = log_model(tracker, path, {"channels": data_cfg.channels, "image_size": data_cfg.image_size})
+    except Exception as e:  # the checkpoint and everything above are saved and logged; the run stays a success
+        print(f"warning: could not log the MLflow model (the checkpoint {path} is saved and logged): "
+              f"{e.__class__.__name__}: {str(e)[:300]}", file=sys.stderr)
+        tracker.set_tag("model_logging_error", str(e)[:500])
+        logged = None
     if cfg.register and logged is not None:
         register(tracker, logged.model_uri, data, data_cfg, cfg, final[f"val_{cfg.select_metric}"])
     print(f"mlflow run {tracker.run_id} ({tracker.mlflow.get_tracking_uri()})")

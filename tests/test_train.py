@@ -162,3 +162,18 @@ def test_class_metric_names_are_valid_in_mlflow_and_distinct():
     assert names == ["a_b_0", "a_b_1", "ok", "café", "x y", "rust/scratch"]
     for name in names:
         _validate_metric_name(f"val_f1_{name}")
+
+
+def test_failed_model_logging_keeps_the_run_and_checkpoint(cifar_dir, tmp_path, tracking, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("artifact store unreachable")
+
+    monkeypatch.setattr(train, "log_model", broken)
+    out = tmp_path / "cnn.pt"
+    assert train.main(["--data-dir", str(cifar_dir), "--epochs", "1", "--batch-size", "64", "--out", str(out),
+                       "--experiment", "test-exp", "--precision", "fp32"]) == 0
+    assert "could not log the MLflow model" in capsys.readouterr().err
+    meta = load_checkpoint(out)[1]
+    run = tracking.get_run(meta["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and "artifact store unreachable" in run.data.tags["model_logging_error"]
+    assert "registered_model" not in run.data.tags
