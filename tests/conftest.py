@@ -1,7 +1,14 @@
 """Tiny datasets the tests make themselves: a CIFAR-10 binary folder and an image-folder dataset."""
 
+import os
+import socket
+import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 import numpy as np
 import pytest
@@ -28,17 +35,52 @@ def write_cifar_batch(path: Path, labels, rng) -> None:
     np.asarray(records, dtype=np.uint8).tofile(path)
 
 
-@pytest.fixture
-def cifar_dir(tmp_path, monkeypatch):
-    """data_batch_1..5.bin with RECORDS_PER_BATCH records each (all 10 classes), plus batches.meta.txt."""
-    monkeypatch.setattr(data, "CIFAR_BATCH_RECORDS", RECORDS_PER_BATCH)
-    folder = tmp_path / "cifar-10-batches-bin"
-    folder.mkdir()
+def write_cifar_folder(root: Path) -> Path:
+    """root/cifar-10-batches-bin/: data_batch_1..5.bin with RECORDS_PER_BATCH records each (all 10 classes), plus
+    batches.meta.txt; data.CIFAR_BATCH_RECORDS must be patched to RECORDS_PER_BATCH to read it. Returns root."""
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(1, 6):
         write_cifar_batch(folder / f"data_batch_{i}.bin", np.arange(RECORDS_PER_BATCH) % 10, rng)
     (folder / "batches.meta.txt").write_text("\n".join(data.CIFAR_CLASSES) + "\n\n")
-    return tmp_path
+    return root
+
+
+@pytest.fixture
+def cifar_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CIFAR_BATCH_RECORDS", RECORDS_PER_BATCH)
+    return write_cifar_folder(tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(cmd: list[str], env: dict, log_path: Path, ready_url: str, timeout: float):
+    """A server started as its own process group, waited for until ready_url answers 200, stopped at the end;
+    its output goes to log_path, whose tail is shown when it dies or does not get ready."""
+    env = {**env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])}  # this venv first
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, f"{cmd[:4]} not ready in {timeout:.0f} s:\n" + log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        yield proc
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture

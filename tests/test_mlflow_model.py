@@ -4,10 +4,7 @@ through MLflow's own scoring server (`mlflow models serve`); its registry versio
 import base64
 import io
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,20 +20,14 @@ import data
 import registry
 import train
 from checkpoint import load_checkpoint
-from conftest import RECORDS_PER_BATCH, class_image, write_cifar_batch
+from conftest import RECORDS_PER_BATCH, class_image, free_port, server_process, write_cifar_folder
 from transforms import normalize, pil_to_uint8
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One short CIFAR-format training run logged to a fresh MLflow store: (run id, checkpoint path, tracking uri)."""
-    root = tmp_path_factory.mktemp("mlflow-model")
-    folder = root / "cifar-10-batches-bin"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(1, 6):
-        write_cifar_batch(folder / f"data_batch_{i}.bin", np.arange(RECORDS_PER_BATCH) % 10, rng)
-    (folder / "batches.meta.txt").write_text("\n".join(data.CIFAR_CLASSES) + "\n")
+    root = write_cifar_folder(tmp_path_factory.mktemp("mlflow-model"))
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data, "CIFAR_BATCH_RECORDS", RECORDS_PER_BATCH)
@@ -82,33 +73,13 @@ def test_logged_model_takes_base64_images(trained, monkeypatch):
         model.predict(pd.DataFrame({"image": [base64.b64encode(b"plain text").decode()]}))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_scoring_server_answers_an_image(trained, tmp_path):
     run_id, checkpoint, uri = trained
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,  # mlflow execs `uvicorn` by name: this venv's first on PATH
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
-                             "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local",
+           "-p", str(port), "-h", "127.0.0.1"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "mlflow models serve did not start in 120 s"
-            time.sleep(0.5)
+    with server_process(cmd, {**os.environ, "MLFLOW_TRACKING_URI": uri}, tmp_path / "serve.log", f"{url}/ping", 120):
         image = png_b64(3)
         r = httpx.post(f"{url}/invocations", timeout=30,
                        json={"dataframe_split": {"columns": ["image"], "data": [[image], ["data:image/png;base64," + image]]}})
@@ -119,10 +90,6 @@ def test_mlflow_scoring_server_answers_an_image(trained, tmp_path):
             assert p["class_index"] == int(expected.argmax()) and abs(p["confidence"] - float(expected.max())) < 1e-5
         r = httpx.post(f"{url}/invocations", timeout=30, json={"dataframe_split": {"columns": ["image"], "data": [["!!!"]]}})
         assert r.status_code == 400 and "not valid base64" in r.text
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
-        log.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,15 +7,12 @@ Needs PostgreSQL's server programs (Debian: apt-get install postgresql; .ci/run 
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import boto3
-import httpx
 import mlflow
 import numpy as np
 import pytest
@@ -26,18 +23,12 @@ from moto.server import ThreadedMotoServer
 import api
 import train
 from config import ServeConfig
-from conftest import class_image
+from conftest import class_image, free_port, server_process
 
 BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
 pytestmark = pytest.mark.skipif(not (shutil.which("initdb") or BIN),
                                 reason="PostgreSQL server programs not installed (apt-get install postgresql)")
 BUCKET = "mlflow-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pg_tool(name: str) -> str:
@@ -86,30 +77,13 @@ def tracking_server(postgres, s3, tmp_path_factory):
     """`mlflow server` on PostgreSQL with artifacts proxied to S3, as `make mlflow-server` starts it."""
     env_s3, _ = s3
     port = free_port()
-    log_path = tmp_path_factory.mktemp("mlflow-server") / "server.log"
-    env = {**os.environ, **env_s3, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    env = {**os.environ, **env_s3}
     env.pop("MLFLOW_TRACKING_URI", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
-                                 "--artifacts-destination", f"s3://{BUCKET}", "--serve-artifacts",
-                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres, "--artifacts-destination",
+           f"s3://{BUCKET}", "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "mlflow server did not start in 180 s:\n" + log_path.read_text()[-3000:]
-            time.sleep(0.5)
+    with server_process(cmd, env, tmp_path_factory.mktemp("mlflow-server") / "server.log", f"{url}/health", 180):
         yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
 
 
 def test_train_register_and_serve_the_champion_through_postgres_and_s3(tracking_server, s3, tmp_path, monkeypatch):
