@@ -550,14 +550,7 @@ def test_onnx_backend_serves_what_the_checkpoint_predicts(onnx_path, reference, 
     assert_matches(single, expected_probs(reference, files[0], tta))
 
 
-def test_onnx_backend_errors_are_explained(onnx_path, tmp_path):
-    with pytest.raises(CheckpointError, match="make export"):
-        with serving(tmp_path / "missing.onnx"):
-            pass
-    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
-    with pytest.raises(CheckpointError, match="cannot read ONNX model"):
-        with serving(tmp_path / "bad.onnx"):
-            pass
+def test_onnx_backend_refuses_cuda(onnx_path):
     with pytest.raises(ConfigError, match="CATER_DEVICE=cuda.*CPU"):
         with serving(onnx_path, device="cuda"):
             pass
@@ -567,13 +560,15 @@ def test_onnx_backend_errors_are_explained(onnx_path, tmp_path):
 # Startup, configuration, the real server
 
 
-def test_missing_or_bad_checkpoint_stops_startup(tmp_path):
-    with pytest.raises(CheckpointError, match="make train"):
-        with serving(tmp_path / "missing.pt"):
+@pytest.mark.parametrize("suffix, missing, unreadable", [(".pt", "make train", "cannot read checkpoint"),
+                                                         (".onnx", "make export", "cannot read ONNX model")])
+def test_missing_or_bad_model_file_stops_startup(tmp_path, suffix, missing, unreadable):
+    with pytest.raises(CheckpointError, match=missing):
+        with serving(tmp_path / f"missing{suffix}"):
             pass
-    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        with serving(tmp_path / "bad.pt"):
+    (tmp_path / f"bad{suffix}").write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match=unreadable):
+        with serving(tmp_path / f"bad{suffix}"):
             pass
 
 
