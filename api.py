@@ -383,9 +383,20 @@ class Served:
     """The model being served and what goes with it; replaced whole by /reload."""
 
     predictor: TorchPredictor | OnnxPredictor
-    meta: dict
     info: ModelInfo
-    labels: dict[str, str]  # of the Prometheus cater_model info metric
+
+    @property
+    def meta(self) -> dict:
+        return self.predictor.meta
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Of the Prometheus cater_model info metric."""
+        info = self.info
+        return {"checkpoint": info.checkpoint, "mlflow_run_id": info.mlflow_run_id or "",
+                "registered_model": info.registered_model or "", "model_version": info.model_version or "",
+                "arch": str(info.model_config_.get("arch", "")), "classes": str(len(info.classes)),
+                "image_size": str(info.image_size), "backend": info.backend, "device": info.device, "tta": str(info.tta)}
 
     def describe(self) -> str:
         version = f" version {self.info.model_version}" if self.info.model_version else ""
@@ -423,16 +434,11 @@ def load_served(cfg: ServeConfig, threads: int) -> Served:
         registered_model=registered.get("registered_model"), model_version=registered.get("model_version"),
         model_alias=registered.get("model_alias"), backend=predictor.backend, device=str(device), tta=cfg.tta,
         max_batch_size=max_batch, max_wait_ms=cfg.max_wait_ms, torch_threads=threads)
-    labels = {"checkpoint": str(cfg.model_path), "mlflow_run_id": meta.get("mlflow_run_id") or "",
-              "registered_model": info.registered_model or "", "model_version": info.model_version or "",
-              "arch": str(meta["model_config"].get("arch", "")), "classes": str(len(meta["classes"])),
-              "image_size": str(meta["image_size"]), "backend": predictor.backend, "device": str(device),
-              "tta": str(cfg.tta)}
     log.info("loaded %s (%s, %d classes) on %s, %d torch threads, batches up to %d, in %.0f ms",
              cfg.model_path + (f" = version {info.model_version}" if info.model_version else ""),
              meta["model_config"].get("arch"), len(meta["classes"]), device, threads, max_batch,
              (time.perf_counter() - start) * 1000)
-    return Served(predictor, meta, info, labels)
+    return Served(predictor, info)
 
 
 @asynccontextmanager
