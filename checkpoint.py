@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from atomic import atomic_path
 from config import ConfigError, ModelConfig
 from model import build_model
 
@@ -26,7 +25,6 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: M
                     mlflow_run_id: str | None = None, extra: dict | None = None) -> Path:
     """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format_version": FORMAT_VERSION,
         "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
@@ -42,16 +40,8 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: M
         "torch_version": str(torch.__version__),
         **(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

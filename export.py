@@ -13,9 +13,7 @@ its metadata_props under "cater", TorchScript as the extra file "cater.json". Fi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 import tempfile
 import warnings
@@ -25,10 +23,11 @@ import onnx
 import torch
 from torch import nn
 
+from atomic import atomic_path
 from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
+from predictor import METADATA_KEY
 
 FORMATS = ("torchscript", "onnx")
-METADATA_KEY = "cater"
 META_FIELDS = ("classes", "image_size", "channels", "resize", "mean", "std", "model_config", "metrics", "mlflow_run_id")
 
 
@@ -55,22 +54,6 @@ def metadata(meta: dict) -> str:
 def output_paths(checkpoint: Path, out_dir: Path | None) -> dict[str, Path]:
     folder = out_dir or checkpoint.parent
     return {"torchscript": folder / f"{checkpoint.stem}.torchscript.pt", "onnx": folder / f"{checkpoint.stem}.onnx"}
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """A temporary path beside `path`, renamed onto it when the block succeeds (removed when it fails)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:  # on disk before the rename, as checkpoint.save_checkpoint does
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def example_input(meta: dict, batch: int = 2) -> torch.Tensor:

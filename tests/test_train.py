@@ -1,3 +1,6 @@
+import os
+import stat
+
 import mlflow
 import pytest
 import torch
@@ -98,6 +101,19 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         save_checkpoint(path, model, metrics={"val_acc": 0.9}, **info)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["cnn.pt"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_checkpoint_mode_follows_the_umask(tmp_path, umask, mode):
+    # mkstemp's 0600 would keep a server running as another user (a container's) from reading the file
+    model = CnnClassifier(ModelConfig(), 10)
+    old = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / "cnn.pt", model, model_config=model.cfg, classes=[str(i) for i in range(10)],
+                               mean=(0.5,) * 3, std=(0.2,) * 3, image_size=32, metrics={})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
 def test_bad_checkpoints_are_explained(tmp_path):
