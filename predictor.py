@@ -8,6 +8,7 @@ views as uint8 images and matches the checkpoint run by PyTorch.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from model import predict_logits
 from transforms import normalize, tta_views
 
 ONNX_SUFFIX = ".onnx"
+METADATA_KEY = "cater"  # export.py stores the checkpoint's metadata as JSON under this key in both exported formats
 
 
 class TorchPredictor:
@@ -44,18 +46,16 @@ class OnnxPredictor:
     def __init__(self, path: str | Path, threads: int):
         import onnxruntime as ort
 
-        from export import read_metadata
-
         path = Path(path)
         hint = "export one with `make export`, or point CATER_MODEL_PATH at a checkpoint (.pt)"
         if not path.is_file():
             raise CheckpointError(f"no ONNX model at {path}: {hint}")
         try:
-            self.meta = read_metadata(path)
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.meta = json.loads(self.session.get_modelmeta().custom_metadata_map[METADATA_KEY])
         except Exception as e:  # not ONNX, truncated, or exported by something else (no metadata)
             raise CheckpointError(f"cannot read ONNX model {path}: {e.__class__.__name__}: {e}. {hint}") from None
         version = self.meta.get("format_version")
