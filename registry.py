@@ -82,8 +82,12 @@ def register_and_promote(model_uri: str, name: str, *, metric: str, score: float
 
 def fetch_checkpoint(uri: str, dst: str | Path) -> tuple[Path, dict]:
     """models:/<name>@<alias> or models:/<name>/<version> -> (its checkpoint file under dst, registry info)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    try:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+    except ImportError:  # the container installs only what serving files needs (requirements-serve.txt)
+        raise RegistryError(f"serving {uri} needs the mlflow package: pip install -r requirements.txt, or build the "
+                            "image with --build-arg EXTRA_PACKAGES='timm>=1.0.20 mlflow==3.17.2'") from None
 
     match = URI.match(uri)
     if not match:

@@ -12,7 +12,10 @@ import sys
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
+import pytest
+
 import export
+import registry
 from test_export import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,3 +64,9 @@ def test_the_image_has_what_serving_imports(tmp_path):
     owners = packages_distributions()
     imported = {d.lower().replace("_", "-") for name in modules for d in owners.get(name.split(".")[0], [])}
     assert imported & training_only == set(), "the service imports packages the image does not install"
+
+
+def test_registry_uri_without_mlflow_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as in the image: import mlflow raises ImportError
+    with pytest.raises(registry.RegistryError, match="needs the mlflow package"):
+        registry.fetch_checkpoint("models:/cater-cifar10@champion", tmp_path)
