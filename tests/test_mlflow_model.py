@@ -6,6 +6,7 @@ import io
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import mlflow
@@ -199,8 +200,18 @@ def test_api_serves_the_champion_and_reloads_a_new_one_without_failing_requests(
         r = client.post("/predict", json={"image_base64": image}, headers={"X-API-Key": "k"})
         assert r.status_code == 200 and abs(r.json()["confidence"] - float(expected.max())) < 1e-5
 
-        # a better version arrives: the alias moves, the server picks it up on /reload
-        better = registry.register_and_promote(f"runs:/{run_id}/model", "cater-cifar10", metric="acc",
+        # a better version, with other weights, arrives: the alias moves, the server picks it up on /reload
+        other = tmp_path / "other.pt"
+        payload = torch.load(checkpoint, weights_only=True)
+        head = [k for k in payload["state_dict"] if payload["state_dict"][k].dim() == 2][-1]
+        payload["state_dict"][head] = payload["state_dict"][head].roll(1, dims=0) * 3  # other classes, sharper
+        torch.save(payload, other)
+        new_expected = checkpoint_probs(other, [image])[0]
+        assert abs(float(new_expected.max()) - float(expected.max())) > 1e-3
+        mlflow.set_experiment("model-test")
+        with mlflow.start_run() as run:
+            logged = train.log_model(SimpleNamespace(run=run), other, load_checkpoint(other)[1])
+        better = registry.register_and_promote(logged.model_uri, "cater-cifar10", metric="acc",
                                                score=float(champion.tags["score"]) + 0.1, split=champion.tags["split"])
         assert better.promoted
         assert client.post("/reload").status_code == 401
@@ -221,6 +232,8 @@ def test_api_serves_the_champion_and_reloads_a_new_one_without_failing_requests(
         assert results and set(results) == {200}
         assert client.get("/model").json()["model_version"] == better.version
         assert f'model_version="{better.version}"' in client.get("/metrics").text
+        r = client.post("/predict", json={"image_base64": image}, headers={"X-API-Key": "k"})
+        assert abs(r.json()["confidence"] - float(new_expected.max())) < 1e-5  # the new weights answer
 
         # the alias now points at a model that is not one of ours: the reload fails, the served model stays
         code = tmp_path / "echo_model.py"
