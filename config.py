@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
@@ -146,11 +148,43 @@ PRESETS: dict[str, dict] = {
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on: the affinity mask where the OS has one (Linux), else all cores."""
+    """CPU cores this process may use: the affinity mask (Linux; else all cores), capped by a cgroup CPU quota
+    (a container's --cpus), which the affinity mask does not show."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """Cores' worth of CPU time the process's cgroup allows (quota / period), or None without a limit.
+    cgroup v2 keeps it in cpu.max ("max 100000" or "150000 100000"), v1 in cpu.cfs_quota_us (-1 = none) and
+    cpu.cfs_period_us."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            folders, read = [Path(root) / path.lstrip("/"), Path(root)], lambda d: (d / "cpu.max").read_text().split()
+        elif "cpu" in controllers.split(","):  # v1
+            base = Path(root) / controllers
+            folders = [base / path.lstrip("/"), base]
+            read = lambda d: [(d / f).read_text().strip() for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]  # noqa: E731
+        else:
+            continue
+        for folder in folders:
+            try:
+                quota, period = read(folder)
+            except (OSError, ValueError):
+                continue
+            if quota in ("max", "-1") or float(period) <= 0:
+                return None
+            return float(quota) / float(period)
+    return None
 
 
 class ConfigError(ValueError):

@@ -1,5 +1,6 @@
 import pytest
 
+import config
 from config import PRESETS, ConfigError, ServeConfig, parse_args, resolve
 
 
@@ -77,3 +78,31 @@ def test_cuda_without_a_gpu_is_refused_naming_the_setting():
         pick_device("cuda", "--device")
     with pytest.raises(ConfigError, match="CATER_DEVICE=cuda:1"):
         pick_device("cuda:1", "CATER_DEVICE")
+
+
+def fake_cgroup(tmp_path, proc: str, files: dict[str, str]) -> tuple[str, str]:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "proc_cgroup").write_text(proc)
+    return str(tmp_path), str(tmp_path / "proc_cgroup")
+
+
+@pytest.mark.parametrize("proc, files, cores", [
+    ("0::/docker/abc\n", {"docker/abc/cpu.max": "150000 100000\n"}, 1.5),  # v2, the container's own group
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),  # v2 without a limit
+    ("4:cpu,cpuacct:/x\n1:memory:/x\n", {"cpu,cpuacct/x/cpu.cfs_quota_us": "50000\n",
+                                         "cpu,cpuacct/x/cpu.cfs_period_us": "100000\n"}, 0.5),  # v1
+    ("4:cpu,cpuacct:/x\n", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
+    ("0::/gone\n", {}, None),  # no files to read: no limit known
+])
+def test_cgroup_cpu_quota(tmp_path, proc, files, cores):
+    assert config.cgroup_cpu_quota(*fake_cgroup(tmp_path, proc, files)) == cores
+
+
+def test_threads_follow_the_cpu_quota_not_the_host(monkeypatch):
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(config, "cgroup_cpu_quota", lambda: 1.5)  # docker run --cpus 1.5 on a 16-core host
+    assert config.available_cores() == 2
+    monkeypatch.setattr(config, "cgroup_cpu_quota", lambda: None)
+    assert config.available_cores() == 16
