@@ -1,8 +1,9 @@
 """HTTP inference server: FastAPI app serving the checkpoint written by train.py, with micro-batching.
 
 Run with `python api.py` or `uvicorn api:app`; settings come from CATER_* environment variables (config.ServeConfig).
-Request path: bytes -> PIL (format, size and decode checks) -> transforms.pil_to_uint8 -> MicroBatcher queue ->
-one forward pass per batch in a worker thread (predictor.py: PyTorch or ONNX Runtime, softmax) -> top-k JSON.
+Request path: the gate (middleware.py: API key, readiness, admission; before the body is read) -> bytes -> PIL
+(format, size and decode checks) -> transforms.pil_to_uint8 -> batcher.py's queue -> one forward pass per batch in
+a worker thread (predictor.py: PyTorch or ONNX Runtime, softmax) -> top-k JSON.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import asyncio
 import base64
 import binascii
 import gc
-import hmac
 import io
 import itertools
 import logging
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,12 +32,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image, UnidentifiedImageError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, Info, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from batcher import MicroBatcher, Overloaded, WorkerDown
 from checkpoint import CheckpointError
-from decode import UPLOAD_FORMATS
 from config import ConfigError, ServeConfig, available_cores, pick_device
+from decode import UPLOAD_FORMATS
+from middleware import (AUTH_MESSAGE, BodyLimitMiddleware, GateMiddleware, Metrics, MetricsMiddleware,
+                        StartupErrorMiddleware, key_matches)
 from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor, load_predictor
 from registry import RegistryError, fetch_checkpoint
 from transforms import pil_to_uint8
@@ -132,7 +137,8 @@ ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in 
     (400, "invalid base64, empty or undecodable image"), (401, "missing or wrong API key (only when one is configured)"),
     (409, "reload failed: the served model stays"),
     (413, "body, image dimensions or image count over the limit"), (415, "image format not accepted"),
-    (503, "model not loaded yet"))}
+    (503, "not ready (starting, or inference down), or at capacity: retry after the Retry-After header's seconds"),
+    (504, "no answer within CATER_TIMEOUT_S"))}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,167 +202,8 @@ def postprocess(probs: torch.Tensor, classes: list[str], k: int, tta: int) -> Pr
                            confidence=top[0].confidence, top_k=top, tta=tta)
 
 
-class MicroBatcher:
-    """Gathers concurrent requests into batches and runs one forward pass at a time in a worker thread.
-
-    While a batch runs, new requests queue up and form the next batch, so batches grow with load without
-    any waiting at low load; max_wait_ms > 0 additionally waits that long for a fuller batch.
-    """
-
-    def __init__(self, run_batch: Callable[[list], torch.Tensor], max_batch_size: int, max_wait_ms: float):
-        self.run_batch = run_batch
-        self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self.worker = asyncio.get_running_loop().create_task(self._work())
-
-    async def submit(self, item) -> torch.Tensor:
-        future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((item, future))
-        return await future
-
-    async def close(self) -> None:
-        """Finish what is queued, then stop."""
-        self.queue.put_nowait(None)
-        await self.worker
-        self.executor.shutdown()
-
-    async def _next_batch(self) -> tuple[list, bool]:
-        """(items, closing): blocks for the first item, then takes what is queued, up to max_batch_size."""
-        loop = asyncio.get_running_loop()
-        first = await self.queue.get()
-        if first is None:
-            return [], True
-        batch, deadline = [first], loop.time() + self.max_wait
-        while len(batch) < self.max_batch_size:
-            if not self.queue.empty():
-                item = self.queue.get_nowait()
-            elif deadline > loop.time():
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
-                except TimeoutError:
-                    break
-            else:
-                break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        closing = False
-        while not closing:
-            batch, closing = await self._next_batch()
-            batch = [(item, future) for item, future in batch if not future.done()]  # drop cancelled requests
-            if not batch:
-                continue
-            try:
-                probs = await loop.run_in_executor(self.executor, self.run_batch, [item for item, _ in batch])
-            except Exception as e:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            for (_, future), row in zip(batch, probs):
-                if not future.done():
-                    future.set_result(row)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Middleware, metrics, auth
-
-
-class Metrics:
-    """Prometheus collectors on a registry of their own, so several apps can live in one process (tests)."""
-
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        ms = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-        self.requests = Counter("cater_http_requests", "HTTP requests by route, method and status",
-                                ["route", "method", "status"], registry=self.registry)
-        self.latency = Histogram("cater_http_request_duration_seconds", "time from request to response, by route",
-                                 ["route"], buckets=ms, registry=self.registry)
-        self.batch_size = Histogram("cater_batch_size", "images per forward pass",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
-        self.inference = Histogram("cater_inference_duration_seconds", "time of one batched forward pass",
-                                   buckets=ms, registry=self.registry)
-        self.model = Info("cater_model", "the served checkpoint", registry=self.registry)
-
-
-class MetricsMiddleware:
-    """Counts every response by route template (not raw path, so unknown URLs cannot blow up the label set)."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
-
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            if route is not None:
-                route = route.path
-            else:  # not routed: a 404, or a body refused before routing (413), counted under its path if it has one
-                route = scope["path"] if scope["path"] in {r.path for r in scope["app"].routes} else "unmatched"
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
-
-
-class BodyLimitMiddleware:
-    """413 when the body is over max_bytes: up front from Content-Length, else as soon as the count passes it."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        message = f"request body over the limit of {self.max_bytes} bytes"
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            event = await receive()
-            if event["type"] == "http.request":
-                received += len(event.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, message)  # FastAPI's body parsing lets HTTPException through
-            return event
-
-        await self.app(scope, limited_receive, send)
-
-
-class StartupErrorMiddleware:
-    """A startup failure the log already explains (no or a bad checkpoint) is not repeated as a traceback."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "lifespan":
-            return await self.app(scope, receive, send)
-
-        async def quiet_send(message):
-            if message["type"] == "lifespan.startup.failed" and scope["app"].state.startup_error:
-                message = {**message, "message": ""}
-            await send(message)
-
-        await self.app(scope, receive, quiet_send)
 
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="needed when CATER_API_KEY is set")
@@ -369,9 +216,8 @@ async def require_api_key(request: Request, key: Annotated[str | None, Security(
     if not expected:
         return
     given = key or (token.credentials if token else "")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong API key: send it as X-API-Key: <key> or Authorization: Bearer <key>",
-                            headers={"WWW-Authenticate": "Bearer"})
+    if not key_matches(given, expected):  # GateMiddleware refused it already; kept here for the OpenAPI security
+        raise HTTPException(401, AUTH_MESSAGE, headers={"WWW-Authenticate": "Bearer"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,12 +314,14 @@ async def lifespan(app: FastAPI):
 
     app.state.served, app.state.threads, app.state.reload_lock = served, threads, asyncio.Lock()
     metrics.model.info(served.labels)
-    app.state.batcher = MicroBatcher(run_batch, served.info.max_batch_size, cfg.max_wait_ms)
+    app.state.batcher = MicroBatcher(run_batch, served.info.max_batch_size, cfg.max_wait_ms,
+                                     queue_budget_ms=cfg.queue_budget_ms, max_queue=cfg.max_queue, stall_s=cfg.timeout_s)
     # Decoding off the event loop, one thread per core: more threads only queue for the GIL and add memory.
     app.state.decode_pool = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="decode")
     # Everything alive now (torch, FastAPI, the model) lives as long as the server: keep it out of the cyclic GC,
     # whose full passes over it stalled every in-flight request for ~100 ms on a 2-core machine.
     gc.freeze()
+    drain_on_sigterm(app, cfg.drain_s)
     app.state.ready = True
     try:
         yield
@@ -481,6 +329,24 @@ async def lifespan(app: FastAPI):
         app.state.ready = False
         await app.state.batcher.close()
         app.state.decode_pool.shutdown()
+
+
+def drain_on_sigterm(app: FastAPI, drain_s: float) -> None:
+    """On SIGTERM, /ready answers 503 at once, so a load balancer stops sending; requests are still served for
+    drain_s seconds, then the server's own handler (uvicorn's) stops accepting and finishes what is in flight."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        return  # not under a server that handles SIGTERM itself (the tests' in-process client)
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum, frame):
+        app.state.draining = True
+        if drain_s <= 0:
+            return previous(signum, frame)
+        log.info("SIGTERM: /ready answers 503; serving %g s more, then shutting down", drain_s)
+        loop.call_soon_threadsafe(loop.call_later, drain_s, previous, signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
@@ -492,8 +358,11 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     app.state.config = config
     app.state.metrics = Metrics()
     app.state.ready = False
+    app.state.draining = False
     app.state.startup_error = ""
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(GateMiddleware, guarded={"/predict", "/predict/file", "/predict/batch", "/reload"},
+                       admitted={"/predict", "/predict/file", "/predict/batch"})
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in config.cors_origins.split(",")],
                            allow_methods=["GET", "POST"], allow_headers=["Content-Type", "X-API-Key", "Authorization"])
@@ -521,22 +390,46 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                     raise
             return out
 
-        images = await asyncio.get_running_loop().run_in_executor(state.decode_pool, prepare_all)
-        probs = await asyncio.gather(*(state.batcher.submit((served.predictor, x)) for x in images))
+        batcher: MicroBatcher = state.batcher
+        extra = len(data_list) - 1  # GateMiddleware admitted one image; a batch request admits the rest here
+        try:
+            batcher.admit(extra)
+        except Overloaded as e:
+            state.metrics.rejected.labels("overload").inc()
+            raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+        try:
+            async with asyncio.timeout(config.timeout_s):
+                images = await asyncio.get_running_loop().run_in_executor(state.decode_pool, prepare_all)
+                probs = await asyncio.gather(*(batcher.submit((served.predictor, x)) for x in images))
+        except TimeoutError:
+            raise HTTPException(504, f"no answer within {config.timeout_s:g} s (CATER_TIMEOUT_S)") from None
+        except WorkerDown as e:
+            raise HTTPException(503, f"inference is down: {e}") from None
+        finally:
+            batcher.release(extra)
         return [postprocess(p, classes, k or config.top_k, config.tta) for p in probs]
 
     predict_deps = [Depends(require_api_key), Depends(ready_state)]
 
-    @app.get("/health", response_model=HealthResponse, tags=["status"])
+    @app.get("/health", response_model=HealthResponse, tags=["status"], responses={503: {"model": HealthResponse}})
     async def health(request: Request):
-        """Liveness: the process answers."""
-        return HealthResponse(model_loaded=request.app.state.ready)
+        """Liveness: the process answers, and its inference has not stopped or hung (503 then: restart it)."""
+        state = request.app.state
+        problem = state.batcher.problem() if state.ready else ""
+        if problem:
+            return JSONResponse({"status": f"inference is down: {problem}", "model_loaded": True}, status_code=503)
+        return HealthResponse(model_loaded=state.ready)
 
     @app.get("/ready", response_model=ReadyResponse, tags=["status"], responses={503: {"model": ReadyResponse}})
     async def ready(request: Request):
         """Readiness: the model is loaded and warmed up (503 until then)."""
-        if not request.app.state.ready:
+        state = request.app.state
+        if not state.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
+        if state.draining:
+            return JSONResponse({"status": "draining: shutting down"}, status_code=503)
+        if state.batcher.problem():
+            return JSONResponse({"status": f"inference is down: {state.batcher.problem()}"}, status_code=503)
         return ReadyResponse(status="ready")
 
     @app.get("/model", response_model=ModelInfo, response_model_by_alias=True, tags=["status"],

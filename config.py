@@ -297,6 +297,10 @@ class ServeConfig:
     max_body_bytes: int = 4 * 1024 * 1024  # request body limit, enforced while reading (413 above it)
     max_pixels: int = 16_000_000  # width x height limit, checked before decoding (413 above it)
     max_batch_images: int = 64  # images per /predict/batch request
+    queue_budget_ms: float = 500.0  # admit work only while the measured throughput answers it within this; else 503
+    max_queue: int = 4096  # images admitted at once, at most (memory bound whatever the throughput)
+    timeout_s: float = 30.0  # a request not answered by then gets 504; a forward pass running longer marks the server down
+    drain_s: float = 0.0  # after SIGTERM: /ready answers 503 and requests are still served this long, then shutdown
     api_key: str = ""  # when set, the predict routes need X-API-Key: <key> or Authorization: Bearer <key>
     cors_origins: str = ""  # comma-separated allowed origins; empty = no CORS headers
     threads: int = 0  # torch CPU threads; 0 = one per core minus one for the event loop (at least 1)
@@ -315,6 +319,10 @@ class ServeConfig:
         _check(self.max_pixels >= 1, "CATER_MAX_PIXELS must be >= 1")
         _check(self.max_batch_images >= 1, "CATER_MAX_BATCH_IMAGES must be >= 1")
         _check(self.threads >= 0, "CATER_THREADS must be >= 0")
+        _check(self.queue_budget_ms > 0, "CATER_QUEUE_BUDGET_MS must be > 0")
+        _check(self.max_queue >= 1, "CATER_MAX_QUEUE must be >= 1")
+        _check(self.timeout_s > 0, "CATER_TIMEOUT_S must be > 0")
+        _check(self.drain_s >= 0, "CATER_DRAIN_S must be >= 0")
 
     @classmethod
     def from_env(cls, env=None) -> "ServeConfig":

@@ -79,7 +79,8 @@ def server_process(cmd: list[str], env: dict, log_path: Path, ready_url: str, ti
             time.sleep(0.5)
         yield proc
     finally:
-        os.killpg(proc.pid, 15)
+        if proc.poll() is None:  # a test may have stopped it already
+            os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
 
 

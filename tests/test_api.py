@@ -30,6 +30,7 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
                                  status_code_conformance)
 
 import api
+from batcher import MicroBatcher
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import ConfigError, ModelConfig, ServeConfig
 from model import CnnClassifier, predict_logits
@@ -430,7 +431,7 @@ def test_micro_batcher_groups_in_order_and_drains_on_close():
         return torch.tensor(items, dtype=torch.float32).view(-1, 1) * 10
 
     async def scenario():
-        batcher = api.MicroBatcher(run_batch, max_batch_size=4, max_wait_ms=0)
+        batcher = MicroBatcher(run_batch, max_batch_size=4, max_wait_ms=0)
         results = await asyncio.gather(*(batcher.submit(i) for i in range(10)))
         late = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
         await asyncio.sleep(0)
@@ -452,7 +453,7 @@ def test_micro_batcher_reports_errors_to_every_caller_and_keeps_going():
         return torch.ones(len(items), 1)
 
     async def scenario():
-        batcher = api.MicroBatcher(run_batch, max_batch_size=8, max_wait_ms=1)
+        batcher = MicroBatcher(run_batch, max_batch_size=8, max_wait_ms=1)
         failed = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
         after = await batcher.submit(0)
         await batcher.close()

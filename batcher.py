@@ -1,0 +1,166 @@
+"""Micro-batching for the server: concurrent requests become one forward pass, within a bounded wait, under watch.
+
+Requests are admitted while the images already admitted would be answered within the queue budget at the measured
+throughput; beyond that, Overloaded at once (api.py answers 503 with Retry-After), so a burst makes some requests
+fail fast instead of every request slow. If the batching task stops or a forward pass hangs, `problem` says so
+(/ready and /health turn 503) and new requests fail fast with WorkerDown instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+
+class Overloaded(Exception):
+    """More work is admitted than can be answered within the queue budget; retry_after is in seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is at capacity; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class WorkerDown(Exception):
+    """The batching task stopped: nothing admitted now would ever be answered."""
+
+
+class MicroBatcher:
+    """Gathers concurrent requests into batches and runs one forward pass at a time in a worker thread.
+
+    While a batch runs, new requests queue up and form the next batch, so batches grow with load without
+    any waiting at low load; max_wait_ms > 0 additionally waits that long for a fuller batch.
+    """
+
+    def __init__(self, run_batch: Callable[[list], list[torch.Tensor]], max_batch_size: int, max_wait_ms: float,
+                 queue_budget_ms: float = 500.0, max_queue: int = 4096, stall_s: float = 60.0):
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.queue_budget = queue_budget_ms / 1000
+        self.max_queue = max_queue
+        self.stall_s = stall_s
+        self.admitted = 0  # images admitted and not answered yet (decoding, queued or in a forward pass)
+        self.images_per_s = 0.0  # answered per second under load (0 until measured)
+        self.completed, self.window_start = 0, time.monotonic()
+        self.batch_started: float | None = None
+        self.failure = ""
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.worker = asyncio.get_running_loop().create_task(self._work())
+        self.worker.add_done_callback(self._stopped)
+
+    # --- admission ----------------------------------------------------------------------------------------------
+
+    def capacity(self) -> int:
+        """Images that can be admitted at once: what the measured throughput answers within the queue budget (at
+        least two full batches, so a slow first measurement cannot starve the server), at most max_queue."""
+        return max(2 * self.max_batch_size, min(self.max_queue, int(self.images_per_s * self.queue_budget)))
+
+    def admit(self, images: int = 1) -> None:
+        """Count `images` in, or raise Overloaded (or WorkerDown) without counting them; release() them after."""
+        if self.problem():
+            raise WorkerDown(self.problem())
+        if self.admitted + images > self.capacity() and self.admitted > 0:
+            rate = self.images_per_s or self.max_batch_size
+            raise Overloaded(max(1, math.ceil(self.admitted / rate)))
+        self.admitted += images
+
+    def release(self, images: int = 1) -> None:
+        """Count `images` out (answered, or failed). Also measures the throughput while saturated: the images
+        answered per second, decoding and everything else included, over windows of half a second."""
+        self.admitted -= images
+        self.completed += images
+        now = time.monotonic()
+        if now - self.window_start >= 0.5:
+            if self.admitted >= self.max_batch_size:  # the server had more than it could do: a real capacity
+                rate = self.completed / (now - self.window_start)
+                self.images_per_s = rate if not self.images_per_s else 0.7 * self.images_per_s + 0.3 * rate
+            self.window_start, self.completed = now, 0
+
+    # --- health -------------------------------------------------------------------------------------------------
+
+    def problem(self) -> str:
+        """Why the batcher cannot answer ('' while it can): its task stopped, or a forward pass hangs."""
+        if self.failure:
+            return self.failure
+        started = self.batch_started
+        if started is not None and time.monotonic() - started > self.stall_s:
+            return f"a forward pass has been running for over {self.stall_s:g} s"
+        return ""
+
+    def _stopped(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            self.failure = "the batching task was cancelled"
+        elif task.exception() is not None:
+            self.failure = f"the batching task failed: {task.exception()!r}"
+        else:
+            self.failure = "the batching task has stopped"
+        while not self.queue.empty():  # whoever is still waiting gets an answer now
+            entry = self.queue.get_nowait()
+            if entry is not None and not entry[1].done():
+                entry[1].set_exception(WorkerDown(self.failure))
+
+    # --- work ---------------------------------------------------------------------------------------------------
+
+    async def submit(self, item) -> torch.Tensor:
+        if self.failure:
+            raise WorkerDown(self.failure)
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((item, future))
+        return await future
+
+    async def close(self) -> None:
+        """Finish what is queued, then stop."""
+        if not self.worker.done():
+            self.queue.put_nowait(None)
+            await asyncio.gather(self.worker, return_exceptions=True)
+        self.executor.shutdown()
+
+    async def _next_batch(self) -> tuple[list, bool]:
+        """(items, closing): blocks for the first item, then takes what is queued, up to max_batch_size."""
+        loop = asyncio.get_running_loop()
+        first = await self.queue.get()
+        if first is None:
+            return [], True
+        batch, deadline = [first], loop.time() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            if not self.queue.empty():
+                item = self.queue.get_nowait()
+            elif deadline > loop.time():
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
+                except TimeoutError:
+                    break
+            else:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        closing = False
+        while not closing:
+            batch, closing = await self._next_batch()
+            batch = [(item, future) for item, future in batch if not future.done()]  # drop cancelled requests
+            if not batch:
+                continue
+            self.batch_started = time.monotonic()
+            try:
+                probs = await loop.run_in_executor(self.executor, self.run_batch, [item for item, _ in batch])
+            except Exception as e:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            finally:
+                self.batch_started = None
+            for (_, future), row in zip(batch, probs):
+                if not future.done():
+                    future.set_result(row)

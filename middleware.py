@@ -1,0 +1,171 @@
+"""The ASGI layers around the prediction app: Prometheus metrics, the body limit, the gate (API key, readiness and
+admission before a request's body is read) and quiet startup errors. api.py stacks them."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from batcher import Overloaded, WorkerDown
+
+AUTH_MESSAGE = "missing or wrong API key: send it as X-API-Key: <key> or Authorization: Bearer <key>"
+
+
+class Metrics:
+    """Prometheus collectors on a registry of their own, so several apps can live in one process (tests)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        ms = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+        self.requests = Counter("cater_http_requests", "HTTP requests by route, method and status",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("cater_http_request_duration_seconds", "time from request to response, by route",
+                                 ["route"], buckets=ms, registry=self.registry)
+        self.batch_size = Histogram("cater_batch_size", "images per forward pass",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.inference = Histogram("cater_inference_duration_seconds", "time of one batched forward pass",
+                                   buckets=ms, registry=self.registry)
+        self.model = Info("cater_model", "the served checkpoint", registry=self.registry)
+        self.rejected = Counter("cater_rejected_requests", "requests refused before any work: overload (503 with "
+                                "Retry-After), unavailable (not ready or worker down: 503), unauthorized (401)",
+                                ["reason"], registry=self.registry)
+        self.admitted = Gauge("cater_admitted_images", "images admitted and not answered yet", registry=self.registry)
+
+
+class MetricsMiddleware:
+    """Counts every response by route template (not raw path, so unknown URLs cannot blow up the label set)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+        self.paths: frozenset[str] | None = None  # the app's route paths, known once it has its routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.paths is None:
+            self.paths = frozenset(r.path for r in scope["app"].routes)
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            if route is not None:
+                route = route.path
+            else:  # not routed: a 404, or refused before routing (401, 413, 503), counted under its path if it has one
+                route = scope["path"] if scope["path"] in self.paths else "unmatched"
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+class BodyLimitMiddleware:
+    """413 when the body is over max_bytes: up front from Content-Length, else as soon as the count passes it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body over the limit of {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, message)  # FastAPI's body parsing lets HTTPException through
+            return event
+
+        await self.app(scope, limited_receive, send)
+
+
+class StartupErrorMiddleware:
+    """A startup failure the log already explains (no or a bad checkpoint) is not repeated as a traceback."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def quiet_send(message):
+            if message["type"] == "lifespan.startup.failed" and scope["app"].state.startup_error:
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, quiet_send)
+
+
+def key_matches(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def given_key(headers: dict[bytes, bytes]) -> str:
+    """The key of X-API-Key, else of Authorization: Bearer."""
+    key = headers.get(b"x-api-key", b"").decode("latin-1")
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return key or (token.strip() if scheme.lower() == "bearer" else "")
+
+
+class GateMiddleware:
+    """Refuses what the server should not start on, before the body is read or anything is decoded.
+
+    Routes in `guarded` need the API key when one is set (401). Routes in `admitted` also need a ready server
+    (503 while starting or with its batching task down) and room in the batcher's queue: when admitting
+    one more request would make the wait exceed the queue budget, 503 with Retry-After at once. The admitted
+    request is counted until its response is sent; routes that carry several images admit the rest themselves.
+    """
+
+    def __init__(self, app, guarded: set[str], admitted: set[str]):
+        self.app, self.guarded, self.admitted = app, guarded, admitted
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path not in self.guarded or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        state = scope["app"].state
+        metrics = state.metrics
+        expected = state.config.api_key
+        if expected and not key_matches(given_key(dict(scope["headers"])), expected):
+            metrics.rejected.labels("unauthorized").inc()
+            return await JSONResponse({"detail": AUTH_MESSAGE}, 401, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        if path not in self.admitted:
+            return await self.app(scope, receive, send)
+        if not state.ready:  # while draining it still serves: /ready alone tells the load balancer to stop
+            metrics.rejected.labels("unavailable").inc()
+            return await JSONResponse({"detail": "the model is not loaded yet"}, 503)(scope, receive, send)
+        batcher = state.batcher
+        try:
+            batcher.admit(1)
+        except Overloaded as e:
+            metrics.rejected.labels("overload").inc()
+            # Connection: close, so a client that retries at once pays for a new connection: under a retry storm
+            # from a thousand connections this halves the event loop's time on refusals, and the 200s keep flowing.
+            headers = {"Retry-After": str(e.retry_after), "Connection": "close"}
+            return await JSONResponse({"detail": str(e)}, 503, headers)(scope, receive, send)
+        except WorkerDown as e:
+            metrics.rejected.labels("unavailable").inc()
+            return await JSONResponse({"detail": f"inference is down: {e}"}, 503)(scope, receive, send)
+        metrics.admitted.set(batcher.admitted)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            batcher.release(1)
+            metrics.admitted.set(batcher.admitted)

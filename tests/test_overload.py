@@ -1,0 +1,271 @@
+"""The service under overload, failure and shutdown: a real server process driven by wrk, and in-process checks.
+
+A burst far above capacity gets 200s and fast 503s (Retry-After), never a dropped connection or another 5xx; a
+wrong API key is refused before the body is read; a dead or hung inference worker turns /ready and /health 503 and
+fails requests fast; SIGTERM drains (/ready 503 first) and finishes what was accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import api
+from batcher import MicroBatcher, Overloaded, WorkerDown
+from checkpoint import save_checkpoint
+from config import ModelConfig, ServeConfig
+from conftest import free_port, server_process
+from model import CnnClassifier
+from transforms import CIFAR10_MEAN, CIFAR10_STD
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The fast preset's network (untrained: its cost per image is what matters here)."""
+    torch.manual_seed(0)
+    model = CnnClassifier(ModelConfig(), num_classes=10).eval()
+    path = tmp_path_factory.mktemp("overload") / "cnn.pt"
+    save_checkpoint(path, model, model_config=model.cfg, classes=CLASSES, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                    image_size=32, metrics={})
+    return path
+
+
+def png_body(seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return b'{"image_base64": "%s"}' % base64.b64encode(buf.getvalue())
+
+
+@contextmanager
+def many_files():
+    """Room for over a thousand sockets in this process and the servers and clients it starts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextmanager
+def api_server(checkpoint: Path, tmp_path: Path, **env):
+    port = free_port()
+    settings = {"CATER_MODEL_PATH": str(checkpoint), **{f"CATER_{k.upper()}": str(v) for k, v in env.items()}}
+    cmd = [sys.executable, "-m", "uvicorn", "api:app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+    with server_process(cmd, {**os.environ, **settings}, tmp_path / "api.log", f"http://127.0.0.1:{port}/ready", 120) as proc:
+        yield proc, f"http://127.0.0.1:{port}"
+
+
+def wrk(url: str, body: bytes, connections: int, seconds: int, tmp_path: Path) -> dict:
+    """wrk's figures for POSTing `body` to url: requests, requests/s, non-2xx, socket errors, p99 in seconds."""
+    assert shutil.which("wrk"), "wrk is needed: apt-get install wrk (.ci/run installs it)"
+    script = tmp_path / "post.lua"
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f'wrk.body = "{body.decode().replace(chr(34), chr(92) + chr(34))}"\n')
+    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "5s", "--latency",
+                          "-s", str(script), url], capture_output=True, text=True, timeout=seconds + 60).stdout
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s|m)\b", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"requests": int(re.search(r"(\d+) requests in", out)[1]),
+            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),
+            "non_2xx": int(m[1]) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0,
+            "socket_errors": sum(map(int, errors.groups())) if errors else 0,
+            "p99": float(p99[1]) * units[p99[2]], "output": out}
+
+
+def statuses(base: str, route: str = "/predict") -> dict[str, float]:
+    """Responses by status for a route, from the server's own Prometheus counters."""
+    text = httpx.get(f"{base}/metrics").text
+    found = re.findall(r'cater_http_requests_total\{method="POST",route="%s",status="(\d+)"\} ([\d.e+]+)' % route, text)
+    return {status: float(count) for status, count in found}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A burst far above capacity
+
+
+def test_a_burst_gets_200s_and_fast_503s_and_the_200s_keep_flowing(checkpoint, tmp_path):
+    body = png_body()
+    with many_files(), api_server(checkpoint, tmp_path) as (proc, base):
+        url = f"{base}/predict"
+        wrk(url, body, 32, 3, tmp_path)  # warm-up: the admission limit learns the throughput under load
+        normal = wrk(url, body, 32, 5, tmp_path)
+        assert normal["non_2xx"] == 0 and normal["socket_errors"] == 0, normal["output"]
+        rss_before = psutil.Process(proc.pid).memory_info().rss
+
+        burst = wrk(url, body, 1100, 8, tmp_path)
+        rss_after = psutil.Process(proc.pid).memory_info().rss
+        counts = statuses(base)
+        ok_rps = (burst["requests"] - burst["non_2xx"]) / 8
+        print(f"normal: {normal['rps']:.0f} req/s; burst of 1100 connections: {burst['rps']:.0f} answers/s, "
+              f"{ok_rps:.0f} of them 200/s, {burst['non_2xx']} 503s, p99 {burst['p99'] * 1000:.0f} ms, "
+              f"RSS {rss_before / 1e6:.0f} -> {rss_after / 1e6:.0f} MB")
+
+        assert burst["socket_errors"] == 0, burst["output"]  # no dropped connection, no timeout
+        assert set(counts) <= {"200", "503"}, counts  # no other status, 5xx or not
+        assert burst["non_2xx"] > 0, "the burst never hit the limit: make it larger"
+        # On 2 cores shared with wrk these came out at p99 1.1-1.8 s and 83-95% (README, "Operating the service");
+        # the bounds leave room for a noisy CI machine. Without admission control, p99 passed 5 s (wrk timeouts).
+        assert burst["p99"] < 3.0, burst["output"]
+        assert ok_rps >= 0.6 * normal["rps"], burst["output"]
+        assert rss_after < rss_before + 300e6  # bounded: no queue of a thousand decoded requests
+
+        after = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=10)
+        assert after.status_code == 200 and after.json()["class_name"] in CLASSES
+        overloaded = re.search(r'cater_rejected_requests_total\{reason="overload"\} ([\d.e+]+)', httpx.get(f"{base}/metrics").text)
+        assert overloaded and float(overloaded[1]) == counts["503"]
+
+
+def test_503_at_capacity_says_when_to_retry():
+    async def scenario():
+        batcher = MicroBatcher(lambda items: [torch.zeros(1)] * len(items), max_batch_size=4, max_wait_ms=0)
+        batcher.admit(8)  # two full batches: the floor before any throughput is measured
+        with pytest.raises(Overloaded) as e:
+            batcher.admit(1)
+        assert e.value.retry_after >= 1 and "retry in" in str(e.value)
+        batcher.release(8)
+        batcher.admit(1)  # room again
+        batcher.images_per_s = 1000.0  # measured: 1,000 images/s answer 500 within the 500 ms budget
+        assert batcher.capacity() == 500
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Auth before work
+
+
+def test_a_wrong_key_is_refused_before_the_body_is_read(checkpoint, tmp_path):
+    with api_server(checkpoint, tmp_path, api_key="secret", max_body_bytes=64 * 1024 * 1024) as (_, base):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            # announces 50 MB and sends none of it: an answer can only come before the body is read
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-API-Key: wrong\r\n"
+                      b"Content-Length: 50000000\r\n\r\n")
+            start = time.monotonic()
+            response = s.recv(4096)
+        assert response.startswith(b"HTTP/1.1 401"), response[:200]
+        assert b"API key" in response and time.monotonic() - start < 2
+        ok = httpx.post(f"{base}/predict", content=png_body(), headers={"X-API-Key": "secret",
+                                                                         "Content-Type": "application/json"})
+        assert ok.status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Supervision
+
+
+def serving(checkpoint: Path, **settings):
+    config = ServeConfig(model_path=str(checkpoint), device="cpu", threads=torch.get_num_threads(), **settings)
+    return TestClient(api.create_app(config))
+
+
+def test_a_dead_batcher_fails_ready_health_and_requests_fast(checkpoint):
+    with serving(checkpoint) as client:
+        assert client.get("/ready").status_code == 200
+        worker = client.app.state.batcher.worker
+        worker.get_loop().call_soon_threadsafe(worker.cancel)
+        deadline = time.monotonic() + 5
+        while not worker.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ready, health = client.get("/ready"), client.get("/health")
+        assert ready.status_code == 503 and "cancelled" in ready.json()["status"]
+        assert health.status_code == 503
+        start = time.monotonic()
+        r = client.post("/predict", json={"image_base64": png_b64()})
+        assert r.status_code == 503 and "inference is down" in r.json()["detail"]
+        assert time.monotonic() - start < 1
+
+
+def png_b64() -> str:
+    return png_body().split(b'"')[3].decode()
+
+
+def test_a_hung_forward_pass_times_out_and_marks_the_server_down(checkpoint):
+    with serving(checkpoint, timeout_s=0.5) as client:
+        served = client.app.state.served
+        release = threading.Event()
+        real = served.predictor.probabilities
+
+        def hang(x, tta):
+            release.wait(10)
+            return real(x, tta)
+
+        served.predictor.probabilities = hang
+        try:
+            start = time.monotonic()
+            r = client.post("/predict", json={"image_base64": png_b64()})
+            assert r.status_code == 504 and "CATER_TIMEOUT_S" in r.json()["detail"]
+            assert time.monotonic() - start < 3
+            time.sleep(0.3)  # the forward pass is now past timeout_s
+            assert client.get("/ready").status_code == 503
+            assert "running for over" in client.get("/health").json()["status"]
+        finally:
+            release.set()
+        time.sleep(0.3)
+        assert client.get("/ready").status_code == 200  # it came back
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Graceful shutdown
+
+
+def test_sigterm_drains_then_finishes_every_accepted_request(checkpoint, tmp_path):
+    body = png_body()
+    with api_server(checkpoint, tmp_path, drain_s=1.5) as (proc, base):
+        results, stop = [], threading.Event()
+
+        def load():
+            with httpx.Client(timeout=10) as client:
+                while not stop.is_set():
+                    try:
+                        r = client.post(f"{base}/predict", content=body, headers={"Content-Type": "application/json"})
+                        results.append((time.monotonic(), r.status_code))
+                    except httpx.TransportError:  # the listener closed after the drain: not accepted
+                        results.append((time.monotonic(), "closed"))
+                        time.sleep(0.05)
+
+        workers = [threading.Thread(target=load) for _ in range(8)]
+        for w in workers:
+            w.start()
+        time.sleep(1)
+        sigterm = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(f"{base}/ready").status_code == 503  # draining: the load balancer takes it out
+        code = proc.wait(timeout=30)
+        stop.set()
+        for w in workers:
+            w.join()
+
+    answered = [status for t, status in results if status != "closed"]
+    assert set(answered) == {200}, answered  # every request the server accepted got its answer
+    assert any(t > sigterm + 1.0 and s == 200 for t, s in results)  # still served during the drain
+    assert code in (0, -signal.SIGTERM)
