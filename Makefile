@@ -30,7 +30,7 @@ install:  ## create .venv and install requirements.txt into it
 train:  ## train the default (fast) preset, log to MLflow, write models/cnn.pt
 	$(PY) train.py $(TRAIN_FLAGS)
 
-smoke:  ## a few batches through every stage: writes models/cnn.pt and an MLflow run
+smoke:  ## a few batches through every stage: writes models/smoke.pt (not your models/cnn.pt) and an MLflow run
 	$(PY) train.py --smoke $(TRAIN_FLAGS)
 
 test:  ## run the test suite

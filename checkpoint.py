@@ -48,7 +48,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: M
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from the file alone (weights_only=True: nothing but tensors and plain data is unpickled)."""
     path = Path(path)
-    hint = "train one with `make train` (or `make smoke` for a quick one), or set CATER_MODEL_PATH"
+    hint = "train one with `make train`, or set CATER_MODEL_PATH (e.g. to models/smoke.pt, which `make smoke` writes)"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: {hint}")
     try:

@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 kwargs["type"] = kind
             group.add_argument(_flag(f.name), **kwargs)
-    parser.add_argument("--smoke", action="store_true", help="a few batches through every stage (sets --epochs 1 --max-steps 3 --limit 512 unless given)")
+    parser.add_argument("--smoke", action="store_true", help="a few batches through every stage (sets --epochs 1 "
+                        "--max-steps 3 --limit 512 --no-register --out models/smoke.pt unless given)")
     return parser
 
 
@@ -263,7 +264,9 @@ def parse_values(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     if args.pop("smoke"):
-        for name, value in (("epochs", 1.0), ("max_steps", 3), ("limit", 512), ("register", False)):
+        # a smoke run must not replace a user's trained models/cnn.pt: it writes models/smoke.pt unless --out says
+        for name, value in (("epochs", 1.0), ("max_steps", 3), ("limit", 512), ("register", False),
+                            ("out", "models/smoke.pt")):
             if args.get(name) is None:
                 args[name] = value
     return parser, args

@@ -17,6 +17,12 @@ def test_explicit_flags_override_the_preset():
     assert train_cfg.epochs == 3 and train_cfg.optimizer == "adam"
 
 
+def test_smoke_leaves_the_trained_model_alone():
+    assert parse_args(["--smoke"])[2].out == "models/smoke.pt"
+    assert parse_args([])[2].out == "models/cnn.pt"
+    assert parse_args(["--smoke", "--out", "models/cnn.pt"])[2].out == "models/cnn.pt"  # asked for
+
+
 def test_smoke_sets_small_run_unless_given():
     data_cfg, _, train_cfg = parse_args(["--smoke", "--limit", "100"])
     assert train_cfg.max_steps == 3 and data_cfg.limit == 100
