@@ -19,8 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +165,11 @@ class FitState:
     best_epoch: int = -1
     best_state: dict | None = None
     stopped: str = ""
+    diverged: bool = False  # stopped by a NaN or infinite loss
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The loss became NaN or infinite: the weights are no longer trustworthy."""
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch: int, epochs: int,
@@ -200,7 +208,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
                 state.lookahead.update(model, decay=0.95 ** LOOKAHEAD_EVERY * (state.step / state.total_steps) ** 3)
 
         n = len(y)
-        loss_sum += loss.item() * (1 if reduction == "sum" else n)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch + 1}, step {state.step}")
+        loss_sum += value * (1 if reduction == "sum" else n)
         correct += (logits.argmax(1) == y).sum().item()
         seen += n
         bar.update(1)
@@ -301,7 +312,9 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
                 break
     except KeyboardInterrupt:
         state.stopped = "interrupted"
-    if state.stopped:
+    except NonFiniteLoss as e:
+        state.stopped, state.diverged = f"{e}: training diverged (a lower --lr, or --precision fp32, may help)", True
+    if state.stopped and not state.diverged:  # main() reports a divergence as the error it is
         tqdm.write(state.stopped)
     if can_freeze:
         freeze_body(model, False)
@@ -401,7 +414,8 @@ class Tracker:
 
 
 # What the logged pyfunc model (mlflow_model.py) imports, copied into the model so it loads without this repo.
-MODEL_CODE = ("mlflow_model.py", "predictor.py", "checkpoint.py", "config.py", "model.py", "transforms.py", "decode.py")
+MODEL_CODE = ("mlflow_model.py", "predictor.py", "checkpoint.py", "atomic.py", "config.py", "model.py", "transforms.py",
+              "decode.py")
 
 
 def log_model(tracker: Tracker, checkpoint: Path, meta: dict):
@@ -450,6 +464,28 @@ def register(tracker: Tracker, model_uri: str, data: Dataset, data_cfg: DataConf
     print(f"registered {name} version {result.version}, {state}: {result.reason}")
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """What would otherwise fail after the training, checked before it: the output folder takes files, and a
+    tracking server named by MLFLOW_TRACKING_URI answers."""
+    folder = Path(cfg.out).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out {cfg.out}: cannot write in {folder}: {e.strerror or e}") from None
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if cfg.mlflow and urlparse(uri).scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        except urllib.error.HTTPError:
+            pass  # a server answered (behind auth or a proxy, say): MLflow will say more if it is the wrong one
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(f"MLFLOW_TRACKING_URI={uri}: no MLflow server answers ({reason}). Start it (make "
+                              "mlflow-server), unset MLFLOW_TRACKING_URI to log to mlflow.db, or pass --no-mlflow") from None
+
+
 def configure(argv: list[str] | None) -> tuple[DataConfig, ModelConfig, TrainConfig, list[str]]:
     """The three configs from the command line; for a folder without --preset, settings chosen from its images
     (autoconfig) fill in whatever was not given. Returns the reasons for those choices too."""
@@ -469,6 +505,7 @@ def configure(argv: list[str] | None) -> tuple[DataConfig, ModelConfig, TrainCon
 def main(argv: list[str] | None = None) -> int:
     try:
         data_cfg, model_cfg, train_cfg, reasons = configure(argv)
+        preflight(train_cfg)
         torch.set_num_threads(train_cfg.threads or available_cores())
         if reasons:
             print("settings chosen from the images (a flag overrides any of them):\n  " + "\n  ".join(reasons))
@@ -509,6 +546,12 @@ def main(argv: list[str] | None = None) -> int:
 
         state = fit(model, data, data_cfg, train_cfg, rt, on_epoch)
         train_seconds = time.perf_counter() - start
+        if state.diverged:
+            kept = (f"the best checkpoint so far (epoch {state.best_epoch}) stays at {train_cfg.out}"
+                    if state.best_state is not None else "no epoch finished, so no checkpoint was written")
+            print(f"error: {state.stopped}; {kept}", file=sys.stderr)
+            tracker.set_tags({"stopped": state.stopped})
+            return 1
         if state.best_state is None:
             print("error: stopped before the first epoch finished; nothing to save", file=sys.stderr)
             status = "KILLED"

@@ -1,5 +1,7 @@
 import os
 import stat
+import time
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -8,6 +10,7 @@ import torch
 import train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import ModelConfig, TrainConfig
+from conftest import free_port
 from model import CnnClassifier
 
 
@@ -146,6 +149,53 @@ def test_interrupted_run_keeps_its_best_checkpoint(cifar_dir, tmp_path, tracking
     assert meta["metrics"]["best_epoch"] == 1
     run = tracking.get_run(meta["mlflow_run_id"])
     assert run.info.status == "KILLED" and "val_acc" in run.data.metrics
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_best_checkpoint(cifar_dir, tmp_path, tracking,
+                                                                                monkeypatch, capsys):
+    out = tmp_path / "cnn.pt"
+    evaluated = []
+
+    def nan_from_the_second_epoch(logits, y, **kwargs):
+        loss = torch.nn.functional.cross_entropy(logits, y, **kwargs)
+        if "label_smoothing" not in kwargs:  # train.evaluate's call: the first epoch is over
+            evaluated.append(1)
+            return loss
+        return loss * float("nan") if evaluated else loss  # the training step's loss, from epoch 2 on
+
+    monkeypatch.setattr(train, "F", SimpleNamespace(cross_entropy=nan_from_the_second_epoch))
+    code = train.main(["--data-dir", str(cifar_dir), "--epochs", "3", "--batch-size", "64", "--out", str(out),
+                       "--experiment", "test-exp", "--tta", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the training loss became nan at epoch 2" in err and "diverged" in err
+    assert f"(epoch 1) stays at {out}" in err and "Traceback" not in err
+    _, meta = load_checkpoint(out)
+    assert meta["metrics"]["epoch"] == 1
+    run = tracking.get_run(meta["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "nan" in run.data.tags["stopped"]
+
+
+def test_a_real_divergence_is_caught_too(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "cnn.pt"
+    code = train.main(["--data-dir", str(cifar_dir), "--epochs", "2", "--batch-size", "64", "--out", str(out),
+                       "--lr", "1e30", "--no-mlflow"])
+    assert code == 1 and "diverged" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_unwritable_output_or_a_silent_tracking_server_fails_before_training(cifar_dir, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    started = []
+    monkeypatch.setattr(train, "fit", lambda *args, **kwargs: started.append(1))
+    assert train.main(["--data-dir", str(cifar_dir), "--out", str(blocker / "cnn.pt"), "--no-mlflow"]) == 2
+    assert f"--out {blocker / 'cnn.pt'}: cannot write in {blocker}" in capsys.readouterr().err
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    start = time.monotonic()
+    assert train.main(["--data-dir", str(cifar_dir), "--out", str(tmp_path / "cnn.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "no MLflow server answers" in err and "--no-mlflow" in err and time.monotonic() - start < 30
+    assert not started
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
