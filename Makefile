@@ -13,6 +13,7 @@ TRAIN_FLAGS = $(if $(PRESET),--preset $(PRESET)) $(if $(EPOCHS),--epochs $(EPOCH
               $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(DATASET),--dataset $(DATASET)) $(ARGS)
 HOST ?= 127.0.0.1
 PORT ?= 8000
+WORKERS ?= 1
 MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= postgresql+psycopg2://mlflow:mlflow@127.0.0.1:5432/mlflow
 MLFLOW_ARTIFACTS ?= s3://mlflow-artifacts
@@ -42,8 +43,9 @@ sweep:  ## compare settings: a grid of short runs (lr x widths x augmentation) u
 export:  ## TorchScript and ONNX files next to models/cnn.pt (CHECKPOINT=path for another), with its metadata
 	$(PY) export.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
 
-serve:  ## serve models/cnn.pt on http://$(HOST):$(PORT)
-	$(PY) -m uvicorn api:app --host $(HOST) --port $(PORT)
+serve:  ## serve models/cnn.pt on http://$(HOST):$(PORT); WORKERS=N for N processes (metrics summed across them)
+	$(if $(filter-out 1,$(WORKERS)),PROMETHEUS_MULTIPROC_DIR=$$(mktemp -d) WEB_CONCURRENCY=$(WORKERS)) \
+		$(PY) -m uvicorn api:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 mlflow-ui:  ## browse runs in the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(MLFLOW_PORT)

@@ -15,6 +15,7 @@ import gc
 import io
 import itertools
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image, UnidentifiedImageError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from batcher import MicroBatcher, Overloaded, WorkerDown
@@ -293,7 +294,9 @@ async def lifespan(app: FastAPI):
     cfg: ServeConfig = app.state.config
     # The event loop (HTTP, JSON, decoding) needs a core of its own; the forward pass gets the others.
     cores = available_cores()
-    threads = cfg.threads or max(1, cores - 1)
+    # WEB_CONCURRENCY: the number of server processes (uvicorn --workers reads it too): they share the cores
+    workers = max(1, int(os.environ.get("WEB_CONCURRENCY") or 1))
+    threads = cfg.threads or max(1, cores // workers - 1)
     torch.set_num_threads(threads)
     try:
         served = await asyncio.to_thread(load_served, cfg, threads)
@@ -313,7 +316,7 @@ async def lifespan(app: FastAPI):
         return rows
 
     app.state.served, app.state.threads, app.state.reload_lock = served, threads, asyncio.Lock()
-    metrics.model.info(served.labels)
+    metrics.serving(served.labels)
     app.state.batcher = MicroBatcher(run_batch, served.info.max_batch_size, cfg.max_wait_ms,
                                      queue_budget_ms=cfg.queue_budget_ms, max_queue=cfg.max_queue, stall_s=cfg.timeout_s)
     # Decoding off the event loop, one thread per core: more threads only queue for the GIL and add memory.
@@ -329,6 +332,7 @@ async def lifespan(app: FastAPI):
         app.state.ready = False
         await app.state.batcher.close()
         app.state.decode_pool.shutdown()
+        metrics.close()
 
 
 def drain_on_sigterm(app: FastAPI, drain_s: float) -> None:
@@ -452,7 +456,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                 raise HTTPException(409, f"reload failed, still serving {state.served.describe()}: {e}") from None
             log.info("reloaded: %s replaces %s", served.describe(), state.served.describe())
             state.served = served
-            state.metrics.model.info(served.labels)
+            state.metrics.serving(served.labels)
             # the old model was frozen out of the cyclic GC at startup: let it go, and freeze the new one
             gc.unfreeze()
             await asyncio.to_thread(gc.collect)
@@ -484,7 +488,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
              responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text exposition"}})
     async def metrics(request: Request):
         """Prometheus metrics: requests, latency, batch sizes, inference time, model info."""
-        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -4,22 +4,33 @@ admission before a request's body is read) and quiet startup errors. api.py stac
 from __future__ import annotations
 
 import hmac
+import os
 import time
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from batcher import Overloaded, WorkerDown
 
 AUTH_MESSAGE = "missing or wrong API key: send it as X-API-Key: <key> or Authorization: Bearer <key>"
 
 
+MODEL_LABELS = ("checkpoint", "mlflow_run_id", "registered_model", "model_version", "arch", "classes", "image_size",
+                "backend", "device", "tta")
+
+
 class Metrics:
-    """Prometheus collectors on a registry of their own, so several apps can live in one process (tests)."""
+    """Prometheus collectors on a registry of their own, so several apps can live in one process (tests).
+
+    With several server processes (make serve WORKERS=N), PROMETHEUS_MULTIPROC_DIR names a folder they share: each
+    process writes its values there and /metrics, whichever process answers, adds them all up (the client's
+    multiprocess mode). Without it, /metrics shows this process's own values.
+    """
 
     def __init__(self):
         self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         ms = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
         self.requests = Counter("cater_http_requests", "HTTP requests by route, method and status",
                                 ["route", "method", "status"], registry=self.registry)
@@ -29,11 +40,34 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.inference = Histogram("cater_inference_duration_seconds", "time of one batched forward pass",
                                    buckets=ms, registry=self.registry)
-        self.model = Info("cater_model", "the served checkpoint", registry=self.registry)
+        # an info-style gauge (always 1) rather than Info, which the multiprocess mode does not carry
+        self.model = Gauge("cater_model_info", "the served model (value 1)", MODEL_LABELS, multiprocess_mode="max",
+                           registry=self.registry)
         self.rejected = Counter("cater_rejected_requests", "requests refused before any work: overload (503 with "
                                 "Retry-After), unavailable (not ready or worker down: 503), unauthorized (401)",
                                 ["reason"], registry=self.registry)
-        self.admitted = Gauge("cater_admitted_images", "images admitted and not answered yet", registry=self.registry)
+        self.admitted = Gauge("cater_admitted_images", "images admitted and not answered yet",
+                              multiprocess_mode="livesum", registry=self.registry)
+        self.served: dict[str, str] | None = None
+
+    def serving(self, labels: dict[str, str]) -> None:
+        """The model this process now serves (the one before, after a reload, drops to 0)."""
+        if self.served is not None:
+            self.model.labels(**self.served).set(0)
+        self.model.labels(**labels).set(1)
+        self.served = labels
+
+    def exposition(self) -> bytes:
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+
+    def close(self) -> None:
+        """This process is ending: its live gauges leave the sums."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())
 
 
 class MetricsMiddleware:
