@@ -295,8 +295,10 @@ async def lifespan(app: FastAPI):
     # The event loop (HTTP, JSON, decoding) needs a core of its own; the forward pass gets the others.
     cores = available_cores()
     # WEB_CONCURRENCY: the number of server processes (uvicorn --workers reads it too): they share the cores
-    workers = max(1, int(os.environ.get("WEB_CONCURRENCY") or 1))
-    threads = cfg.threads or max(1, cores // workers - 1)
+    workers = os.environ.get("WEB_CONCURRENCY", "1")
+    workers = int(workers) if workers.isdigit() and int(workers) > 0 else 1
+    cores = max(1, cores // workers)
+    threads = cfg.threads or max(1, cores - 1)
     torch.set_num_threads(threads)
     try:
         served = await asyncio.to_thread(load_served, cfg, threads)
@@ -344,9 +346,10 @@ def drain_on_sigterm(app: FastAPI, drain_s: float) -> None:
     loop = asyncio.get_running_loop()
 
     def on_sigterm(signum, frame):
-        app.state.draining = True
-        if drain_s <= 0:
+        if drain_s <= 0 or app.state.draining:  # no drain, or a second SIGTERM: stop now
+            app.state.draining = True
             return previous(signum, frame)
+        app.state.draining = True
         log.info("SIGTERM: /ready answers 503; serving %g s more, then shutting down", drain_s)
         loop.call_soon_threadsafe(loop.call_later, drain_s, previous, signum, frame)
 
@@ -396,11 +399,14 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
         batcher: MicroBatcher = state.batcher
         extra = len(data_list) - 1  # GateMiddleware admitted one image; a batch request admits the rest here
-        try:
-            batcher.admit(extra)
-        except Overloaded as e:
-            state.metrics.rejected.labels("overload").inc()
-            raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+        if extra:
+            try:
+                batcher.admit(extra, held=1)
+            except Overloaded as e:
+                state.metrics.rejected.labels("overload").inc()
+                raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after), "Connection": "close"}) from None
+            except WorkerDown as e:
+                raise HTTPException(503, f"inference is down: {e}") from None
         try:
             async with asyncio.timeout(config.timeout_s):
                 images = await asyncio.get_running_loop().run_in_executor(state.decode_pool, prepare_all)

@@ -17,6 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 
+MAX_RETRY_AFTER_S = 30
+
+
 class Overloaded(Exception):
     """More work is admitted than can be answered within the queue budget; retry_after is in seconds."""
 
@@ -48,6 +51,7 @@ class MicroBatcher:
         self.images_per_s = 0.0  # answered per second under load (0 until measured)
         self.completed, self.window_start = 0, time.monotonic()
         self.batch_started: float | None = None
+        self.taken: list = []  # (item, future) pairs the batching task has taken from the queue
         self.failure = ""
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -59,26 +63,37 @@ class MicroBatcher:
     def capacity(self) -> int:
         """Images that can be admitted at once: what the measured throughput answers within the queue budget (at
         least two full batches, so a slow first measurement cannot starve the server), at most max_queue."""
-        return max(2 * self.max_batch_size, min(self.max_queue, int(self.images_per_s * self.queue_budget)))
+        return min(self.max_queue, max(2 * self.max_batch_size, int(self.images_per_s * self.queue_budget)))
 
-    def admit(self, images: int = 1) -> None:
-        """Count `images` in, or raise Overloaded (or WorkerDown) without counting them; release() them after."""
+    def admit(self, images: int = 1, held: int = 0) -> None:
+        """Count `images` more in for a request that holds `held` already, or raise Overloaded (or WorkerDown)
+        without counting them; release() them after. A request that finds nobody else admitted always gets in,
+        whatever its size, so a large batch request cannot be refused forever."""
         if self.problem():
             raise WorkerDown(self.problem())
-        if self.admitted + images > self.capacity() and self.admitted > 0:
+        if images <= 0:
+            return
+        others = self.admitted - held
+        if others > 0 and self.admitted + images > self.capacity():
             rate = self.images_per_s or self.max_batch_size
-            raise Overloaded(max(1, math.ceil(self.admitted / rate)))
+            raise Overloaded(min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.admitted / rate))))
+        if self.admitted == 0:  # a busy period starts: throughput is measured from here
+            self.window_start, self.completed = time.monotonic(), 0
         self.admitted += images
 
     def release(self, images: int = 1) -> None:
-        """Count `images` out (answered, or failed). Also measures the throughput while saturated: the images
-        answered per second, decoding and everything else included, over windows of half a second."""
+        """Count `images` out (answered, or failed)."""
         self.admitted -= images
-        self.completed += images
+
+    def _measure(self, answered: int) -> None:
+        """The model's throughput while saturated: images answered per second, over windows of half a second in
+        which more than a batch was waiting (a window spanning an idle gap, or a quiet one, says nothing)."""
+        self.completed += answered
         now = time.monotonic()
-        if now - self.window_start >= 0.5:
-            if self.admitted >= self.max_batch_size:  # the server had more than it could do: a real capacity
-                rate = self.completed / (now - self.window_start)
+        span = now - self.window_start
+        if span >= 0.5:
+            if span <= 2.0 and self.admitted >= self.max_batch_size:
+                rate = self.completed / span
                 self.images_per_s = rate if not self.images_per_s else 0.7 * self.images_per_s + 0.3 * rate
             self.window_start, self.completed = now, 0
 
@@ -100,10 +115,13 @@ class MicroBatcher:
             self.failure = f"the batching task failed: {task.exception()!r}"
         else:
             self.failure = "the batching task has stopped"
-        while not self.queue.empty():  # whoever is still waiting gets an answer now
-            entry = self.queue.get_nowait()
+        waiting = list(self.taken)  # whoever is still waiting gets an answer now: taken for a batch, or queued
+        while not self.queue.empty():
+            waiting.append(self.queue.get_nowait())
+        for entry in waiting:
             if entry is not None and not entry[1].done():
                 entry[1].set_exception(WorkerDown(self.failure))
+        self.taken = []
 
     # --- work ---------------------------------------------------------------------------------------------------
 
@@ -115,11 +133,14 @@ class MicroBatcher:
         return await future
 
     async def close(self) -> None:
-        """Finish what is queued, then stop."""
+        """Finish what is queued, then stop (waiting at most stall_s for a forward pass that hangs)."""
         if not self.worker.done():
             self.queue.put_nowait(None)
-            await asyncio.gather(self.worker, return_exceptions=True)
-        self.executor.shutdown()
+            try:
+                await asyncio.wait_for(asyncio.gather(self.worker, return_exceptions=True), self.stall_s)
+            except TimeoutError:
+                self.worker.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _next_batch(self) -> tuple[list, bool]:
         """(items, closing): blocks for the first item, then takes what is queued, up to max_batch_size."""
@@ -128,6 +149,7 @@ class MicroBatcher:
         if first is None:
             return [], True
         batch, deadline = [first], loop.time() + self.max_wait
+        self.taken = batch  # what this task holds, failed by _stopped if the task dies with it
         while len(batch) < self.max_batch_size:
             if not self.queue.empty():
                 item = self.queue.get_nowait()
@@ -151,6 +173,7 @@ class MicroBatcher:
             batch = [(item, future) for item, future in batch if not future.done()]  # drop cancelled requests
             if not batch:
                 continue
+            self.taken = batch
             self.batch_started = time.monotonic()
             try:
                 probs = await loop.run_in_executor(self.executor, self.run_batch, [item for item, _ in batch])
@@ -161,6 +184,8 @@ class MicroBatcher:
                 continue
             finally:
                 self.batch_started = None
+            self._measure(len(batch))
             for (_, future), row in zip(batch, probs):
                 if not future.done():
                     future.set_result(row)
+            self.taken = []

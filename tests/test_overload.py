@@ -30,6 +30,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 import api
@@ -164,6 +165,45 @@ def test_503_at_capacity_says_when_to_retry():
     asyncio.run(scenario())
 
 
+def test_a_large_request_on_an_idle_server_is_admitted_and_retry_after_is_capped():
+    async def scenario():
+        batcher = MicroBatcher(lambda items: [torch.zeros(1)] * len(items), max_batch_size=4, max_wait_ms=0)
+        batcher.admit(1)  # the gate's image of a 64-image batch request, the server otherwise idle
+        batcher.admit(63, held=1)  # far over capacity (8), but nobody else is waiting: it gets in
+        with pytest.raises(Overloaded) as e:
+            batcher.admit(1)  # someone else now waits behind it
+        batcher.images_per_s = 0.001  # a slow measurement does not tell clients to come back in hours
+        with pytest.raises(Overloaded) as e:
+            batcher.admit(1)
+        assert e.value.retry_after == 30
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_requests_in_a_batch_get_an_answer_when_the_batching_task_dies():
+    async def scenario():
+        started, release = threading.Event(), threading.Event()
+
+        def stuck(items):
+            started.set()
+            release.wait(10)
+            return [torch.zeros(1)] * len(items)
+
+        batcher = MicroBatcher(stuck, max_batch_size=4, max_wait_ms=0)
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in range(6)]  # a batch of 4 in the thread, 2 queued
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        batcher.worker.cancel()
+        start = time.monotonic()
+        results = await asyncio.gather(*waiting, return_exceptions=True)
+        assert all(isinstance(r, WorkerDown) for r in results) and time.monotonic() - start < 1
+        release.set()
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Auth before work
 
@@ -254,7 +294,7 @@ def test_sigterm_drains_then_finishes_every_accepted_request(checkpoint, tmp_pat
                     try:
                         r = client.post(f"{base}/predict", content=body, headers={"Content-Type": "application/json"})
                         results.append((time.monotonic(), r.status_code))
-                    except httpx.TransportError:  # the listener closed after the drain: not accepted
+                    except httpx.ConnectError:  # the listener closed after the drain: not accepted
                         results.append((time.monotonic(), "closed"))
                         time.sleep(0.05)
 
@@ -292,8 +332,9 @@ def test_two_worker_processes_add_up_their_metrics(checkpoint, tmp_path):
     with server_process(cmd, env, tmp_path / "api.log", f"{base}/ready", 120):
         body, sent = png_body(), 0
 
-        def pids() -> set[str]:  # the processes that have counted a request
-            return {f.stem.rsplit("_", 1)[1] for f in shared.glob("counter_*.db")}
+        def pids() -> set[str]:  # the processes that have answered a /predict (each writes its own file)
+            return {f.stem.rsplit("_", 1)[1] for f in shared.glob("counter_*.db")
+                    if any('"/predict"' in key and value for key, value, *_ in MmapedDict.read_all_values_from_file(str(f)))}
 
         while sent < 400 and (sent < 40 or len(pids()) < 2):
             with httpx.Client() as client:  # a new connection: the kernel hands it to either process
