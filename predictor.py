@@ -9,6 +9,7 @@ views as uint8 images and matches the checkpoint run by PyTorch.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import torch
 from checkpoint import READABLE_VERSIONS, CheckpointError, load_checkpoint
 from model import predict_logits
 from transforms import normalize, tta_views
+
+log = logging.getLogger(__name__)
 
 ONNX_SUFFIX = ".onnx"
 METADATA_KEY = "cater"  # export.py stores the checkpoint's metadata as JSON under this key in both exported formats
@@ -44,16 +47,23 @@ def frozen_graph(model: torch.nn.Module, meta: dict, device: torch.device) -> to
     """The model as a frozen TorchScript graph, which runs its whole forward pass without Python's GIL: eager mode
     takes the GIL back between operators, and beside a busy event loop (a server under load) that cut its throughput
     ~9x on 2 CPU cores; the graph lost ~3x. Falls back to the eager model if tracing fails or changes the result."""
-    example = torch.randn(2, meta.get("channels", 3), meta["image_size"], meta["image_size"], device=device)
-    example = example.contiguous(memory_format=torch.channels_last)
+    def example(batch: int) -> torch.Tensor:
+        x = torch.randn(batch, meta.get("channels", 3), meta["image_size"], meta["image_size"], device=device)
+        return x.contiguous(memory_format=torch.channels_last)
+
     try:
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit's deprecation notices
-            graph = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
-            same = torch.allclose(graph(example), model(example), atol=1e-4, rtol=1e-4)
-    except Exception:  # a model torch.jit cannot trace: eager is correct, only slower under load
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
+            warnings.simplefilter("error", torch.jit.TracerWarning)  # a shape or branch baked into the graph
+            graph = torch.jit.freeze(torch.jit.trace(model, example(2), check_trace=False))
+            for batch in (1, 3, 2):  # other batch sizes than the traced one, and the traced one
+                x = example(batch)
+                if not torch.allclose(graph(x), model(x), atol=1e-4, rtol=1e-4):
+                    raise ValueError(f"the graph's output differs from the model's at batch size {batch}")
+    except Exception as e:  # a model torch.jit cannot trace faithfully: eager is correct, only slower under load
+        log.warning("serving the model in eager mode (%s: %s)", e.__class__.__name__, e)
         return model
-    return graph if same else model
+    return graph
 
 
 class OnnxPredictor:

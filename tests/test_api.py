@@ -695,3 +695,20 @@ def damaged_images(draw):
 def test_damaged_image_files_give_no_server_error(client, data):
     r = client.post("/predict/file", files={"file": ("x", data)})
     assert r.status_code == 200 or (400 <= r.status_code < 500 and r.json()["detail"]), (r.status_code, r.text)
+
+
+def test_the_served_graph_falls_back_to_eager_when_tracing_is_not_faithful():
+    from predictor import frozen_graph
+
+    class BatchDependent(torch.nn.Module):  # Python ints from shapes get frozen into a traced graph
+        def forward(self, x):
+            return x.flatten(1)[:, :3] * int(x.shape[0])
+
+    meta = {"channels": 3, "image_size": 8}
+    assert frozen_graph(BatchDependent(), meta, torch.device("cpu")).__class__ is BatchDependent
+    net = CnnClassifier(ModelConfig(arch="airbench", widths=(8, 16, 16)), num_classes=3).eval()
+    graph = frozen_graph(net, {"channels": 3, "image_size": 32}, torch.device("cpu"))
+    assert isinstance(graph, torch.jit.ScriptModule)
+    x = torch.randn(5, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(graph(x), net(x), atol=1e-5)
