@@ -159,9 +159,9 @@ def available_cores() -> int:
 
 
 def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:
-    """Cores' worth of CPU time the process's cgroup allows (quota / period), or None without a limit.
-    cgroup v2 keeps it in cpu.max ("max 100000" or "150000 100000"), v1 in cpu.cfs_quota_us (-1 = none) and
-    cpu.cfs_period_us."""
+    """Cores' worth of CPU time the process's cgroups allow (quota / period; the smallest from its own group up
+    to the root), or None without a limit. cgroup v2 keeps it in cpu.max ("max 100000" or "150000 100000"),
+    v1 in cpu.cfs_quota_us (-1 = none) and cpu.cfs_period_us."""
     try:
         lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
@@ -169,21 +169,22 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/sel
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2
-            folders, read = [Path(root) / path.lstrip("/"), Path(root)], lambda d: (d / "cpu.max").read_text().split()
+            base, files = Path(root), ("cpu.max",)
         elif "cpu" in controllers.split(","):  # v1
-            base = Path(root) / controllers
-            folders = [base / path.lstrip("/"), base]
-            read = lambda d: [(d / f).read_text().strip() for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]  # noqa: E731
+            base, files = Path(root) / controllers, ("cpu.cfs_quota_us", "cpu.cfs_period_us")
         else:
             continue
-        for folder in folders:
+        parts = [p for p in path.split("/") if p]
+        limits = []
+        for depth in range(len(parts), -1, -1):  # the process's own group, then each parent
+            folder = base.joinpath(*parts[:depth])
             try:
-                quota, period = read(folder)
+                quota, period = " ".join((folder / f).read_text() for f in files).split()
+                if quota not in ("max", "-1") and float(period) > 0:
+                    limits.append(float(quota) / float(period))
             except (OSError, ValueError):
                 continue
-            if quota in ("max", "-1") or float(period) <= 0:
-                return None
-            return float(quota) / float(period)
+        return min(limits) if limits else None
     return None
 
 

@@ -101,6 +101,7 @@ def fake_cgroup(tmp_path, proc: str, files: dict[str, str]) -> tuple[str, str]:
                                          "cpu,cpuacct/x/cpu.cfs_period_us": "100000\n"}, 0.5),  # v1
     ("4:cpu,cpuacct:/x\n", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, None),
     ("0::/gone\n", {}, None),  # no files to read: no limit known
+    ("0::/pod/app\n", {"pod/app/cpu.max": "max 100000\n", "pod/cpu.max": "200000 100000\n", "cpu.max": "max\n"}, 2.0),
 ])
 def test_cgroup_cpu_quota(tmp_path, proc, files, cores):
     assert config.cgroup_cpu_quota(*fake_cgroup(tmp_path, proc, files)) == cores
