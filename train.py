@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import copy
 import importlib.metadata
 import io
@@ -166,6 +167,10 @@ class FitState:
     best_state: dict | None = None
     stopped: str = ""
     diverged: bool = False  # stopped by a NaN or infinite loss
+    nonfinite_steps: int = 0  # in a row
+
+
+MAX_SKIPPED_FP16_STEPS = 10
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -209,12 +214,17 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
 
         n = len(y)
         value = loss.item()
+        bar.update(1)
         if not math.isfinite(value):
-            raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch + 1}, step {state.step}")
+            # fp16's loss scaler skips an overflowing step and lowers its scale: a few in a row are normal there
+            state.nonfinite_steps += 1
+            if not scaler.is_enabled() or state.nonfinite_steps > MAX_SKIPPED_FP16_STEPS:
+                raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch + 1}, step {state.step}")
+            continue
+        state.nonfinite_steps = 0
         loss_sum += value * (1 if reduction == "sum" else n)
         correct += (logits.argmax(1) == y).sum().item()
         seen += n
-        bar.update(1)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     bar.close()
     if state.lookahead is not None:
@@ -480,7 +490,7 @@ def preflight(cfg: TrainConfig) -> None:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
         except urllib.error.HTTPError:
             pass  # a server answered (behind auth or a proxy, say): MLflow will say more if it is the wrong one
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:  # refused, unresolvable, not HTTP at all
             reason = getattr(e, "reason", e)
             raise ConfigError(f"MLFLOW_TRACKING_URI={uri}: no MLflow server answers ({reason}). Start it (make "
                               "mlflow-server), unset MLFLOW_TRACKING_URI to log to mlflow.db, or pass --no-mlflow") from None
