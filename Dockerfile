@@ -4,7 +4,7 @@
 #   docker run --rm -p 8000:8000 -v "$PWD/models:/app/models:ro" cater-serve
 #   docker run --rm -p 8000:8000 -v "$PWD/models:/app/models:ro" -e CATER_MODEL_PATH=models/cnn.onnx cater-serve
 #
-# Build arguments: BASE_IMAGE (any Debian-like image with python3 >= 3.10 and its venv module), TORCH_PACKAGES and
+# Build arguments: BASE_IMAGE (any Debian-like image with python3 >= 3.11 and its venv module), TORCH_PACKAGES and
 # TORCH_PIP_ARGS (where the CPU-only PyTorch wheels come from), EXTRA_PACKAGES (timm, for fine-tuned backbones).
 ARG BASE_IMAGE=python:3.11-slim
 
@@ -24,6 +24,8 @@ RUN useradd --uid 10001 --no-create-home --home-dir /app --shell /usr/sbin/nolog
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY --chown=root:root *.py ./
+# readable by the service's user whatever the umask of the checkout they came from
+RUN chmod 0644 ./*.py
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \

@@ -41,7 +41,7 @@ class Metrics:
         self.inference = Histogram("cater_inference_duration_seconds", "time of one batched forward pass",
                                    buckets=ms, registry=self.registry)
         # an info-style gauge (always 1) rather than Info, which the multiprocess mode does not carry
-        self.model = Gauge("cater_model_info", "the served model (value 1)", MODEL_LABELS, multiprocess_mode="max",
+        self.model = Gauge("cater_model_info", "the served model (value 1)", MODEL_LABELS, multiprocess_mode="livemax",
                            registry=self.registry)
         self.rejected = Counter("cater_rejected_requests", "requests refused before any work: overload (503 with "
                                 "Retry-After), unavailable (not ready or worker down: 503), unauthorized (401)",
