@@ -524,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before training started: nothing was written", file=sys.stderr)
+        return 130
     n_params = sum(p.numel() for p in model.parameters())
     print(f"data: {data.source}  train {len(data.train)}  val {len(data.val)}  test {len(data.test) if data.test else 0}"
           f"  classes {len(data.classes)}  {data_cfg.image_size}px x {data_cfg.channels} channel(s), {data_cfg.resize}")
@@ -532,9 +535,14 @@ def main(argv: list[str] | None = None) -> int:
           f"device {rt.device}  precision {rt.dtype or 'fp32'}{' channels_last' if rt.channels_last else ''}"
           f"  threads {torch.get_num_threads()}")
 
-    tracker = Tracker(train_cfg.mlflow, train_cfg.experiment,
-                      train_cfg.run_name or f"{train_cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", train_cfg.parent_run)
+    try:
+        tracker = Tracker(train_cfg.mlflow, train_cfg.experiment,
+                          train_cfg.run_name or f"{train_cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", train_cfg.parent_run)
+    except KeyboardInterrupt:
+        print("interrupted before training started: nothing was written", file=sys.stderr)
+        return 130
     status = "FAILED"
+    saved = []  # epochs whose weights were written to train_cfg.out
     try:
         tracker.log_params(flat_params(data_cfg, model_cfg, train_cfg))
         tracker.set_tags({"git_commit": git_commit(), "device": str(rt.device), "torch_version": torch.__version__,
@@ -550,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         def on_epoch(epoch, metrics, improved):
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if improved:  # the best model so far is on disk at every moment of the run
+                saved.append(epoch)
                 save_checkpoint(train_cfg.out, model, metrics={"val_acc": metrics["val_acc"],
                                                                "val_macro_f1": metrics["val_macro_f1"], "epoch": epoch},
                                 **ckpt_info)
@@ -573,6 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:  # an image that fails to decode mid-run, when streaming from a folder
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside an epoch (those stop training and go on to the report): stop here
+        status = "KILLED"
+        kept = f"the checkpoint of epoch {saved[-1]} stays at {train_cfg.out}" if saved else "no checkpoint was written"
+        print(f"interrupted: {kept}; what was logged stays in the MLflow run, marked KILLED", file=sys.stderr)
+        return 130
     finally:
         tracker.end(status)
 
@@ -638,4 +652,8 @@ def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Run
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # between main's own handlers (while importing, say)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

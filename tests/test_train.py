@@ -1,4 +1,5 @@
 import os
+import signal
 import stat
 import time
 from types import SimpleNamespace
@@ -149,6 +150,31 @@ def test_interrupted_run_keeps_its_best_checkpoint(cifar_dir, tmp_path, tracking
     assert meta["metrics"]["best_epoch"] == 1
     run = tracking.get_run(meta["mlflow_run_id"])
     assert run.info.status == "KILLED" and "val_acc" in run.data.metrics
+
+
+@pytest.mark.parametrize("phase", ["load_dataset", "log_model"])
+def test_ctrl_c_outside_an_epoch_ends_cleanly(phase, cifar_dir, tmp_path, tracking, monkeypatch, capsys):
+    """A real SIGINT (the OS delivers it to this process) while the data loads, or while the model is logged."""
+    out = tmp_path / "cnn.pt"
+    real = getattr(train, phase)
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, phase, interrupted)
+    code = train.main(["--data-dir", str(cifar_dir), "--epochs", "1", "--batch-size", "64", "--out", str(out),
+                       "--experiment", "test-exp", "--tta", "0"])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    if phase == "load_dataset":
+        assert "nothing was written" in err and not out.exists()
+        assert tracking.search_experiments(filter_string="name = 'test-exp'") == []  # no run was started
+    else:
+        assert f"the checkpoint of epoch 1 stays at {out}" in err
+        _, meta = load_checkpoint(out)
+        run = tracking.get_run(meta["mlflow_run_id"])
+        assert run.info.status == "KILLED" and "val_acc" in run.data.metrics
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_best_checkpoint(cifar_dir, tmp_path, tracking,
