@@ -558,10 +558,10 @@ def main(argv: list[str] | None = None) -> int:
         def on_epoch(epoch, metrics, improved):
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if improved:  # the best model so far is on disk at every moment of the run
-                saved.append(epoch)
                 save_checkpoint(train_cfg.out, model, metrics={"val_acc": metrics["val_acc"],
                                                                "val_macro_f1": metrics["val_macro_f1"], "epoch": epoch},
                                 **ckpt_info)
+                saved.append(epoch)  # after the write: an interrupted write leaves the previous file
 
         state = fit(model, data, data_cfg, train_cfg, rt, on_epoch)
         train_seconds = time.perf_counter() - start

@@ -163,8 +163,13 @@ def test_ctrl_c_outside_an_epoch_ends_cleanly(phase, cifar_dir, tmp_path, tracki
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train, phase, interrupted)
-    code = train.main(["--data-dir", str(cifar_dir), "--epochs", "1", "--batch-size", "64", "--out", str(out),
-                       "--experiment", "test-exp", "--tta", "0"])
+    # Python's own Ctrl-C handler, as train.py has when run from a shell (an earlier test may have left another)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = train.main(["--data-dir", str(cifar_dir), "--epochs", "1", "--batch-size", "64", "--out", str(out),
+                           "--experiment", "test-exp", "--tta", "0"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     if phase == "load_dataset":
