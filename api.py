@@ -404,7 +404,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                 batcher.admit(extra, held=1)
             except Overloaded as e:
                 state.metrics.rejected.labels("overload").inc()
-                raise HTTPException(503, str(e), headers={"Retry-After": str(e.retry_after), "Connection": "close"}) from None
+                raise HTTPException(503, str(e), headers=e.headers) from None
             except WorkerDown as e:
                 raise HTTPException(503, f"inference is down: {e}") from None
         try:
@@ -438,8 +438,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             return JSONResponse({"status": "starting"}, status_code=503)
         if state.draining:
             return JSONResponse({"status": "draining: shutting down"}, status_code=503)
-        if state.batcher.problem():
-            return JSONResponse({"status": f"inference is down: {state.batcher.problem()}"}, status_code=503)
+        problem = state.batcher.problem()
+        if problem:
+            return JSONResponse({"status": f"inference is down: {problem}"}, status_code=503)
         return ReadyResponse(status="ready")
 
     @app.get("/model", response_model=ModelInfo, response_model_by_alias=True, tags=["status"],

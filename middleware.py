@@ -16,10 +16,6 @@ from batcher import Overloaded, WorkerDown
 AUTH_MESSAGE = "missing or wrong API key: send it as X-API-Key: <key> or Authorization: Bearer <key>"
 
 
-MODEL_LABELS = ("checkpoint", "mlflow_run_id", "registered_model", "model_version", "arch", "classes", "image_size",
-                "backend", "device", "tta")
-
-
 class Metrics:
     """Prometheus collectors on a registry of their own, so several apps can live in one process (tests).
 
@@ -40,9 +36,7 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.inference = Histogram("cater_inference_duration_seconds", "time of one batched forward pass",
                                    buckets=ms, registry=self.registry)
-        # an info-style gauge (always 1) rather than Info, which the multiprocess mode does not carry
-        self.model = Gauge("cater_model_info", "the served model (value 1)", MODEL_LABELS, multiprocess_mode="livemax",
-                           registry=self.registry)
+        self.model: Gauge | None = None  # made by serving(), with the label names api.Served.labels gives
         self.rejected = Counter("cater_rejected_requests", "requests refused before any work: overload (503 with "
                                 "Retry-After), unavailable (not ready or worker down: 503), unauthorized (401)",
                                 ["reason"], registry=self.registry)
@@ -52,6 +46,9 @@ class Metrics:
 
     def serving(self, labels: dict[str, str]) -> None:
         """The model this process now serves (the one before, after a reload, drops to 0)."""
+        if self.model is None:  # an info-style gauge (always 1) rather than Info, which multiprocess mode lacks
+            self.model = Gauge("cater_model_info", "the served model (value 1)", list(labels),
+                               multiprocess_mode="livemax", registry=self.registry)
         if self.served is not None:
             self.model.labels(**self.served).set(0)
         self.model.labels(**labels).set(1)
@@ -190,10 +187,7 @@ class GateMiddleware:
             batcher.admit(1)
         except Overloaded as e:
             metrics.rejected.labels("overload").inc()
-            # Connection: close, so a client that retries at once pays for a new connection: under a retry storm
-            # from a thousand connections this halves the event loop's time on refusals, and the 200s keep flowing.
-            headers = {"Retry-After": str(e.retry_after), "Connection": "close"}
-            return await JSONResponse({"detail": str(e)}, 503, headers)(scope, receive, send)
+            return await JSONResponse({"detail": str(e)}, 503, e.headers)(scope, receive, send)
         except WorkerDown as e:
             metrics.rejected.labels("unavailable").inc()
             return await JSONResponse({"detail": f"inference is down: {e}"}, 503)(scope, receive, send)
