@@ -521,23 +521,19 @@ def main(argv: list[str] | None = None) -> int:
             print("settings chosen from the images (a flag overrides any of them):\n  " + "\n  ".join(reasons))
         data = load_dataset(data_cfg)
         model, rt = setup(model_cfg, train_cfg, data, data_cfg)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"data: {data.source}  train {len(data.train)}  val {len(data.val)}"
+              f"  test {len(data.test) if data.test else 0}  classes {len(data.classes)}"
+              f"  {data_cfg.image_size}px x {data_cfg.channels} channel(s), {data_cfg.resize}")
+        widths = f" widths {list(model_cfg.widths)}" if model_cfg.arch in SCRATCH_ARCHS else ""
+        print(f"model: {model_cfg.arch}{widths}  {n_params / 1e6:.2f}M params  "
+              f"device {rt.device}  precision {rt.dtype or 'fp32'}{' channels_last' if rt.channels_last else ''}"
+              f"  threads {torch.get_num_threads()}")
+        tracker = Tracker(train_cfg.mlflow, train_cfg.experiment,
+                          train_cfg.run_name or f"{train_cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", train_cfg.parent_run)
     except (DataError, ConfigError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted before training started: nothing was written", file=sys.stderr)
-        return 130
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"data: {data.source}  train {len(data.train)}  val {len(data.val)}  test {len(data.test) if data.test else 0}"
-          f"  classes {len(data.classes)}  {data_cfg.image_size}px x {data_cfg.channels} channel(s), {data_cfg.resize}")
-    widths = f" widths {list(model_cfg.widths)}" if model_cfg.arch in SCRATCH_ARCHS else ""
-    print(f"model: {model_cfg.arch}{widths}  {n_params / 1e6:.2f}M params  "
-          f"device {rt.device}  precision {rt.dtype or 'fp32'}{' channels_last' if rt.channels_last else ''}"
-          f"  threads {torch.get_num_threads()}")
-
-    try:
-        tracker = Tracker(train_cfg.mlflow, train_cfg.experiment,
-                          train_cfg.run_name or f"{train_cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", train_cfg.parent_run)
     except KeyboardInterrupt:
         print("interrupted before training started: nothing was written", file=sys.stderr)
         return 130
