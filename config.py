@@ -102,7 +102,10 @@ class TrainConfig:
     channels_last: bool = _opt(True, "use the channels_last memory format (faster convolutions on CPU and GPU)")
     compile: bool = _opt(False, "torch.compile the model (pays a compile cost up front)")
     threads: int = _opt(0, "torch CPU threads (0 = one per core)")
-    out: str = _opt("models/cnn.pt", "where the best checkpoint is written")
+    out: str = _opt("models/cnn.pt", "where the best checkpoint is written (and beside it, after every epoch, the "
+                                      "last one with the whole training state: models/cnn.last.pt)")
+    resume: bool = _opt(False, "continue the run whose last checkpoint is beside --out (same settings, same MLflow run) "
+                               "from its last finished epoch; without one, start a new run")
     experiment: str = _opt("cv-image-classification", "MLflow experiment name")
     run_name: str = _opt("", "MLflow run name (default: preset and time)")
     mlflow: bool = _opt(True, "log to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo)")

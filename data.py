@@ -257,13 +257,16 @@ class InMemoryLoader:
     """Training batches from a uint8 tensor kept on the device, augmented a whole batch at a time.
 
     Drops the last partial batch; each epoch is a fresh seeded shuffle, translation and flip pattern.
+    With shard=(rank, world) (distributed training) every rank draws the same global batches and keeps its slice
+    of each: together the ranks see exactly what one process would.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std, cfg: TrainConfig,
-                 device: torch.device):
+                 device: torch.device, shard: tuple[int, int] = (0, 1)):
         self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size = min(batch_size, len(labels))
         self.mean, self.std, self.cfg = mean, std, cfg
+        self.rank, self.world = shard
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.base_flips = torch.rand(len(labels), generator=self.generator) < 0.5
         self.epoch = 0
@@ -284,7 +287,8 @@ class InMemoryLoader:
             device_index = index.to(self.images.device)
             x = augment_batch(self.images[device_index], flips[index], self.mean, self.std, cfg.translate,
                               self.generator, cfg.crop_scale, cfg.rotate90)
-            yield from zip(x.split(self.batch_size), self.labels[device_index].split(self.batch_size))
+            for xb, yb in zip(x.split(self.batch_size), self.labels[device_index].split(self.batch_size)):
+                yield xb.tensor_split(self.world)[self.rank], yb.tensor_split(self.world)[self.rank]
 
 
 class _FileImages(torch.utils.data.Dataset):
@@ -298,17 +302,28 @@ class _FileImages(torch.utils.data.Dataset):
         return self.transform(open_image(self.paths[i])), self.labels[i]
 
 
-def train_loader(split: ImageSet, data_cfg: DataConfig, cfg: TrainConfig, mean, std, device: torch.device):
-    """In-memory batches when the split is decoded, else per-image PIL transforms in worker processes."""
+def train_loader(split: ImageSet, data_cfg: DataConfig, cfg: TrainConfig, mean, std, device: torch.device,
+                 shard: tuple[int, int] = (0, 1)):
+    """In-memory batches when the split is decoded, else per-image PIL transforms in worker processes.
+
+    cfg.batch_size is the global batch: with shard=(rank, world) each rank gets 1/world of every step's batch
+    (streaming: a DistributedSampler, reshuffled per epoch by set_epoch)."""
     if split.images is not None:
-        return InMemoryLoader(split.images, split.labels, cfg.batch_size, mean, std, cfg, device)
+        return InMemoryLoader(split.images, split.labels, cfg.batch_size, mean, std, cfg, device, shard)
     transform = train_transform(data_cfg.image_size, mean, std, cfg.translate, cfg.flip != "none", data_cfg.channels,
                                 data_cfg.resize, cfg.crop_scale, cfg.rotate90)
     workers = data_cfg.workers
+    images = _FileImages(split.paths, split.labels, transform)
+    rank, world = shard
+    batch_size = max(1, min(cfg.batch_size, len(split)) // world)
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(images, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        return torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                           num_workers=workers, persistent_workers=workers > 0,
+                                           pin_memory=device.type == "cuda")
     return torch.utils.data.DataLoader(
-        _FileImages(split.paths, split.labels, transform), batch_size=min(cfg.batch_size, len(split)), shuffle=True,
-        drop_last=True, num_workers=workers, persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
+        images, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
 
 
 def eval_batches(split: ImageSet, mean, std, batch_size: int, cfg: DataConfig, device: torch.device, workers: int | None = None):

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import http.client
 import copy
+import functools
 import importlib.metadata
 import io
 import math
@@ -31,14 +32,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import autoconfig
+import distributed
 from checkpoint import save_checkpoint
 from config import (ConfigError, DataConfig, ModelConfig, TrainConfig, available_cores, flat_params, parse_values,
                     pick_device, resolve)
 from data import (DataError, Dataset, eval_batches, load_dataset, split_fingerprint, summarize_folder, total_steps,
                   train_loader)
+from distributed import Ranks
 from model import SCRATCH_ARCHS, CnnClassifier, build_model, init_whitening, param_groups, predict_logits, whitening_layer
 from pretrained import WeightsError, load_pretrained, normalization
 from registry import CHAMPION, DEFAULT_TRACKING_URI, default_name, register_and_promote
+from resume import ResumeError, last_path, load_last, restore_rng, rng_states, save_last
 from scores import class_scores, class_weights
 
 REPO = Path(__file__).resolve().parent
@@ -81,6 +85,7 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype | None
     channels_last: bool
+    ranks: Ranks = field(default_factory=Ranks)  # this process's place among torchrun's processes
 
     def autocast(self):
         if self.dtype is None:
@@ -127,8 +132,12 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 class Lookahead:
     """Every few steps pull the weights (and BN statistics) towards a slow average and copy it back."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    def __init__(self, slow: dict[str, torch.Tensor]):
+        self.slow = slow
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "Lookahead":
+        return cls({k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()})
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, decay: float) -> None:
@@ -141,8 +150,9 @@ class Lookahead:
 # ---------------------------------------------------------------- the loop
 
 @torch.no_grad()
-def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0) -> dict:
-    """Loss, confusion matrix (rows: true class, columns: predicted) and the scores.class_scores over batches."""
+def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0, across_ranks: bool = False) -> dict:
+    """Loss, confusion matrix (rows: true class, columns: predicted) and the scores.class_scores over batches;
+    across_ranks: each rank holds a shard of the split, and the counts are summed over all ranks first."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, n = 0.0, 0
@@ -152,6 +162,9 @@ def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0) -> dic
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         n += len(y)
         confusion += torch.bincount((y * num_classes + logits.argmax(1)).cpu(), minlength=num_classes ** 2).view(num_classes, num_classes)
+    if across_ranks:
+        distributed.sum_across(confusion)
+        loss_sum, n = distributed.sum_across(torch.tensor([loss_sum, n], dtype=torch.float64)).tolist()
     return {"loss": loss_sum / max(n, 1), "confusion": confusion, **class_scores(confusion)}
 
 
@@ -165,6 +178,7 @@ class FitState:
     best_score: float = -1.0
     best_epoch: int = -1
     best_state: dict | None = None
+    patience_left: int = 0
     stopped: str = ""
     diverged: bool = False  # stopped by a NaN or infinite loss
     nonfinite_steps: int = 0  # in a row
@@ -182,11 +196,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
     model.train()
     smoothing = cfg.label_smoothing
     reduction = "sum" if cfg.optimizer == "sgd" else "mean"
+    # DDP averages the ranks' gradients: a loss summed over the rank's shard is scaled back to the global batch's sum
+    grad_scale = rt.ranks.world if reduction == "sum" else 1
     loss_sum = correct = seen = 0
     data_seconds = 0.0
     start = time.perf_counter()
     steps = min(len(loader), state.total_steps - state.step)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True,
+               disable=not rt.ranks.main)
     batches = iter(loader)
     scaler = state.scaler
     for _ in range(steps):
@@ -199,7 +216,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=smoothing, reduction=reduction)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss * grad_scale if grad_scale != 1 else loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -207,13 +224,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
 
         if cfg.lookahead and epoch >= LOOKAHEAD_START_EPOCH and state.step % LOOKAHEAD_EVERY == 0:
             if state.lookahead is None:
-                state.lookahead = Lookahead(model)
+                state.lookahead = Lookahead.of(unwrap(model))
             else:
                 # Average weakly while the weights still move fast, strongly near the end.
-                state.lookahead.update(model, decay=0.95 ** LOOKAHEAD_EVERY * (state.step / state.total_steps) ** 3)
+                state.lookahead.update(unwrap(model), decay=0.95 ** LOOKAHEAD_EVERY * (state.step / state.total_steps) ** 3)
 
-        n = len(y)
-        value = loss.item()
+        # One small sum over the ranks per step (a sync point, like .item()): every rank sees the global loss, so
+        # all of them stop together on a NaN instead of one waiting forever for the others.
+        step = torch.stack([loss.detach().float() * (1 if reduction == "sum" else len(y)),
+                            (logits.argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=loss.device)])
+        value, step_correct, n = distributed.sum_across(step).tolist()
         bar.update(1)
         if not math.isfinite(value):
             # fp16's loss scaler skips an overflowing step and lowers its scale: a few in a row are normal there
@@ -222,27 +242,31 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
                 raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch + 1}, step {state.step}")
             continue
         state.nonfinite_steps = 0
-        loss_sum += value * (1 if reduction == "sum" else n)
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += value
+        correct += step_correct
         seen += n
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     bar.close()
     if state.lookahead is not None:
-        state.lookahead.update(model, decay=1.0)
+        state.lookahead.update(unwrap(model), decay=1.0)
     seconds = time.perf_counter() - start
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "epoch_seconds": seconds,
             "images_per_s": seen / seconds, "data_share": data_seconds / seconds, "learning_rate": max(scheduler.get_last_lr())}
 
 
-def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, data_cfg: DataConfig):
-    """Seeded model on its device with its numerics; returns (model, runtime).
+def runtime(train_cfg: TrainConfig, ranks: Ranks) -> Runtime:
+    """The device (this rank's GPU under torchrun, after joining the process group) and its numerics."""
+    device = distributed.join(ranks, pick_device(train_cfg.device, "--device"))
+    # channels_last is faster in fp32 too: 1.6x for the airbench net on CPU
+    return Runtime(device, pick_precision(train_cfg.precision, device), train_cfg.channels_last, ranks)
+
+
+def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, data_cfg: DataConfig, rt: Runtime):
+    """The seeded model on its device (the same on every rank).
 
     A pretrained backbone brings its own normalization, which replaces the dataset's (data.mean, data.std).
     """
     torch.manual_seed(train_cfg.seed)
-    device = pick_device(train_cfg.device, "--device")
-    dtype = pick_precision(train_cfg.precision, device)
-    rt = Runtime(device, dtype, channels_last=train_cfg.channels_last)  # faster in fp32 too: 1.6x for the airbench net on CPU
     model = build_model(model_cfg, num_classes=len(data.classes), image_size=data_cfg.image_size, in_chans=data_cfg.channels)
     if model_cfg.weights and (model_cfg.arch in SCRATCH_ARCHS or not model_cfg.pretrained):
         raise ConfigError("--weights is for a pretrained timm backbone: drop it, or pick one with --arch (and --pretrained)")
@@ -256,10 +280,27 @@ def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, data_cf
         init_whitening(model, (x for index in picked.sort().values.split(per_batch)
                                for x, _ in eval_batches(data.train.subset(index), data.mean, data.std, per_batch,
                                                         data_cfg, torch.device("cpu"), workers=0)))
-    model.to(device)
+    model.to(rt.device)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
-    return model, rt
+    return model
+
+
+def wrap(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
+    """What the loop runs: under torchrun DistributedDataParallel (its gradients summed across ranks), compiled
+    with --compile. DDP syncs the parameters that train when it is built: fit wraps again when that set changes
+    (the whitening bias stops, a frozen body starts), rather than searching every step for unused ones."""
+    net = model
+    if rt.ranks.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return torch.compile(net) if cfg.compile else net
+
+
+def unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers (its state_dict has the plain names)."""
+    while isinstance(net, torch.nn.parallel.DistributedDataParallel) or hasattr(net, "_orig_mod"):
+        net = net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net._orig_mod
+    return net
 
 
 def freeze_body(model: torch.nn.Module, frozen: bool) -> None:
@@ -270,11 +311,19 @@ def freeze_body(model: torch.nn.Module, frozen: bool) -> None:
             p.requires_grad = not frozen
 
 
-def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, on_epoch=None) -> FitState:
-    """Train, evaluating on validation after each epoch and keeping the best weights; Ctrl-C stops cleanly."""
-    loader = train_loader(data.train, data_cfg, cfg, data.mean, data.std, rt.device)
+def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, on_epoch=None,
+        last: Path | None = None, last_extra: dict | None = None, resumed: dict | None = None) -> FitState:
+    """Train, evaluating on validation after each epoch and keeping the best weights; Ctrl-C stops cleanly.
+
+    After each epoch rank 0 writes the `last` checkpoint (resume.py; with last_extra in it) and then calls
+    on_epoch(epoch, metrics, improved); `resumed` (what resume.load_last read) continues a run after its last
+    finished epoch. Under torchrun every rank trains on its shard of each global batch and evaluates its shard of
+    the validation split; gradients and counts are summed over the ranks.
+    """
+    ranks = rt.ranks
+    loader = train_loader(data.train, data_cfg, cfg, data.mean, data.std, rt.device, (ranks.rank, ranks.world))
     # fp16 needs loss scaling against gradient underflow; with bf16 or fp32 the scaler does nothing.
-    state = FitState(total_steps=total_steps(len(data.train), cfg.batch_size, cfg.epochs),
+    state = FitState(total_steps=total_steps(len(data.train), cfg.batch_size, cfg.epochs), patience_left=cfg.patience,
                      scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16))
     if cfg.max_steps:
         state.total_steps = min(state.total_steps, cfg.max_steps)
@@ -284,22 +333,34 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
         tqdm.write("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(data.classes, weights.tolist())))
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, state.total_steps, cfg))
-    net = torch.compile(model) if cfg.compile else model
-    epochs = math.ceil(state.total_steps / len(loader))
     whiten = whitening_layer(model)
     can_freeze = cfg.freeze_epochs > 0 and hasattr(model, "get_classifier")
+    net, wrapped_for = None, None
+    epochs = math.ceil(state.total_steps / len(loader))
+    first_epoch = 0
+    if resumed is not None:
+        first_epoch = restore(resumed, model, optimizer, scheduler, state, loader, rt.device)
+        tqdm.write(f"resumed after epoch {first_epoch} of {epochs} (step {state.step}) from {last}")
+        if state.stopped:  # the run had stopped early: nothing left to train
+            first_epoch = epochs
     eval_size = eval_batch_size(model, data_cfg.image_size)
-    patience_left = cfg.patience
-    start = time.perf_counter()
+    val_split = data.val.subset(torch.arange(ranks.rank, len(data.val), ranks.world)) if ranks.enabled else data.val
+    sampler = getattr(loader, "sampler", None)
+    start = time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
     try:
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             if whiten is not None:
                 whiten.bias.requires_grad = epoch < cfg.whiten_bias_epochs
             if can_freeze:
                 freeze_body(model, epoch < cfg.freeze_epochs)
+            trainable = [p.requires_grad for p in model.parameters()]
+            if net is None or (ranks.enabled and trainable != wrapped_for):
+                net, wrapped_for = wrap(model, cfg, rt), trainable
+            if isinstance(sampler, torch.utils.data.DistributedSampler):
+                sampler.set_epoch(epoch)
             metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt, weights)
-            val = evaluate(net, eval_batches(data.val, data.mean, data.std, eval_size, data_cfg, rt.device),
-                           len(data.classes), rt)
+            val = evaluate(net, eval_batches(val_split, data.mean, data.std, eval_size, data_cfg, rt.device),
+                           len(data.classes), rt, across_ranks=ranks.enabled)
             metrics.update(val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
                            epoch=epoch + 1, elapsed_s=time.perf_counter() - start)
             state.history.append(metrics)
@@ -308,17 +369,25 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
             if improved:
                 state.best_score, state.best_epoch = score, epoch + 1
                 state.best_state = copy.deepcopy(model.state_dict())
-                patience_left = cfg.patience
+                state.patience_left = cfg.patience
             else:
-                patience_left -= 1
+                state.patience_left -= 1
             tqdm.write(f"epoch {epoch + 1:>3}/{epochs}  train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f}"
                        f"  val loss {val['loss']:.4f} acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else '  '}"
                        f"  lr {metrics['learning_rate']:.2e}  {metrics['epoch_seconds']:.1f}s  {metrics['images_per_s']:.0f} img/s"
                        f"  data {100 * metrics['data_share']:.1f}%")
-            if on_epoch:
-                on_epoch(epoch + 1, metrics, improved)
-            if cfg.patience and patience_left <= 0:
+            if cfg.patience and state.patience_left <= 0:
                 state.stopped = f"early stop: no better validation {cfg.select_metric} for {cfg.patience} epochs"
+            if ranks.main and last is not None:  # before on_epoch logs the epoch: a resumed run logs it only once
+                save_last(last, epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                          scheduler=scheduler.state_dict(), scaler=state.scaler.state_dict(), step=state.step,
+                          lookahead=state.lookahead.slow if state.lookahead else None, history=state.history,
+                          best_score=state.best_score, best_epoch=state.best_epoch, best_state=state.best_state,
+                          patience_left=state.patience_left, stopped=state.stopped, rng=rng_states(loader),
+                          **(last_extra or {}))
+            if on_epoch and ranks.main:
+                on_epoch(epoch + 1, metrics, improved)
+            if state.stopped:
                 break
     except KeyboardInterrupt:
         state.stopped = "interrupted"
@@ -329,6 +398,21 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     if can_freeze:
         freeze_body(model, False)
     return state
+
+
+def restore(saved: dict, model, optimizer, scheduler, state: FitState, loader, device: torch.device) -> int:
+    """Put a last checkpoint's training state back; returns the number of epochs it had finished."""
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    state.scaler.load_state_dict(saved["scaler"])
+    state.step, state.history, state.patience_left = saved["step"], saved["history"], saved["patience_left"]
+    state.best_score, state.best_epoch, state.best_state = saved["best_score"], saved["best_epoch"], saved["best_state"]
+    state.stopped = saved["stopped"]
+    if saved["lookahead"] is not None:
+        state.lookahead = Lookahead({k: v.to(device) for k, v in saved["lookahead"].items()})
+    restore_rng(saved["rng"], loader)
+    return saved["epoch"]
 
 
 # ---------------------------------------------------------------- reporting
@@ -391,7 +475,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
 class Tracker:
     """MLflow logging, or nothing when disabled; every call is a no-op without an active run."""
 
-    def __init__(self, enabled: bool, experiment: str, run_name: str, parent_run: str = ""):
+    def __init__(self, enabled: bool, experiment: str, run_name: str, parent_run: str = "", run_id: str = ""):
+        """A new run, or with run_id the existing run reopened (a resumed training run)."""
         self.run = None
         self.mlflow = None
         if not enabled:
@@ -405,7 +490,14 @@ class Tracker:
                 mlflow.create_experiment(experiment, artifact_location=(REPO / "mlruns" / experiment.replace("/", "_")).as_uri())
         mlflow.set_experiment(experiment)
         # system metrics (CPU, memory, disk, GPU when present) sampled by MLflow in the background
-        self.run = mlflow.start_run(run_name=run_name or None, parent_run_id=parent_run or None, log_system_metrics=True)
+        if run_id:
+            try:
+                self.run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+            except mlflow.exceptions.MlflowException as e:
+                raise ResumeError(f"cannot reopen MLflow run {run_id} in {mlflow.get_tracking_uri()}: {e.message}. "
+                                  "Set MLFLOW_TRACKING_URI as it was for that run") from None
+        else:
+            self.run = mlflow.start_run(run_name=run_name or None, parent_run_id=parent_run or None, log_system_metrics=True)
 
     @property
     def run_id(self) -> str | None:
@@ -515,12 +607,22 @@ def configure(argv: list[str] | None) -> tuple[DataConfig, ModelConfig, TrainCon
 def main(argv: list[str] | None = None) -> int:
     try:
         data_cfg, model_cfg, train_cfg, reasons = configure(argv)
-        preflight(train_cfg)
-        torch.set_num_threads(train_cfg.threads or available_cores())
+        ranks = distributed.from_env()
+        if not ranks.main:  # rank 0 speaks for all; the others still print their errors
+            sys.stdout = open(os.devnull, "w")
+            tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+        else:
+            preflight(train_cfg)
+        torch.set_num_threads(train_cfg.threads or max(1, available_cores() // ranks.local_world))
+        rt = runtime(train_cfg, ranks)
         if reasons:
             print("settings chosen from the images (a flag overrides any of them):\n  " + "\n  ".join(reasons))
+        if not ranks.main:
+            distributed.barrier()  # rank 0 loads first: a CIFAR-10 download happens once
         data = load_dataset(data_cfg)
-        model, rt = setup(model_cfg, train_cfg, data, data_cfg)
+        if ranks.main:
+            distributed.barrier()
+        model = setup(model_cfg, train_cfg, data, data_cfg, rt)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"data: {data.source}  train {len(data.train)}  val {len(data.val)}"
               f"  test {len(data.test) if data.test else 0}  classes {len(data.classes)}"
@@ -528,10 +630,14 @@ def main(argv: list[str] | None = None) -> int:
         widths = f" widths {list(model_cfg.widths)}" if model_cfg.arch in SCRATCH_ARCHS else ""
         print(f"model: {model_cfg.arch}{widths}  {n_params / 1e6:.2f}M params  "
               f"device {rt.device}  precision {rt.dtype or 'fp32'}{' channels_last' if rt.channels_last else ''}"
-              f"  threads {torch.get_num_threads()}")
-        tracker = Tracker(train_cfg.mlflow, train_cfg.experiment,
-                          train_cfg.run_name or f"{train_cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}", train_cfg.parent_run)
-    except (DataError, ConfigError, WeightsError) as e:
+              f"  threads {torch.get_num_threads()}" + (f"  x {ranks.world} processes" if ranks.enabled else ""))
+        settings = flat_params(data_cfg, model_cfg, train_cfg)
+        last = last_path(train_cfg.out)
+        resumed = distributed.share(load_last(last, settings) if train_cfg.resume and ranks.main else None)
+        tracker = Tracker(train_cfg.mlflow and ranks.main, train_cfg.experiment,
+                          train_cfg.run_name or f"{train_cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+                          train_cfg.parent_run, run_id=(resumed or {}).get("mlflow_run_id") or "")
+    except (DataError, ConfigError, WeightsError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -540,26 +646,32 @@ def main(argv: list[str] | None = None) -> int:
     status = "FAILED"
     saved = []  # epochs whose weights were written to train_cfg.out
     try:
-        tracker.log_params(flat_params(data_cfg, model_cfg, train_cfg))
-        tracker.set_tags({"git_commit": git_commit(), "device": str(rt.device), "torch_version": torch.__version__,
-                          "precision": str(rt.dtype or "fp32"), "preset": train_cfg.preset,
-                          "data_source": data.source, "params": n_params,
-                          "chosen_settings": "; ".join(reasons) or "none (CIFAR-10 preset or all given)"})
+        if resumed is None:
+            tracker.log_params(settings)
+            tracker.set_tags({"git_commit": git_commit(), "device": str(rt.device), "torch_version": torch.__version__,
+                              "precision": str(rt.dtype or "fp32"), "preset": train_cfg.preset,
+                              "data_source": data.source, "params": n_params, "processes": ranks.world,
+                              "chosen_settings": "; ".join(reasons) or "none (CIFAR-10 preset or all given)"})
+        else:
+            log_missing_epochs(tracker, resumed["history"])
+            earlier = tracker.run.data.tags.get("resumed") if tracker.run else None
+            tracker.set_tag("resumed", ", ".join(filter(None, [earlier, f"after epoch {resumed['epoch']}"])))
         ckpt_info = dict(model_config=model_cfg, classes=data.classes, mean=data.mean, std=data.std,
                          image_size=data_cfg.image_size, channels=data_cfg.channels, resize=data_cfg.resize,
                          mlflow_run_id=tracker.run_id,
                          extra={"train_config": flat_params(train_cfg), "data_config": flat_params(data_cfg)})
-        start = time.perf_counter()
+        start = time.perf_counter() - (resumed["history"][-1]["elapsed_s"] if resumed and resumed["history"] else 0.0)
 
         def on_epoch(epoch, metrics, improved):
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             if improved:  # the best model so far is on disk at every moment of the run
                 save_checkpoint(train_cfg.out, model, metrics={"val_acc": metrics["val_acc"],
                                                                "val_macro_f1": metrics["val_macro_f1"], "epoch": epoch},
                                 **ckpt_info)
                 saved.append(epoch)  # after the write: an interrupted write leaves the previous file
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
-        state = fit(model, data, data_cfg, train_cfg, rt, on_epoch)
+        state = fit(model, data, data_cfg, train_cfg, rt, on_epoch, last=last, resumed=resumed,
+                    last_extra={"mlflow_run_id": tracker.run_id, "settings": settings})
         train_seconds = time.perf_counter() - start
         if state.diverged:
             kept = (f"the best checkpoint so far (epoch {state.best_epoch}) stays at {train_cfg.out}"
@@ -571,9 +683,17 @@ def main(argv: list[str] | None = None) -> int:
             print("error: stopped before the first epoch finished; nothing to save", file=sys.stderr)
             status = "KILLED"
             return 130
+        if not ranks.main:  # rank 0 reports, saves and logs the model alone
+            status = "KILLED" if state.stopped == "interrupted" else "FINISHED"
+            return 130 if state.stopped == "interrupted" else 0
         model.load_state_dict(state.best_state)
         report(model, data, data_cfg, train_cfg, rt, state, tracker, ckpt_info, train_seconds)
-        status = "KILLED" if state.stopped == "interrupted" else "FINISHED"
+        if state.stopped == "interrupted":
+            status = "KILLED"
+            print(f"to go on from epoch {len(state.history)}, run the same command with --resume", file=sys.stderr)
+        else:
+            status = "FINISHED"
+            last.unlink(missing_ok=True)  # the run is complete: a later --resume starts a new one
         return 0
     except DataError as e:  # an image that fails to decode mid-run, when streaming from a folder
         print(f"error: {e}", file=sys.stderr)
@@ -585,6 +705,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         tracker.end(status)
+        distributed.leave()
+
+
+def log_missing_epochs(tracker: "Tracker", history: list[dict]) -> None:
+    """Epochs a killed run had finished but not yet logged (it dies between writing the last checkpoint and
+    logging): logged now, so that every epoch is in the run exactly once."""
+    if tracker.run is None:
+        return
+    logged = {m.step for m in tracker.mlflow.MlflowClient().get_metric_history(tracker.run_id, "val_acc")}
+    for metrics in history:
+        if int(metrics["epoch"]) not in logged:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"]))
 
 
 def metric_names(classes: list[str]) -> list[str]:

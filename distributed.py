@@ -1,0 +1,103 @@
+"""Training across processes with torch.distributed as torchrun launches it: which process this is, and the few
+collective steps train.py takes (join, sum across ranks, share rank 0's state, leave).
+
+One process (plain `python train.py`) is world size 1, and every function here is then a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# How long a rank waits in a collective for the others before failing (a rank that died or hangs), instead of
+# torch's default of 10-30 minutes; torchrun then restarts the group when --max-restarts allows it.
+TIMEOUT = datetime.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the group, from the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_*)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that prints, logs to MLflow and writes files."""
+        return self.rank == 0
+
+
+def from_env(env=os.environ) -> Ranks:
+    try:
+        return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                     int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))))
+    except ValueError as e:
+        raise ValueError(f"RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (torchrun sets them): {e}") from None
+
+
+def join(ranks: Ranks, device: torch.device) -> torch.device:
+    """Join the process group (NCCL on CUDA, gloo on the CPU); returns this rank's device (cuda:LOCAL_RANK on GPUs)."""
+    if not ranks.enabled:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
+                                device_id=device if device.type == "cuda" else None, store=restart_safe_store(ranks),
+                                rank=ranks.rank, world_size=ranks.world)
+    return device
+
+
+def restart_safe_store(ranks: Ranks, env=os.environ) -> dist.Store | None:
+    """torchrun's store, with the restart number as a key prefix; None outside torchrun (env:// then).
+
+    After a worker dies, torchrun --max-restarts starts the group again on the same store (torch 2.14, with
+    --standalone at least), where the dead processes' gloo addresses are still written: the new ranks connect to
+    them and fail. A prefix per attempt gives every restart clean keys.
+    """
+    if "TORCHELASTIC_RESTART_COUNT" not in env:
+        return None
+    serves_itself = env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # else torchrun's agent hosts it
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), ranks.world,
+                          is_master=serves_itself and ranks.main, timeout=TIMEOUT)
+    return dist.PrefixStore(f"attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def sum_across(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of `tensor` over all ranks, in place (unchanged in one process)."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def share(obj):
+    """Rank 0's `obj` on every rank (pickled between our own processes only; never data from outside)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
