@@ -274,3 +274,54 @@ def test_failed_model_logging_keeps_the_run_and_checkpoint(cifar_dir, tmp_path, 
     run = tracking.get_run(meta["mlflow_run_id"])
     assert run.info.status == "FINISHED" and "artifact store unreachable" in run.data.tags["model_logging_error"]
     assert "registered_model" not in run.data.tags
+
+
+def test_resume_continues_the_same_run_where_it_stopped(cifar_dir, tmp_path, tracking, monkeypatch, capsys):
+    """Stopped right after epoch 3's last checkpoint (before that epoch was logged), then resumed: the same MLflow
+    run finishes with each epoch logged once, and epochs 4-5 train exactly as in a run that never stopped."""
+    def flags(out, *extra):
+        return ["--data-dir", str(cifar_dir), "--epochs", "5", "--batch-size", "64", "--out", str(out), "--tta", "0",
+                "--precision", "fp32", "--threads", "1", "--experiment", "test-exp", "--no-register", *extra]
+
+    assert train.main(flags(tmp_path / "a" / "cnn.pt")) == 0
+    _, meta = load_checkpoint(tmp_path / "a" / "cnn.pt")
+    straight = tracking.get_metric_history(meta["mlflow_run_id"], "train_loss")
+
+    out = tmp_path / "b" / "cnn.pt"
+    last = out.with_name("cnn.last.pt")
+    real_save = train.save_last
+
+    def stop_after_third(path, **state):
+        real_save(path, **state)
+        if state["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_last", stop_after_third)
+    assert train.main(flags(out, "--resume")) == 0  # no last checkpoint yet: a new run
+    assert "run the same command with --resume" in capsys.readouterr().err
+    _, meta = load_checkpoint(out)
+    run_id = meta["mlflow_run_id"]
+    assert tracking.get_run(run_id).info.status == "KILLED" and last.exists()
+    assert [m.step for m in tracking.get_metric_history(run_id, "val_acc")] == [1, 2]
+
+    assert train.main(flags(out, "--resume", "--lr", "5")) == 2  # other settings: refused, nothing touched
+    assert "--lr 5.0 (the run had 11.5)" in capsys.readouterr().err and last.exists()
+
+    monkeypatch.setattr(train, "save_last", real_save)
+    assert train.main(flags(out, "--resume")) == 0
+    assert "resumed after epoch 3 of 5" in capsys.readouterr().out
+    _, meta = load_checkpoint(out)
+    run = tracking.get_run(meta["mlflow_run_id"])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED" and run.data.tags["resumed"] == "after epoch 3"
+    assert [m.step for m in tracking.get_metric_history(run_id, "val_acc")] == [1, 2, 3, 4, 5]
+    resumed = tracking.get_metric_history(run_id, "train_loss")
+    assert [m.value for m in resumed] == pytest.approx([m.value for m in straight], rel=1e-6)
+    assert not last.exists()  # finished: a later --resume starts a new run
+
+
+def test_an_unreadable_last_checkpoint_is_a_clear_error(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "cnn.pt"
+    out.with_name("cnn.last.pt").write_bytes(b"half a file")
+    assert train.main(["--data-dir", str(cifar_dir), "--epochs", "1", "--out", str(out), "--no-mlflow", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "delete it to start over" in err and "Traceback" not in err
