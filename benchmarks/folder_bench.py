@@ -37,9 +37,10 @@ import psutil
 import torch
 from PIL import Image, ImageOps
 
+from machine import calib_img_s
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench-results"
-CALIB = REPO.parent / "shared" / "tools" / "calib.py"
 REFERENCE_IMG_S = 1000  # calib.py's reference machine
 GB = 1e9
 
@@ -57,13 +58,6 @@ TARGETS = {  # dataset -> (minimum accuracy, minimum macro-F1 or None, maximum n
 RSS_TARGET_GB = 4.0
 TINTS = [(255, 96, 96), (96, 255, 96), (96, 96, 255), (255, 224, 64), (255, 64, 255),
          (64, 255, 255), (255, 160, 32), (160, 96, 255), (128, 255, 160), (255, 255, 255)]
-
-
-def calib_img_s() -> float:
-    out = subprocess.run([sys.executable, str(CALIB)], cwd=REPO, check=True, capture_output=True, text=True).stdout
-    line = next(line for line in out.splitlines() if line.startswith("calib_img_s="))
-    print(line, flush=True)
-    return float(line.split()[0].split("=", 1)[1])
 
 
 def run_process(cmd: list[str], log_path: Path) -> dict:

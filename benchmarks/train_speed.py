@@ -6,6 +6,10 @@ accuracy (no TTA) reaches X.
 
     python benchmarks/train_speed.py --data-dir ../shared/data                      # fast x3 seeds, best, baseline
     python benchmarks/train_speed.py --presets fast --seeds 1 --extra --epochs 2    # a quick look
+    python benchmarks/train_speed.py --presets fast --seeds 1 --procs 1 2 --extra --epochs 2   # 1 vs 2 processes
+
+The machine's calib_img_s (../shared/tools/calib.py) is read before and after the runs; normalized seconds =
+seconds x mean calib_img_s / 1000, comparable across machines of different speed.
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ from pathlib import Path
 
 import torch
 
+from machine import CALIB, calib_img_s
+
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.90, 0.93, 0.94)
 
 
-def run_once(preset: str, seed: int, args) -> dict:
-    out = REPO / "bench-results" / f"{preset}-seed{seed}.pt"
-    cmd = [sys.executable, str(REPO / "train.py"), "--preset", preset, "--seed", str(seed), "--data-dir", args.data_dir,
-           "--out", str(out), "--experiment", "bench-train", "--run-name", f"bench-{preset}-seed{seed}", *args.extra]
+def run_once(preset: str, seed: int, procs: int, args) -> dict:
+    name = f"{preset}-seed{seed}" + (f"-x{procs}" if procs > 1 else "")
+    out = REPO / "bench-results" / f"{name}.pt"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
+    cmd = [*launch, str(REPO / "train.py"), "--preset", preset, "--seed", str(seed), "--data-dir", args.data_dir,
+           "--out", str(out), "--experiment", "bench-train", "--run-name", f"bench-{name}", *args.extra]
     print(f"\n$ {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -38,7 +46,7 @@ def run_once(preset: str, seed: int, args) -> dict:
     images = sum(h["images_per_s"] * h["epoch_seconds"] for h in history)
     train_seconds = sum(h["epoch_seconds"] for h in history)
     return {
-        "preset": preset, "seed": seed, "wall_s": wall,
+        "preset": preset + (f" x{procs} processes" if procs > 1 else ""), "seed": seed, "wall_s": wall,
         **{f"to_{int(t * 100)}": next((h["elapsed_s"] for h in history if h["val_acc"] >= t), None) for t in THRESHOLDS},
         "val_acc": metrics["val_acc"], "val_acc_tta": metrics.get("val_acc_tta"),
         "images_per_s": images / train_seconds,
@@ -67,8 +75,8 @@ COLUMNS = [
 ]
 
 
-def table(results: list[dict]) -> str:
-    rows = [["preset"] + [c[0] for c in COLUMNS]]
+def table(results: list[dict], calib: float | None = None) -> str:
+    rows = [["preset"] + [c[0] for c in COLUMNS] + (["wall, normalized"] if calib else [])]
     for preset in dict.fromkeys(r["preset"] for r in results):
         runs = [r for r in results if r["preset"] == preset]
         row = [preset]
@@ -81,6 +89,8 @@ def table(results: list[dict]) -> str:
                 if key.startswith("to_") and None in values:
                     cell = f"{cell} ({values.count(None)}/{len(values)} never)" if cell != "-" else "never"
                 row.append(cell)
+        if calib:
+            row.append(fmt([r["wall_s"] * calib / 1000 for r in runs], "s"))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
@@ -93,16 +103,22 @@ def main() -> int:
     parser.add_argument("--data-dir", default="../shared/data", help="a folder holding a CIFAR-10 copy")
     parser.add_argument("--presets", nargs="+", default=["fast", "best", "baseline"], help="presets to run, in order")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for the first preset (the others run once)")
+    parser.add_argument("--procs", type=int, nargs="+", default=[1],
+                        help="processes per run (each count runs every preset; >1 launches torchrun with gloo)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to every train.py run")
     args = parser.parse_args()
     if not Path(args.data_dir).exists():
         parser.error(f"--data-dir {args.data_dir} does not exist")
 
+    calib_start = calib_img_s()
     results = []
-    for i, preset in enumerate(args.presets):
-        for seed in range(args.seeds if i == 0 else 1):
-            results.append(run_once(preset, seed, args))
-            print("\n" + table(results), flush=True)
+    for procs in args.procs:
+        for i, preset in enumerate(args.presets):
+            for seed in range(args.seeds if i == 0 else 1):
+                results.append(run_once(preset, seed, procs, args))
+                print("\n" + table(results), flush=True)
+    calib_end = calib_img_s()
+    calib = (calib_start + calib_end) / 2 if calib_start and calib_end else None
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
@@ -110,7 +126,12 @@ def main() -> int:
     print(f"\nmachine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
     print("time-to-X: from start of training to the end of the first epoch at X validation accuracy (no TTA)")
-    print(table(results))
+    if calib:
+        print(f"calib_img_s: {calib:.0f} = mean of {calib_start:.0f} (start) and {calib_end:.0f} (end); "
+              "normalized seconds = seconds x calib_img_s / 1000")
+    else:
+        print(f"calib_img_s: not measured ({CALIB} not found), so no normalized times")
+    print(table(results, calib))
     return 0
 
 
