@@ -84,8 +84,13 @@ def active() -> bool:
 
 def sum_across(tensor: torch.Tensor) -> torch.Tensor:
     """The elementwise sum of `tensor` over all ranks, in place (unchanged in one process)."""
-    if active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if not active():
+        return tensor
+    if dist.get_backend() == "nccl" and not tensor.is_cuda:  # NCCL reduces GPU memory only
+        on_gpu = tensor.cuda()
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        return tensor.copy_(on_gpu)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
