@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+READY := $(VENV)/.installed
 
 # Settings passed through to train.py when given, e.g. `make train EPOCHS=5 DATA_DIR=../shared/data`.
 PRESET ?=
@@ -14,53 +15,69 @@ TRAIN_FLAGS = $(if $(PRESET),--preset $(PRESET)) $(if $(EPOCHS),--epochs $(EPOCH
 HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 1
+RUN ?=
+RUNS ?=
+NPROC ?= 2
 MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= postgresql+psycopg2://mlflow:mlflow@127.0.0.1:5432/mlflow
 MLFLOW_ARTIFACTS ?= s3://mlflow-artifacts
 
-.PHONY: help install train smoke test export sweep serve mlflow-ui mlflow-server bench-train bench-serve bench-folder clean
+.PHONY: help install train train-ddp smoke test report compare export sweep serve mlflow-ui mlflow-server bench-train bench-serve bench-folder clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-install:  ## create .venv and install requirements.txt into it
+install: $(READY)  ## create .venv and install requirements.txt into it (every target below does this first, when needed)
+
+# The virtual environment is a prerequisite: built on first use, rebuilt when requirements.txt changes.
+$(READY): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt
+	touch $@
 
-train:  ## train the default (fast) preset, log to MLflow, write models/cnn.pt
+train: $(READY)  ## train the default (fast) preset, log to MLflow, write models/cnn.pt
 	$(PY) train.py $(TRAIN_FLAGS)
 
-smoke:  ## a few batches through every stage: writes models/smoke.pt (not your models/cnn.pt) and an MLflow run
+train-ddp: $(READY)  ## the same training on NPROC processes (torchrun: gloo on CPU, NCCL on GPUs); --batch-size stays the global batch
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train.py $(TRAIN_FLAGS)
+
+smoke: $(READY)  ## a few batches through every stage: writes models/smoke.pt (not your models/cnn.pt) and an MLflow run
 	$(PY) train.py --smoke $(TRAIN_FLAGS)
 
-test:  ## run the test suite
+test: $(READY)  ## run the test suite
 	$(PY) -m pytest -q
 
-sweep:  ## compare settings: a grid of short runs (lr x widths x augmentation) under one MLflow parent run
+report: $(READY)  ## a run's page in reports/<run>/index.html: curves, confusion matrices, per-class bars, worst mistakes, settings (RUN=id, default: the latest)
+	$(PY) report.py $(if $(RUN),--run $(RUN)) $(ARGS)
+
+compare: $(READY)  ## several runs' curves overlaid in one picture: RUNS="<id> <id> ..."
+	$(PY) report.py --compare $(RUNS) $(ARGS)
+
+sweep: $(READY)  ## compare settings: a grid of short runs (lr x widths x augmentation) under one MLflow parent run
 	$(PY) sweep.py $(TRAIN_FLAGS)
 
-export:  ## TorchScript and ONNX files next to models/cnn.pt (CHECKPOINT=path for another), with its metadata
+export: $(READY)  ## TorchScript and ONNX files next to models/cnn.pt (CHECKPOINT=path for another), with its metadata
 	$(PY) export.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
 
-serve:  ## serve models/cnn.pt on http://$(HOST):$(PORT); WORKERS=N for N processes (metrics summed across them)
+serve: $(READY)  ## serve models/cnn.pt on http://$(HOST):$(PORT); WORKERS=N for N processes (metrics summed across them)
 	$(if $(filter-out 1,$(WORKERS)),PROMETHEUS_MULTIPROC_DIR=$$(mktemp -d) WEB_CONCURRENCY=$(WORKERS)) \
 		$(PY) -m uvicorn api:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-mlflow-ui:  ## browse runs in the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)
+mlflow-ui: $(READY)  ## browse runs in the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(MLFLOW_PORT)
 
-mlflow-server:  ## team tracking server: runs and registry in PostgreSQL (MLFLOW_BACKEND), artifacts in S3 (MLFLOW_ARTIFACTS)
+mlflow-server: $(READY)  ## team tracking server: runs and registry in PostgreSQL (MLFLOW_BACKEND), artifacts in S3 (MLFLOW_ARTIFACTS)
 	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS) \
 		--serve-artifacts --host $(HOST) --port $(MLFLOW_PORT)
 
-bench-train:  ## time the presets against the seed baseline on CIFAR-10 (DATA_DIR, default ../shared/data)
+bench-train: $(READY)  ## time the presets against the seed baseline on CIFAR-10 (DATA_DIR, default ../shared/data)
 	$(PY) benchmarks/train_speed.py --data-dir $(or $(DATA_DIR),../shared/data) $(ARGS)
 
-bench-serve:  ## load-test api.py (PyTorch and ONNX Runtime) against a naive handler and mlflow models serve
+bench-serve: $(READY)  ## load-test api.py (PyTorch and ONNX Runtime) against a naive handler and mlflow models serve
 	$(PY) benchmarks/serve_load.py $(ARGS)
 
-bench-folder:  ## default vs README-hint flags on Fashion-MNIST and ELPV image folders, and peak RSS at 10k x 224px
+bench-folder: $(READY)  ## default vs README-hint flags on Fashion-MNIST and ELPV image folders, and peak RSS at 10k x 224px
 	$(PY) benchmarks/folder_bench.py $(ARGS)
 
 clean:  ## remove MLflow runs and checkpoints (keeps data and .venv)

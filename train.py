@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -36,12 +37,14 @@ import distributed
 from checkpoint import save_checkpoint
 from config import (ConfigError, DataConfig, ModelConfig, TrainConfig, available_cores, flat_params, parse_values,
                     pick_device, resolve)
-from data import (DataError, Dataset, eval_batches, load_dataset, split_fingerprint, summarize_folder, total_steps,
-                  train_loader)
+from data import (DataError, Dataset, ImageSet, eval_batches, load_dataset, split_fingerprint, summarize_folder,
+                  total_steps, train_loader)
+from decode import open_image
 from distributed import Ranks
 from model import SCRATCH_ARCHS, CnnClassifier, build_model, init_whitening, param_groups, predict_logits, whitening_layer
 from pretrained import WeightsError, load_pretrained, normalization
 from registry import CHAMPION, DEFAULT_TRACKING_URI, default_name, register_and_promote
+from report import plot_class_scores, plot_confusion, plot_curves, plot_mistakes
 from resume import ResumeError, last_path, load_last, restore_rng, rng_states, save_last
 from scores import class_scores, class_weights
 
@@ -150,22 +153,31 @@ class Lookahead:
 # ---------------------------------------------------------------- the loop
 
 @torch.no_grad()
-def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0, across_ranks: bool = False) -> dict:
+def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0, across_ranks: bool = False,
+             per_image: bool = False) -> dict:
     """Loss, confusion matrix (rows: true class, columns: predicted) and the scores.class_scores over batches;
-    across_ranks: each rank holds a shard of the split, and the counts are summed over all ranks first."""
+    across_ranks: each rank holds a shard of the split, and the counts are summed over all ranks first;
+    per_image: also each image's predicted class and its probability ("predicted", "confidence")."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, n = 0.0, 0
+    kept = []
     for x, y in batches:
         with rt.autocast():
             logits = predict_logits(model, rt.prepare(x), tta)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         n += len(y)
         confusion += torch.bincount((y * num_classes + logits.argmax(1)).cpu(), minlength=num_classes ** 2).view(num_classes, num_classes)
+        if per_image:
+            kept.append(logits.float().softmax(1).max(1))
     if across_ranks:
         distributed.sum_across(confusion)
         loss_sum, n = distributed.sum_across(torch.tensor([loss_sum, n], dtype=torch.float64)).tolist()
-    return {"loss": loss_sum / max(n, 1), "confusion": confusion, **class_scores(confusion)}
+    result = {"loss": loss_sum / max(n, 1), "confusion": confusion, **class_scores(confusion)}
+    if per_image:
+        result["confidence"] = torch.cat([k.values for k in kept]).cpu() if kept else torch.zeros(0)
+        result["predicted"] = torch.cat([k.indices for k in kept]).cpu() if kept else torch.zeros(0, dtype=torch.long)
+    return result
 
 
 @dataclass
@@ -427,51 +439,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path, normalized: bool = False) -> None:
-    """Heat map coloured by each true class's share; cells show counts, or that share (recall per row) when normalized."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(5, 0.6 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    rates = confusion.float() / confusion.sum(1, keepdim=True).clamp_min(1)
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
-           title=f"validation confusion matrix ({'share of each true class' if normalized else 'counts'})")
-    ax.set_xticklabels(classes, rotation=45, ha="right")
-    ax.set_yticklabels(classes)
-    if len(classes) <= 20:
-        for i in range(len(classes)):
-            for j in range(len(classes)):
-                text = f"{rates[i, j]:.2f}" if normalized else int(confusion[i, j])
-                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if rates[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    loss_ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
-    acc_ax.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")
-    acc_ax.plot(epochs, [h["val_acc"] for h in history], "o-", label="validation")
-    acc_ax.set(xlabel="epoch", ylabel="top-1 accuracy", title="accuracy")
-    for ax in (loss_ax, acc_ax):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 class Tracker:
     """MLflow logging, or nothing when disabled; every call is a no-op without an active run."""
 
@@ -646,13 +613,13 @@ def main(argv: list[str] | None = None) -> int:
     status = "FAILED"
     saved = []  # epochs whose weights were written to train_cfg.out
     try:
-        if resumed is None:
+        if not (resumed or {}).get("mlflow_run_id"):  # a new run (a reopened one has all this already)
             tracker.log_params(settings)
             tracker.set_tags({"git_commit": git_commit(), "device": str(rt.device), "torch_version": torch.__version__,
                               "precision": str(rt.dtype or "fp32"), "preset": train_cfg.preset,
                               "data_source": data.source, "params": n_params, "processes": ranks.world,
                               "chosen_settings": "; ".join(reasons) or "none (CIFAR-10 preset or all given)"})
-        else:
+        if resumed is not None:
             log_missing_epochs(tracker, resumed["history"])
             earlier = tracker.run.data.tags.get("resumed") if tracker.run else None
             tracker.set_tag("resumed", ", ".join(filter(None, [earlier, f"after epoch {resumed['epoch']}"])))
@@ -726,12 +693,30 @@ def metric_names(classes: list[str]) -> list[str]:
     return [f"{name}_{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
 
 
+def confident_mistakes(val: dict, split: ImageSet, classes: list[str], count: int = 16):
+    """The validation images predicted wrong with the highest confidence: (images as HxW(xC) uint8 arrays at most
+    128 px, true names, predicted names, confidences), for report.plot_mistakes."""
+    wrong = (val["predicted"] != split.labels).nonzero().squeeze(1)
+    picked = wrong[val["confidence"][wrong].argsort(descending=True)][:count].tolist()
+    images = []
+    for i in picked:
+        if split.images is not None:
+            image = split.images[i].permute(1, 2, 0).numpy()
+        else:
+            thumbnail = open_image(split.paths[i])
+            thumbnail.thumbnail((128, 128))
+            image = np.asarray(thumbnail.convert("RGB"))
+        images.append(image[..., 0] if image.shape[-1] == 1 else image)
+    return (images, [classes[int(split.labels[i])] for i in picked], [classes[int(val["predicted"][i])] for i in picked],
+            [float(val["confidence"][i]) for i in picked])
+
+
 def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, state: FitState,
            tracker: Tracker, ckpt_info: dict, train_seconds: float) -> None:
     """Final evaluation of the best weights; checkpoint, plots, tables and model logged."""
     size = eval_batch_size(model, data_cfg.image_size)
     batches = lambda split: eval_batches(split, data.mean, data.std, size, data_cfg, rt.device)  # noqa: E731
-    val = evaluate(model, batches(data.val), len(data.classes), rt)
+    val = evaluate(model, batches(data.val), len(data.classes), rt, per_image=True)
     final = {"best_epoch": state.best_epoch, "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
              "val_loss": val["loss"], "train_seconds": train_seconds}
     line = f"best epoch {state.best_epoch} (by {cfg.select_metric}): val acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}"
@@ -764,7 +749,9 @@ def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Run
         plot_confusion(val["confusion"], data.classes, Path(tmp) / "confusion_matrix.png")
         plot_confusion(val["confusion"], data.classes, Path(tmp) / "confusion_matrix_normalized.png", normalized=True)
         plot_curves(state.history, Path(tmp) / "curves.png")
-        for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png"):
+        plot_class_scores(data.classes, val["precision"], val["recall"], Path(tmp) / "per_class.png")
+        plot_mistakes(*confident_mistakes(val, data.val, data.classes), Path(tmp) / "mistakes.png")
+        for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png", "per_class.png", "mistakes.png"):
             tracker.log_artifact(str(Path(tmp) / name))
     tracker.log_artifact(str(path), artifact_path="checkpoint")
     try:

@@ -47,7 +47,8 @@ def test_train_logs_run_and_writes_loadable_checkpoint(cifar_dir, tmp_path, trac
     assert tracking.get_metric_history(run.info.run_id, "final_val_acc")[0].step == meta["metrics"]["best_epoch"]
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     artifacts = {a.path for a in tracking.list_artifacts(run.info.run_id)}
-    assert {"confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png", "per_class_metrics.json",
+    assert {"confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png", "per_class.png", "mistakes.png",
+            "per_class_metrics.json",
             "checkpoint"} <= artifacts
 
 
