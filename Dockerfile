@@ -24,8 +24,9 @@ RUN useradd --uid 10001 --no-create-home --home-dir /app --shell /usr/sbin/nolog
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY --chown=root:root *.py ./
+COPY --chown=root:root ui ./ui
 # readable by the service's user whatever the umask of the checkout they came from
-RUN chmod 0644 ./*.py
+RUN chmod 0644 ./*.py && chmod -R u=rwX,go=rX ./ui
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \

@@ -25,13 +25,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Security, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +51,7 @@ from transforms import pil_to_uint8
 log = logging.getLogger("uvicorn.error")
 
 MAX_TOP_K = 1000
+UI = Path(__file__).resolve().parent / "ui"  # the prediction page (GET /) and its files, served as they are
 # A 2x2 PNG, so the OpenAPI examples can be sent as they are.
 EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8ISfHwMDAxMDAwMDAAAANBAEIfXHKZgAAAABJRU5ErkJggg=="
 
@@ -490,6 +493,13 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         if len(body.images) > config.max_batch_images:
             raise HTTPException(413, f"{len(body.images)} images in one request; the limit is {config.max_batch_images}")
         return await classify(request, body.images, body.top_k, decode_base64)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        """The prediction page: choose, drop or paste an image and see the top classes (ui/)."""
+        return FileResponse(UI / "index.html")
+
+    app.mount("/ui", StaticFiles(directory=UI), name="ui")
 
     @app.get("/metrics", tags=["status"], response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text exposition"}})
