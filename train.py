@@ -214,8 +214,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
     data_seconds = 0.0
     start = time.perf_counter()
     steps = min(len(loader), state.total_steps - state.step)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True,
-               disable=not rt.ranks.main)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True)
     batches = iter(loader)
     scaler = state.scaler
     for _ in range(steps):
