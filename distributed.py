@@ -13,9 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# How long a rank waits in a collective for the others before failing (a rank that died or hangs), instead of
-# torch's default of 10-30 minutes; torchrun then restarts the group when --max-restarts allows it.
-TIMEOUT = datetime.timedelta(minutes=5)
+from config import ConfigError
+
+# How long a rank waits in a collective for the others before failing: long enough for rank 0 to download or
+# decode a dataset while the others wait at the barrier. A rank that dies is noticed by torchrun at once; this
+# only bounds a hang.
+TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ def from_env(env=os.environ) -> Ranks:
         return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
                      int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))))
     except ValueError as e:
-        raise ValueError(f"RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (torchrun sets them): {e}") from None
+        raise ConfigError(f"RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (torchrun sets them): {e}") from None
 
 
 def join(ranks: Ranks, device: torch.device) -> torch.device:
@@ -59,13 +62,15 @@ def join(ranks: Ranks, device: torch.device) -> torch.device:
 
 
 def restart_safe_store(ranks: Ranks, env=os.environ) -> dist.Store | None:
-    """torchrun's store, with the restart number as a key prefix; None outside torchrun (env:// then).
+    """torchrun's store, with the restart number as a key prefix, on one machine; None otherwise (env:// then).
 
     After a worker dies, torchrun --max-restarts starts the group again on the same store (torch 2.14, with
     --standalone at least), where the dead processes' gloo addresses are still written: the new ranks connect to
-    them and fail. A prefix per attempt gives every restart clean keys.
+    them and fail. A prefix per attempt gives every restart clean keys. Across machines each torchrun counts its
+    own restarts (a node restarted because another failed does not count), so the numbers may disagree there:
+    torch's own store is used, as it is.
     """
-    if "TORCHELASTIC_RESTART_COUNT" not in env:
+    if "TORCHELASTIC_RESTART_COUNT" not in env or ranks.local_world != ranks.world:
         return None
     serves_itself = env.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # else torchrun's agent hosts it
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), ranks.world,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from tqdm import tqdm
 from torch import nn
 
 from atomic import atomic_path
@@ -95,7 +96,12 @@ def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None) ->
     paths = output_paths(checkpoint, out_dir)
     paths["onnx"].parent.mkdir(parents=True, exist_ok=True)
     writers = {"torchscript": export_torchscript, "onnx": export_onnx}
-    return {fmt: writers[fmt](module, meta, paths[fmt]) for fmt in formats}
+    written = {}
+    with tqdm(formats, desc="export", unit="format", leave=False) as progress:  # ONNX of a backbone takes a while
+        for fmt in progress:
+            progress.set_postfix_str(fmt)
+            written[fmt] = writers[fmt](module, meta, paths[fmt])
+    return written
 
 
 def read_metadata(path: Path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import html
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -152,8 +153,9 @@ def find_run(mlflow_client, uri: str, run_id: str | None, experiment: str):
         except MlflowException:
             raise ReportError(f"no run {run_id!r} in {uri} (set MLFLOW_TRACKING_URI to where it was logged)") from None
     found = mlflow_client.get_experiment_by_name(experiment)
-    runs = mlflow_client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=20) if found else []
-    runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # a sweep's parent, not its children
+    runs = mlflow_client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=500) if found else []
+    # a training run: not a sweep's child, and not a sweep's parent (no epochs of its own)
+    runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and "val_acc" in r.data.metrics]
     if not runs:
         raise ReportError(f"no runs in experiment {experiment!r} at {uri}: train one with `make train`")
     return runs[0]
@@ -189,7 +191,8 @@ def write_report(run_id: str | None, out: Path, experiment: str) -> Path:
     name = run.data.tags.get("mlflow.runName", run_id)
     esc = html.escape
     parts = [f"<h1>Run {esc(name)}</h1>",
-             f"<p>{esc(run_id)} · {esc(run.info.status)} · {len(history)} epochs · tracking: {esc(uri)}</p>",
+             f"<p>{esc(run_id)} · {esc(run.info.status)} · {len(history)} epochs · tracking: "
+             f"{esc(re.sub(r'//[^/@]*@', '//', uri))}</p>",  # without a user and password in the URI
              "<h2>Result</h2><table>" + "".join(f"<tr><th>{esc(k[6:])}</th><td>{v:.4f}</td></tr>" for k, v in final.items())
              + "</table>" if final else "<p>No final metrics: the run stopped before its report.</p>"]
     parts += [f"<h2>{esc(title)}</h2><img src=\"{file}\" alt=\"{esc(title)}\">" for title, file in sections]

@@ -370,7 +370,10 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
             if isinstance(sampler, torch.utils.data.DistributedSampler):
                 sampler.set_epoch(epoch)
             metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt, weights)
-            val = evaluate(net, eval_batches(val_split, data.mean, data.std, eval_size, data_cfg, rt.device),
+            # under DDP the bare model: DDP's forward would broadcast BatchNorm buffers, a collective that every
+            # rank must join (they are in sync already: DDP broadcasts them before every training step)
+            val = evaluate(model if ranks.enabled else net,
+                           eval_batches(val_split, data.mean, data.std, eval_size, data_cfg, rt.device),
                            len(data.classes), rt, across_ranks=ranks.enabled)
             metrics.update(val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
                            epoch=epoch + 1, elapsed_s=time.perf_counter() - start)
@@ -574,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data_cfg, model_cfg, train_cfg, reasons = configure(argv)
         ranks = distributed.from_env()
+        if train_cfg.batch_size % ranks.world:
+            raise ConfigError(f"--batch-size {train_cfg.batch_size} is the global batch: with {ranks.world} processes it "
+                              f"must be a multiple of {ranks.world}")
         if not ranks.main:  # rank 0 speaks for all; the others still print their errors
             sys.stdout = open(os.devnull, "w")
             tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
@@ -583,11 +589,14 @@ def main(argv: list[str] | None = None) -> int:
         rt = runtime(train_cfg, ranks)
         if reasons:
             print("settings chosen from the images (a flag overrides any of them):\n  " + "\n  ".join(reasons))
-        if not ranks.main:
-            distributed.barrier()  # rank 0 loads first: a CIFAR-10 download happens once
+        if ranks.local_rank != 0:
+            distributed.barrier()  # each machine's first process loads first: a CIFAR-10 download happens once
         data = load_dataset(data_cfg)
-        if ranks.main:
+        if ranks.local_rank == 0:
             distributed.barrier()
+        if len(data.val) < ranks.world:
+            raise ConfigError(f"the validation split has {len(data.val)} images, fewer than the {ranks.world} processes: "
+                              "use fewer processes or a larger --val-fraction")
         model = setup(model_cfg, train_cfg, data, data_cfg, rt)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"data: {data.source}  train {len(data.train)}  val {len(data.val)}"
@@ -598,8 +607,10 @@ def main(argv: list[str] | None = None) -> int:
               f"device {rt.device}  precision {rt.dtype or 'fp32'}{' channels_last' if rt.channels_last else ''}"
               f"  threads {torch.get_num_threads()}" + (f"  x {ranks.world} processes" if ranks.enabled else ""))
         settings = flat_params(data_cfg, model_cfg, train_cfg)
+        # what a resumed run must share with the saved one: every setting, and the numerics "auto" resolved to
+        same = {**settings, "numerics": f"{rt.device.type} {rt.dtype or 'fp32'}"}
         last = last_path(train_cfg.out)
-        resumed = distributed.share(load_last(last, settings) if train_cfg.resume and ranks.main else None)
+        resumed = distributed.share(load_last(last, same) if train_cfg.resume and ranks.main else None)
         tracker = Tracker(train_cfg.mlflow and ranks.main, train_cfg.experiment,
                           train_cfg.run_name or f"{train_cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
                           train_cfg.parent_run, run_id=(resumed or {}).get("mlflow_run_id") or "")
@@ -637,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
         state = fit(model, data, data_cfg, train_cfg, rt, on_epoch, last=last, resumed=resumed,
-                    last_extra={"mlflow_run_id": tracker.run_id, "settings": settings})
+                    last_extra={"mlflow_run_id": tracker.run_id, "settings": same})
         train_seconds = time.perf_counter() - start
         if state.diverged:
             kept = (f"the best checkpoint so far (epoch {state.best_epoch}) stays at {train_cfg.out}"
@@ -714,17 +725,21 @@ def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Run
            tracker: Tracker, ckpt_info: dict, train_seconds: float) -> None:
     """Final evaluation of the best weights; checkpoint, plots, tables and model logged."""
     size = eval_batch_size(model, data_cfg.image_size)
-    batches = lambda split: eval_batches(split, data.mean, data.std, size, data_cfg, rt.device)  # noqa: E731
-    val = evaluate(model, batches(data.val), len(data.classes), rt, per_image=True)
+
+    def batches(split, name: str):
+        return tqdm(eval_batches(split, data.mean, data.std, size, data_cfg, rt.device), desc=f"evaluate {name}",
+                    unit="batch", total=math.ceil(len(split) / size), leave=False)
+
+    val = evaluate(model, batches(data.val, "val"), len(data.classes), rt, per_image=True)
     final = {"best_epoch": state.best_epoch, "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
              "val_loss": val["loss"], "train_seconds": train_seconds}
     line = f"best epoch {state.best_epoch} (by {cfg.select_metric}): val acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}"
     if cfg.tta:
-        tta = evaluate(model, batches(data.val), len(data.classes), rt, tta=cfg.tta)
+        tta = evaluate(model, batches(data.val, "val with TTA"), len(data.classes), rt, tta=cfg.tta)
         final.update(val_acc_tta=tta["acc"], val_macro_f1_tta=tta["macro_f1"])
         line += f"  with TTA level {cfg.tta}: {tta['acc']:.4f}"
     if data.test is not None:  # reported, never used to choose anything; served without TTA, so measured without
-        test = evaluate(model, batches(data.test), len(data.classes), rt)
+        test = evaluate(model, batches(data.test, "test"), len(data.classes), rt)
         final.update(test_acc=test["acc"], test_macro_f1=test["macro_f1"], test_loss=test["loss"])
         line += f"  test acc {test['acc']:.4f} macro-F1 {test['macro_f1']:.4f}"
     print(line + f"  ({train_seconds:.0f}s training)")
@@ -735,6 +750,9 @@ def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Run
     history = [{k: float(v) for k, v in h.items()} for h in state.history]
     path = save_checkpoint(cfg.out, model, metrics=final, **{**ckpt_info, "extra": {**ckpt_info["extra"], "history": history}})
     print(f"saved {path}")
+    if state.stopped == "interrupted":  # the end-of-run logging waits for the finished run (--resume): logged once
+        print("stopped early: the plots, the MLflow model and its registration are logged when the run finishes")
+        return
     # End-of-run values under their own names (per-epoch val_acc etc. keep their curves), at the best epoch's step.
     tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=state.best_epoch)
     if tracker.run is None:
@@ -753,6 +771,7 @@ def report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Run
         for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png", "per_class.png", "mistakes.png"):
             tracker.log_artifact(str(Path(tmp) / name))
     tracker.log_artifact(str(path), artifact_path="checkpoint")
+    print("logging the model to MLflow (pyfunc with its code and checkpoint)...", flush=True)
     try:
         logged = log_model(tracker, path, {"channels": data_cfg.channels, "image_size": data_cfg.image_size})
     except Exception as e:  # the checkpoint and everything above are saved and logged; the run stays a success

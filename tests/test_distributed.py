@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import distributed
+from config import ConfigError
 import train
 from checkpoint import load_checkpoint
 from conftest import class_image
@@ -136,6 +137,13 @@ def test_restart_store_gets_a_prefix_per_attempt_and_none_outside_torchrun():
     assert distributed.restart_safe_store(distributed.Ranks(), env={}) is None
     assert distributed.from_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == \
         distributed.Ranks(1, 4, 1, 2)
-    with pytest.raises(ValueError, match="torchrun sets them"):
+    with pytest.raises(ConfigError, match="torchrun sets them"):
         distributed.from_env({"RANK": "x"})
     assert distributed.sum_across(torch.ones(2)).tolist() == [1.0, 1.0]  # one process: unchanged
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused_before_joining(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.main(["--batch-size", "63", "--no-mlflow"]) == 2
+    assert "--batch-size 63 is the global batch: with 2 processes it must be a multiple of 2" in capsys.readouterr().err

@@ -4,6 +4,7 @@
 const TOP_K = 5;
 const $ = (id) => document.getElementById(id);
 let modelClasses = null;
+let latest = 0;  // the newest request: an older answer arriving later is dropped
 
 function apiHeaders() {
   const key = $("api-key").value.trim();
@@ -50,6 +51,8 @@ function showBars(result, ms) {
 }
 
 async function classify(file, name) {
+  const request = ++latest;
+  if ($("preview").src.startsWith("blob:")) URL.revokeObjectURL($("preview").src);
   $("preview").src = URL.createObjectURL(file);
   $("preview-name").textContent = name || file.name || "pasted image";
   $("preview-box").hidden = false;
@@ -62,12 +65,13 @@ async function classify(file, name) {
   try {
     response = await fetch("/predict/file", { method: "POST", body: form, headers: apiHeaders() });
   } catch (e) {
-    showError("Could not reach the server. Is it still running?");
+    if (request === latest) showError("Could not reach the server. Is it still running?");
     return;
   }
   const ms = performance.now() - start;
   let body = null;
   try { body = await response.json(); } catch (e) { /* a proxy's HTML error page, say */ }
+  if (request !== latest) return;
   if (!response.ok) {
     showError(explain(response.status, body && body.detail));
     return;
@@ -87,6 +91,8 @@ async function loadModel() {
       `${info.classes.length > 10 ? ", …" : ""})` + (acc ? `, validation accuracy ${(100 * acc).toFixed(1)}%` : "") + ".";
   } catch (e) {
     $("model-info").textContent = "The model is not loaded yet: the server may still be starting.";
+    setTimeout(loadModel, 3000);  // ask again: the samples shown depend on the model's classes
+    return;
   }
   loadSamples();
 }
