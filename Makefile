@@ -22,7 +22,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= postgresql+psycopg2://mlflow:mlflow@127.0.0.1:5432/mlflow
 MLFLOW_ARTIFACTS ?= s3://mlflow-artifacts
 
-.PHONY: help install train train-ddp smoke test report compare export sweep serve mlflow-ui mlflow-server bench-train bench-serve bench-folder clean
+.PHONY: help install train train-ddp smoke test system-packages report compare export sweep serve mlflow-ui mlflow-server bench-train bench-serve bench-folder clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -45,7 +45,7 @@ train-ddp: $(READY)  ## the same training on NPROC processes (torchrun: gloo on 
 smoke: $(READY)  ## a few batches through every stage: writes models/smoke.pt (not your models/cnn.pt) and an MLflow run
 	$(PY) train.py --smoke $(TRAIN_FLAGS)
 
-test: $(READY)  ## run the test suite
+test: $(READY) system-packages  ## run the test suite (after building .venv and the Debian packages it needs, when missing)
 	$(PY) -m pytest -q
 
 report: $(READY)  ## a run's page in reports/<run>/index.html: curves, confusion matrices, per-class bars, worst mistakes, settings (RUN=id, default: the latest)
@@ -53,6 +53,16 @@ report: $(READY)  ## a run's page in reports/<run>/index.html: curves, confusion
 
 compare: $(READY)  ## several runs' curves overlaid in one picture: RUNS="<id> <id> ..."
 	$(PY) report.py --compare $(RUNS) $(ARGS)
+
+system-packages:  ## the Debian packages the tests start for real (PostgreSQL, wrk, chromium): apt-get installs the missing ones (as root)
+	@missing=""; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="postgresql"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+		else echo "the tests need these Debian packages:$$missing. Install them with: sudo apt-get install$$missing" >&2; exit 1; fi; \
+	fi
 
 sweep: $(READY)  ## compare settings: a grid of short runs (lr x widths x augmentation) under one MLflow parent run
 	$(PY) sweep.py $(TRAIN_FLAGS)
