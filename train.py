@@ -197,6 +197,7 @@ class FitState:
 
 
 MAX_SKIPPED_FP16_STEPS = 10
+GPU_LOOK_EVERY = 10  # steps between reads of the loss on a GPU
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -210,14 +211,20 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
     reduction = "sum" if cfg.optimizer == "sgd" else "mean"
     # DDP averages the ranks' gradients: a loss summed over the rank's shard is scaled back to the global batch's sum
     grad_scale = rt.ranks.world if reduction == "sum" else 1
-    loss_sum = correct = seen = 0
     data_seconds = 0.0
     start = time.perf_counter()
     steps = min(len(loader), state.total_steps - state.step)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True)
     batches = iter(loader)
     scaler = state.scaler
-    for _ in range(steps):
+    # The loop reads the loss back (a sync that stalls a GPU's queue) only every few steps there; the sums, and the
+    # run of non-finite steps, stay on the device in between. On the CPU every step is read (the progress bar).
+    look_every = 1 if rt.device.type == "cpu" else GPU_LOOK_EVERY
+    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, seen (finite steps)
+    streak = torch.tensor(float(state.nonfinite_steps), device=rt.device)  # non-finite steps in a row, now
+    longest = streak.clone()  # and the longest such run since the last look
+    allowed = MAX_SKIPPED_FP16_STEPS if scaler.is_enabled() else 0  # fp16's loss scaler skips a few overflows
+    for i in range(steps):
         t0 = time.perf_counter()
         x, y = next(batches)
         x, y = rt.prepare(x.to(rt.device, non_blocking=True)), y.to(rt.device, non_blocking=True)
@@ -240,23 +247,28 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
                 # Average weakly while the weights still move fast, strongly near the end.
                 state.lookahead.update(unwrap(model), decay=0.95 ** LOOKAHEAD_EVERY * (state.step / state.total_steps) ** 3)
 
-        # One small sum over the ranks per step (a sync point, like .item()): every rank sees the global loss, so
-        # all of them stop together on a NaN instead of one waiting forever for the others.
-        step = torch.stack([loss.detach().float() * (1 if reduction == "sum" else len(y)),
-                            (logits.argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=loss.device)])
-        value, step_correct, n = distributed.sum_across(step).tolist()
+        # Every step, summed over the ranks (on GPUs an all-reduce queued like any kernel): every rank sees the
+        # global loss, so all of them stop together on a NaN instead of one waiting forever for the others.
+        step = distributed.sum_across(torch.stack([loss.detach().float() * (1 if reduction == "sum" else len(y)),
+                                                   (logits.argmax(1) == y).sum().float(),
+                                                   torch.tensor(float(len(y)), device=loss.device)]))
+        finite = torch.isfinite(step[0])
+        totals += torch.where(finite, step.double(), 0.0)
+        streak = torch.where(finite, 0.0, streak + 1)
+        longest = torch.maximum(longest, streak)
         bar.update(1)
-        if not math.isfinite(value):
-            # fp16's loss scaler skips an overflowing step and lowers its scale: a few in a row are normal there
-            state.nonfinite_steps += 1
-            if not scaler.is_enabled() or state.nonfinite_steps > MAX_SKIPPED_FP16_STEPS:
-                raise NonFiniteLoss(f"the training loss became {value} at epoch {epoch + 1}, step {state.step}")
+        if (i + 1) % look_every and i + 1 < steps:
             continue
-        state.nonfinite_steps = 0
-        loss_sum += value
-        correct += step_correct
-        seen += n
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        loss_sum, correct, seen, run, now = [*totals.tolist(), longest.item(), streak.item()]
+        if run > allowed:
+            last = step[0].item()  # on the CPU the step that failed; on a GPU the run may have begun a few steps back
+            raise NonFiniteLoss(f"the training loss became {'NaN or infinite' if math.isfinite(last) else last} "
+                                f"at epoch {epoch + 1}, by step {state.step}")
+        longest.fill_(now)
+        if seen:
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    state.nonfinite_steps = int(streak.item()) if steps else state.nonfinite_steps
+    loss_sum, correct, seen = totals.tolist()
     bar.close()
     if state.lookahead is not None:
         state.lookahead.update(unwrap(model), decay=1.0)

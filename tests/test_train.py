@@ -207,6 +207,26 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_best_checkpoint(
     assert run.info.status == "FAILED" and "nan" in run.data.tags["stopped"]
 
 
+@pytest.mark.parametrize("overflows, code", [(3, 0), (train.MAX_SKIPPED_FP16_STEPS + 1, 1)])
+def test_fp16_rides_out_a_few_overflowing_steps_but_not_a_run_of_them(cifar_dir, tmp_path, monkeypatch, capsys,
+                                                                       overflows, code):
+    steps = []
+
+    def overflow_first(logits, y, **kwargs):
+        loss = torch.nn.functional.cross_entropy(logits, y, **kwargs)
+        if "label_smoothing" in kwargs:  # a training step (evaluation passes no smoothing)
+            steps.append(1)
+            if len(steps) <= overflows:
+                return loss * float("inf")  # the loss scaler skips the step and lowers its scale
+        return loss
+
+    monkeypatch.setattr(train, "F", SimpleNamespace(cross_entropy=overflow_first))
+    assert train.main(["--data-dir", str(cifar_dir), "--epochs", "2", "--batch-size", "16", "--out", str(tmp_path / "cnn.pt"),
+                       "--no-mlflow", "--precision", "fp16", "--tta", "0"]) == code
+    err = capsys.readouterr().err
+    assert ("the training loss became inf at epoch 1, by step 11" in err) == (code == 1)
+
+
 def test_a_real_divergence_is_caught_too(cifar_dir, tmp_path, capsys):
     out = tmp_path / "cnn.pt"
     code = train.main(["--data-dir", str(cifar_dir), "--epochs", "2", "--batch-size", "64", "--out", str(out),
