@@ -72,10 +72,14 @@ class TrainConfig:
                 "chosen from its images (printed and logged); other flags override it")
     epochs: float = _opt(15.0, "passes over the training split (fractions allowed)")
     batch_size: int = _opt(1024, "examples per step")
-    optimizer: Literal["sgd", "adam"] = _opt("sgd", "sgd (Nesterov) or adam")
+    optimizer: Literal["sgd", "adam", "muon"] = _opt("sgd", "sgd (Nesterov), adam, or muon: Muon on the convolution "
+                                                            "filters (--muon-lr), Nesterov SGD on the rest (--lr)")
     lr: float = _opt(11.5, "SGD: learning rate per 1024 examples, decoupled from batch size and momentum; "
                            "Adam: the usual step size")
     momentum: float = _opt(0.85, "SGD Nesterov momentum")
+    muon_lr: float = _opt(0.24, "muon: learning rate of the convolution filters (each filter bank kept at norm "
+                                "sqrt(out channels); the step is orthogonalized)")
+    muon_momentum: float = _opt(0.6, "muon: Nesterov momentum of the convolution filters")
     weight_decay: float = _opt(0.0153, "SGD: weight decay per 1024 examples, decoupled from the learning rate; Adam: AdamW's decay")
     bias_lr_scale: float = _opt(64.0, "multiplier on the learning rate of normalization biases")
     label_smoothing: float = _opt(0.2, "label smoothing of the cross-entropy loss")
@@ -120,6 +124,8 @@ class TrainConfig:
         _check(self.batch_size >= 1, "--batch-size must be >= 1")
         _check(self.lr > 0, "--lr must be > 0")
         _check(0.0 <= self.momentum < 1.0, "--momentum must be in [0, 1)")
+        _check(self.muon_lr > 0, "--muon-lr must be > 0")
+        _check(0.0 <= self.muon_momentum < 1.0, "--muon-momentum must be in [0, 1)")
         _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
         _check(self.bias_lr_scale > 0, "--bias-lr-scale must be > 0")
         _check(0.0 <= self.label_smoothing < 1.0, "--label-smoothing must be in [0, 1)")

@@ -41,7 +41,8 @@ from data import (DataError, Dataset, ImageSet, eval_batches, load_dataset, spli
                   total_steps, train_loader)
 from decode import open_image
 from distributed import Ranks
-from model import SCRATCH_ARCHS, CnnClassifier, build_model, init_whitening, param_groups, predict_logits, whitening_layer
+from model import SCRATCH_ARCHS, CnnClassifier, build_model, init_whitening, predict_logits, whitening_layer
+from optim import Lookahead, lr_factor, make_optimizer
 from pretrained import WeightsError, load_pretrained, normalization
 from registry import CHAMPION, DEFAULT_TRACKING_URI, default_name, register_and_promote
 from report import plot_class_scores, plot_confusion, plot_curves, plot_mistakes
@@ -97,57 +98,6 @@ class Runtime:
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-
-# ---------------------------------------------------------------- optimization
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        if cfg.layer_decay < 1 and hasattr(model, "group_matcher"):  # timm: one group per depth, lr shrinking downwards
-            from timm.optim import param_groups_layer_decay
-
-            groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
-            for group in groups:
-                group["lr"] = cfg.lr * group.pop("lr_scale", 1.0)
-            return torch.optim.AdamW(groups, lr=cfg.lr)
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # Decoupled hyperparameters (airbench / Page): the loss is summed over the batch, and the step size is
-    # divided by Nesterov momentum's gain, so lr and weight decay keep their meaning across batch size and momentum.
-    gain = 1024 * (1 + 1 / (1 - cfg.momentum))
-    lr = cfg.lr / gain
-    decay = cfg.weight_decay * cfg.batch_size / gain  # shrinkage per step
-    biases, others = param_groups(model)
-    groups = [dict(params=others, lr=lr, weight_decay=decay / lr)]
-    if biases:
-        bias_lr = lr * cfg.bias_lr_scale
-        groups.append(dict(params=biases, lr=bias_lr, weight_decay=decay / bias_lr))
-    return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-
-
-def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warmup from lr_start to 1 over the first `warmup` share of steps, then linear decay to lr_end."""
-    peak = int(cfg.warmup * total)
-    if step < peak:
-        return cfg.lr_start + (1 - cfg.lr_start) * step / peak
-    return 1 + (cfg.lr_end - 1) * (step - peak) / max(1, total - peak)
-
-
-class Lookahead:
-    """Every few steps pull the weights (and BN statistics) towards a slow average and copy it back."""
-
-    def __init__(self, slow: dict[str, torch.Tensor]):
-        self.slow = slow
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> "Lookahead":
-        return cls({k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()})
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, decay: float) -> None:
-        for k, v in model.state_dict().items():
-            if k in self.slow:
-                self.slow[k].lerp_(v, 1 - decay)
-                v.copy_(self.slow[k])
 
 
 # ---------------------------------------------------------------- the loop
@@ -208,7 +158,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
                     cfg: TrainConfig, rt: Runtime, weights: torch.Tensor | None = None) -> dict:
     model.train()
     smoothing = cfg.label_smoothing
-    reduction = "sum" if cfg.optimizer == "sgd" else "mean"
+    reduction = "mean" if cfg.optimizer == "adam" else "sum"  # SGD and Muon: decoupled hyperparameters (optim.py)
     # DDP averages the ranks' gradients: a loss summed over the rank's shard is scaled back to the global batch's sum
     grad_scale = rt.ranks.world if reduction == "sum" else 1
     data_seconds = 0.0
