@@ -1,5 +1,5 @@
 """Serving load benchmark: api.py (PyTorch and ONNX Runtime backends), a naive one-forward-per-request FastAPI
-handler, and `mlflow models serve`.
+handler, the same model behind LitServe with its batching (benchmarks/litserve_server.py), and `mlflow models serve`.
 
 Each server is started here on a free loopback port, one at a time, and driven by the same asyncio load generator
 (aiohttp) with the same images at each concurrency level, for a fixed number of requests per level; then stopped.
@@ -8,10 +8,10 @@ Images: 256 32x32 PNGs of CIFAR-10 records (data_batch_5.bin: the official test 
 plus 8 "photos": other CIFAR-10 images upscaled to 640x480 and saved as JPEG, sent after every 33 PNGs (1 request
 in 34). Peak RSS is that of the server's whole process tree (mlflow serve runs uvicorn in a child process).
 api-onnx is api.py serving the checkpoint exported by export.py to a temporary ONNX file (CATER_MODEL_PATH=....onnx).
-Every server gets the image file bytes, base64 in JSON: api.py and the naive server as {"image_base64": ...}, mlflow
+Every server gets the image file bytes, base64 in JSON: api.py, LitServe and the naive server as {"image_base64": ...}, mlflow
 as its pyfunc signature (mlflow_model.py) takes them, {"dataframe_split": {"columns": ["image"], "data": [[...]]}}.
 
-    python benchmarks/serve_load.py --checkpoint models/cnn.pt                 # the full run, all four servers
+    python benchmarks/serve_load.py --checkpoint models/cnn.pt                 # the full run, all five servers
     python benchmarks/serve_load.py --requests 200 --servers api naive         # a quick look
 
 CATER_* variables in the environment reach api.py (e.g. CATER_THREADS, CATER_MAX_BATCH_SIZE, CATER_MAX_WAIT_MS).
@@ -47,7 +47,7 @@ from PIL import Image  # noqa: E402
 import export  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 
-SERVERS = ["api", "api-onnx", "naive", "mlflow"]
+SERVERS = ["api", "api-onnx", "naive", "litserve", "mlflow"]
 PNGS_PER_PHOTO = 33  # a 640x480 JPEG request after every 33 PNG requests
 
 
@@ -274,6 +274,11 @@ def print_targets(results: list[Result]) -> None:
     if api32 and mlflow32:
         ratio = api32.rps / mlflow32.rps
         print(f"  concurrency 32: api / mlflow = {ratio:.2f}x req/s (target >= 5x: {verdict(ratio >= 5)})")
+    lit32 = find("litserve", 32)
+    if api32 and lit32:
+        ratio = api32.rps / lit32.rps
+        print(f"  concurrency 32: api / litserve = {ratio:.2f}x req/s (target >= 1.0x: {verdict(ratio >= 1.0)}), p99 "
+              f"{api32.pct(99):.1f} ms vs {lit32.pct(99):.1f} ms (target lower: {verdict(api32.pct(99) < lit32.pct(99))})")
     if api32 and onnx32:
         print(f"  concurrency 32: api-onnx / api = {onnx32.rps / api32.rps:.2f}x req/s, p99 {onnx32.pct(99):.1f} ms "
               f"vs {api32.pct(99):.1f} ms (ONNX Runtime vs PyTorch behind the same server)")
@@ -302,6 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlflow.db'}",
                         help="MLflow store holding the run that logged the checkpoint's model")
+    # LitServe's settings: the best of a sweep at concurrency 32 on the 2-core machine (README, Results)
+    parser.add_argument("--litserve-batch", type=int, default=32, help="LitServe's max_batch_size")
+    parser.add_argument("--litserve-timeout", type=float, default=0.005, help="LitServe's batch_timeout (seconds)")
+    parser.add_argument("--litserve-workers", type=int, default=2, help="LitServe's workers_per_device (the cores are "
+                                                                         "split among them for torch's threads)")
+    parser.add_argument("--litserve-fast-queue", action=argparse.BooleanOptionalAction, default=True,
+                        help="LitServe's fast_queue (ZeroMQ)")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for a server to be ready")
     parser.add_argument("--logs", default="bench-results", help="folder for the servers' logs")
     args = parser.parse_args(argv)
@@ -334,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"api-onnx: serving {model}, exported from the checkpoint\n")
             env.update(CATER_MODEL_PATH=str(model), CATER_HOST="127.0.0.1", CATER_PORT=str(port))
             servers.append(Server(name, [sys.executable, str(REPO / "api.py")], env, "/ready", "/predict", "base64"))
+        elif name == "litserve":
+            servers.append(Server(name, [sys.executable, str(REPO / "benchmarks" / "litserve_server.py"),
+                                         "--checkpoint", str(checkpoint), "--port", str(port),
+                                         "--max-batch-size", str(args.litserve_batch), "--batch-timeout",
+                                         str(args.litserve_timeout), "--workers", str(args.litserve_workers),
+                                         *(["--fast-queue"] if args.litserve_fast_queue else [])],
+                                  env, "/health", "/predict", "base64"))
         elif name == "naive":
             servers.append(Server(name, [sys.executable, str(REPO / "benchmarks" / "naive_server.py"),
                                          "--checkpoint", str(checkpoint), "--port", str(port)],
