@@ -77,8 +77,8 @@ class TrainConfig:
     lr: float = _opt(11.5, "SGD: learning rate per 1024 examples, decoupled from batch size and momentum; "
                            "Adam: the usual step size")
     momentum: float = _opt(0.85, "SGD Nesterov momentum")
-    muon_lr: float = _opt(0.24, "muon: learning rate of the convolution filters (each filter bank kept at norm "
-                                "sqrt(out channels); the step is orthogonalized)")
+    muon_lr: float = _opt(0.24, "muon: step size of the convolution filters per step, whatever the batch size (each "
+                                "filter bank kept at norm sqrt(out channels), the step orthogonalized; no weight decay)")
     muon_momentum: float = _opt(0.6, "muon: Nesterov momentum of the convolution filters")
     weight_decay: float = _opt(0.0153, "SGD: weight decay per 1024 examples, decoupled from the learning rate; Adam: AdamW's decay")
     bias_lr_scale: float = _opt(64.0, "multiplier on the learning rate of normalization biases")

@@ -52,6 +52,10 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -65,9 +69,10 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
                 update = grad.add(buf, alpha=group["momentum"])  # Nesterov
                 if group["orthogonalize"]:
-                    p.mul_(len(p) ** 0.5 / p.norm())
-                    update = orthogonalize(update.reshape(len(update), -1)).view_as(p)
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
+                    update = orthogonalize(update.reshape(len(update), -1)).reshape_as(p)
                 p.add_(update, alpha=-group["lr"])
+        return loss
 
 
 def orthogonalize(g: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

@@ -147,7 +147,7 @@ class FitState:
 
 
 MAX_SKIPPED_FP16_STEPS = 10
-GPU_LOOK_EVERY = 10  # steps between reads of the loss on a GPU
+LOOK_EVERY = {"cpu": 1}  # steps between reads of the loss: every step on the CPU, else 10
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -167,9 +167,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, dynamic_ncols=True)
     batches = iter(loader)
     scaler = state.scaler
-    # The loop reads the loss back (a sync that stalls a GPU's queue) only every few steps there; the sums, and the
-    # run of non-finite steps, stay on the device in between. On the CPU every step is read (the progress bar).
-    look_every = 1 if rt.device.type == "cpu" else GPU_LOOK_EVERY
+    # On a GPU the loop reads the loss back (a sync that stalls the GPU's queue) only every few steps; the sums, and
+    # the run of non-finite steps, stay on the device in between. On the CPU every step is read (the progress bar).
+    look_every = LOOK_EVERY.get(rt.device.type, 10)
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, seen (finite steps)
     streak = torch.tensor(float(state.nonfinite_steps), device=rt.device)  # non-finite steps in a row, now
     longest = streak.clone()  # and the longest such run since the last look
@@ -201,7 +201,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
         # global loss, so all of them stop together on a NaN instead of one waiting forever for the others.
         step = distributed.sum_across(torch.stack([loss.detach().float() * (1 if reduction == "sum" else len(y)),
                                                    (logits.argmax(1) == y).sum().float(),
-                                                   torch.tensor(float(len(y)), device=loss.device)]))
+                                                   y.new_full((), len(y), dtype=torch.float32)]))
         finite = torch.isfinite(step[0])
         totals += torch.where(finite, step.double(), 0.0)
         streak = torch.where(finite, 0.0, streak + 1)
@@ -243,6 +243,9 @@ def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, data_cf
     model = build_model(model_cfg, num_classes=len(data.classes), image_size=data_cfg.image_size, in_chans=data_cfg.channels)
     if model_cfg.weights and (model_cfg.arch in SCRATCH_ARCHS or not model_cfg.pretrained):
         raise ConfigError("--weights is for a pretrained timm backbone: drop it, or pick one with --arch (and --pretrained)")
+    if train_cfg.optimizer == "muon" and model_cfg.arch != "airbench":
+        # Muon rescales each filter bank to a fixed norm, which only a BatchNorm right after the conv makes harmless
+        raise ConfigError("--optimizer muon is for --arch airbench (every conv followed by BatchNorm): use sgd or adam")
     if model_cfg.arch not in SCRATCH_ARCHS and model_cfg.pretrained:
         source = load_pretrained(model, model_cfg.arch, model_cfg.weights)
         data.mean, data.std = normalization(model, data_cfg.channels)

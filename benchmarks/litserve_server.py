@@ -23,13 +23,11 @@ from api import decode_base64, postprocess, preprocess  # noqa: E402
 from config import ServeConfig, available_cores  # noqa: E402
 from predictor import TorchPredictor  # noqa: E402
 
-SERVE = ServeConfig()  # api.py's defaults: top_k, tta, max_pixels
-
-
 class ClassifierAPI(ls.LitAPI):
-    def __init__(self, checkpoint: str, max_batch_size: int, batch_timeout: float, threads: int):
+    def __init__(self, checkpoint: str, serve: ServeConfig, max_batch_size: int, batch_timeout: float, threads: int):
+        """serve: api.py's settings (CATER_TOP_K, CATER_TTA, CATER_MAX_PIXELS), so that both do the same work."""
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
-        self.checkpoint, self.threads = checkpoint, threads
+        self.checkpoint, self.serve, self.threads = checkpoint, serve, threads
 
     def setup(self, device):
         torch.set_num_threads(self.threads)  # the cores shared among the inference workers, as api.py sizes its own
@@ -37,19 +35,19 @@ class ClassifierAPI(ls.LitAPI):
         self.meta = self.predictor.meta
 
     def decode_request(self, request):
-        return preprocess(decode_base64(request["image_base64"]), self.meta, SERVE.max_pixels)
+        return preprocess(decode_base64(request["image_base64"]), self.meta, self.serve.max_pixels)
 
     def batch(self, inputs):
         return torch.stack(inputs)
 
     def predict(self, x):
-        return self.predictor.probabilities(x, SERVE.tta)
+        return self.predictor.probabilities(x, self.serve.tta)
 
     def unbatch(self, output):
         return list(output)
 
     def encode_response(self, output):
-        return postprocess(output, self.meta["classes"], SERVE.top_k, SERVE.tta).model_dump()
+        return postprocess(output, self.meta["classes"], self.serve.top_k, self.serve.tta).model_dump()
 
 
 def main() -> None:
@@ -61,7 +59,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="inference worker processes (workers_per_device)")
     parser.add_argument("--fast-queue", action="store_true", help="LitServer(fast_queue=True): ZeroMQ queues")
     args = parser.parse_args()
-    api = ClassifierAPI(args.checkpoint, args.max_batch_size, args.batch_timeout, max(1, available_cores() // args.workers))
+    api = ClassifierAPI(args.checkpoint, ServeConfig.from_env(), args.max_batch_size, args.batch_timeout,
+                        max(1, available_cores() // args.workers))
     server = ls.LitServer(api, accelerator="cuda" if torch.cuda.is_available() else "cpu", devices=1,
                           workers_per_device=args.workers, fast_queue=args.fast_queue)
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")  # no access log, as api.py

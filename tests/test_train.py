@@ -1,3 +1,4 @@
+import math
 import os
 import signal
 import stat
@@ -119,6 +120,11 @@ def test_muon_learns_the_toy_data_and_resumes_exactly(cifar_dir, tmp_path, monke
                                                                            rel=1e-6)
 
 
+def test_muon_is_refused_for_nets_without_batchnorm_after_every_conv(cifar_dir, capsys):
+    assert train.main(["--data-dir", str(cifar_dir), "--preset", "baseline", "--optimizer", "muon", "--no-mlflow"]) == 2
+    assert "--optimizer muon is for --arch airbench" in capsys.readouterr().err
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     model = CnnClassifier(ModelConfig(), 10)
     path = tmp_path / "cnn.pt"
@@ -235,24 +241,29 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_best_checkpoint(
     assert run.info.status == "FAILED" and "nan" in run.data.tags["stopped"]
 
 
-@pytest.mark.parametrize("overflows, code", [(3, 0), (train.MAX_SKIPPED_FP16_STEPS + 1, 1)])
+@pytest.mark.parametrize("first, overflows, look, code", [
+    (1, 3, 1, 0), (1, 11, 1, 1),  # read every step (the CPU)
+    (3, 10, 4, 0), (3, 11, 4, 1),  # read every 4 steps (as on a GPU, every 10): a run spanning reads
+    (11, 10, 4, 0), (11, 11, 4, 1),  # a run spanning the end of epoch 1 (16 steps) and the start of epoch 2
+])
 def test_fp16_rides_out_a_few_overflowing_steps_but_not_a_run_of_them(cifar_dir, tmp_path, monkeypatch, capsys,
-                                                                       overflows, code):
+                                                                       first, overflows, look, code):
     steps = []
 
-    def overflow_first(logits, y, **kwargs):
+    def overflow(logits, y, **kwargs):
         loss = torch.nn.functional.cross_entropy(logits, y, **kwargs)
         if "label_smoothing" in kwargs:  # a training step (evaluation passes no smoothing)
             steps.append(1)
-            if len(steps) <= overflows:
+            if first <= len(steps) < first + overflows:
                 return loss * float("inf")  # the loss scaler skips the step and lowers its scale
         return loss
 
-    monkeypatch.setattr(train, "F", SimpleNamespace(cross_entropy=overflow_first))
+    monkeypatch.setattr(train, "F", SimpleNamespace(cross_entropy=overflow))
+    monkeypatch.setattr(train, "LOOK_EVERY", {"cpu": look})
     assert train.main(["--data-dir", str(cifar_dir), "--epochs", "2", "--batch-size", "16", "--out", str(tmp_path / "cnn.pt"),
                        "--no-mlflow", "--precision", "fp16", "--tta", "0"]) == code
-    err = capsys.readouterr().err
-    assert ("the training loss became inf at epoch 1, by step 11" in err) == (code == 1)
+    assert len(steps) == (32 if code == 0 else math.ceil((first + overflows - 1) / look) * look)  # 270 // 16 steps an epoch
+    assert ("the training loss became" in capsys.readouterr().err) == (code == 1)
 
 
 def test_a_real_divergence_is_caught_too(cifar_dir, tmp_path, capsys):
