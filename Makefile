@@ -84,7 +84,7 @@ mlflow-server: $(READY)  ## team tracking server: runs and registry in PostgreSQ
 bench-train: $(READY)  ## time the presets against the seed baseline on CIFAR-10 (DATA_DIR, default ../shared/data)
 	$(PY) benchmarks/train_speed.py --data-dir $(or $(DATA_DIR),../shared/data) $(ARGS)
 
-bench-serve: $(READY)  ## load-test api.py (PyTorch and ONNX Runtime) against a naive handler and mlflow models serve
+bench-serve: $(READY)  ## load-test api.py (PyTorch and ONNX Runtime) against a naive handler, LitServe and mlflow models serve
 	$(PY) benchmarks/serve_load.py $(ARGS)
 
 bench-folder: $(READY)  ## default vs README-hint flags on Fashion-MNIST and ELPV image folders, and peak RSS at 10k x 224px
