@@ -29,8 +29,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     lr = cfg.lr / gain
     decay = cfg.weight_decay * cfg.batch_size / gain  # shrinkage per step
     biases, others = param_groups(model)
-    filters = [p for p in others if p.ndim == 4] if cfg.optimizer == "muon" else []
-    groups = [dict(params=[p for p in others if p.ndim != 4 or cfg.optimizer != "muon"], lr=lr, weight_decay=decay / lr)]
+    if cfg.optimizer == "muon":  # the convolution filters go to Muon's own group
+        filters, others = [p for p in others if p.ndim == 4], [p for p in others if p.ndim != 4]
+    groups = [dict(params=others, lr=lr, weight_decay=decay / lr)]
     if biases:
         bias_lr = lr * cfg.bias_lr_scale
         groups.append(dict(params=biases, lr=bias_lr, weight_decay=decay / bias_lr))

@@ -217,7 +217,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
         longest.fill_(now)
         if seen:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
-    state.nonfinite_steps = int(streak.item()) if steps else state.nonfinite_steps
+    state.nonfinite_steps = int(streak.item())
     loss_sum, correct, seen = totals.tolist()
     bar.close()
     if state.lookahead is not None:

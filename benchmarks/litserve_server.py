@@ -23,6 +23,7 @@ from api import decode_base64, postprocess, preprocess  # noqa: E402
 from config import ServeConfig, available_cores  # noqa: E402
 from predictor import TorchPredictor  # noqa: E402
 
+
 class ClassifierAPI(ls.LitAPI):
     def __init__(self, checkpoint: str, serve: ServeConfig, max_batch_size: int, batch_timeout: float, threads: int):
         """serve: api.py's settings (CATER_TOP_K, CATER_TTA, CATER_MAX_PIXELS), so that both do the same work."""

@@ -9,11 +9,21 @@ import mlflow
 import pytest
 import torch
 
+import resume
 import train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import ModelConfig, TrainConfig
 from conftest import free_port
 from model import CnnClassifier
+
+
+def stop_after_epoch(epoch: int):
+    """A train.save_last that writes the last checkpoint, then stops the run as Ctrl-C would after that epoch."""
+    def save_then_stop(path, **state):
+        resume.save_last(path, **state)
+        if state["epoch"] == epoch:
+            raise KeyboardInterrupt
+    return save_then_stop
 
 
 @pytest.fixture
@@ -103,17 +113,10 @@ def test_muon_learns_the_toy_data_and_resumes_exactly(cifar_dir, tmp_path, monke
     assert straight["metrics"]["val_acc"] >= 0.5  # chance is 0.1
 
     # Its momentum buffers travel in the last checkpoint: stopped after epoch 2 and resumed, it ends the same.
-    real_save = train.save_last
-
-    def stop_after_second(path, **state):
-        real_save(path, **state)
-        if state["epoch"] == 2:
-            raise KeyboardInterrupt
-
     out = tmp_path / "b" / "cnn.pt"
-    monkeypatch.setattr(train, "save_last", stop_after_second)
+    monkeypatch.setattr(train, "save_last", stop_after_epoch(2))
     assert train.main(flags(out, "--resume")) == 0
-    monkeypatch.setattr(train, "save_last", real_save)
+    monkeypatch.setattr(train, "save_last", resume.save_last)
     assert train.main(flags(out, "--resume")) == 0
     _, resumed = load_checkpoint(out)
     assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in straight["history"]],
@@ -349,14 +352,7 @@ def test_resume_continues_the_same_run_where_it_stopped(cifar_dir, tmp_path, tra
 
     out = tmp_path / "b" / "cnn.pt"
     last = out.with_name("cnn.last.pt")
-    real_save = train.save_last
-
-    def stop_after_third(path, **state):
-        real_save(path, **state)
-        if state["epoch"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_last", stop_after_third)
+    monkeypatch.setattr(train, "save_last", stop_after_epoch(3))
     assert train.main(flags(out, "--resume")) == 0  # no last checkpoint yet: a new run
     assert "run the same command with --resume" in capsys.readouterr().err
     _, meta = load_checkpoint(out)
@@ -367,7 +363,7 @@ def test_resume_continues_the_same_run_where_it_stopped(cifar_dir, tmp_path, tra
     assert train.main(flags(out, "--resume", "--lr", "5")) == 2  # other settings: refused, nothing touched
     assert "--lr 5.0 (the run had 11.5)" in capsys.readouterr().err and last.exists()
 
-    monkeypatch.setattr(train, "save_last", real_save)
+    monkeypatch.setattr(train, "save_last", resume.save_last)
     assert train.main(flags(out, "--resume")) == 0
     assert "resumed after epoch 3 of 5" in capsys.readouterr().out
     _, meta = load_checkpoint(out)
