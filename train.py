@@ -542,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data_cfg, model_cfg, train_cfg, reasons = configure(argv)
         ranks = distributed.from_env()
+        distributed.check_restarts(ranks)
         if train_cfg.batch_size % ranks.world:
             raise ConfigError(f"--batch-size {train_cfg.batch_size} is the global batch: with {ranks.world} processes it "
                               f"must be a multiple of {ranks.world}")

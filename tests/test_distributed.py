@@ -18,7 +18,7 @@ import distributed
 from config import ConfigError
 import train
 from checkpoint import load_checkpoint
-from conftest import class_image
+from conftest import class_image, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -53,10 +53,11 @@ def args(images: Path, out: Path, epochs: int) -> list[str]:
             "--no-register", "--experiment", "ddp", "--workers", "0"]
 
 
-def torchrun(extra: list[str], train_args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(extra: list[str], train_args: list[str], log: Path, launcher: list[str] = TORCHRUN,
+             env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log, "wb") as f:
-        return subprocess.Popen(TORCHRUN + extra + ["train.py"] + train_args, cwd=REPO, env=env, stdout=f,
+        return subprocess.Popen(launcher + extra + ["train.py"] + train_args, cwd=REPO, env=env, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -112,25 +113,50 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_run_completes(images, tmp_
     out = tmp_path / "kill" / "cnn.pt"
     log = tmp_path / "kill.log"
     proc = torchrun(["--max-restarts", "1"], args(images, out, 8) + ["--resume"], log)
+    kill_rank_1_after_a_checkpoint([proc], out, [log])
+    assert "resumed after epoch" in finish(proc, log)
+    assert_one_run_with_each_epoch_once(tracking_uri, 8)
+    assert not out.with_name("cnn.last.pt").exists()
+
+
+def test_two_machines_restart_a_killed_worker_and_finish(images, tmp_path, tracking_uri):
+    """Two torchruns as on two machines (c10d rendezvous, one process each) with --max-restarts: rank 1 is killed
+    once the first epoch is saved; both groups restart and go on from the last checkpoint. Without
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 the restarted group hung (distributed.check_restarts refuses that)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "nodes"]
+    out = tmp_path / "nodes" / "cnn.pt"
+    logs = [tmp_path / f"node{n}.log" for n in range(2)]
+    procs = [torchrun(["--max-restarts", "1"], args(images, out, 6) + ["--resume"], log, launcher,
+                      {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}) for log in logs]
+    kill_rank_1_after_a_checkpoint(procs, out, logs)
+    texts = [finish(proc, log) for proc, log in zip(procs, logs)]
+    assert "resumed after epoch" in texts[0] + texts[1]
+    assert_one_run_with_each_epoch_once(tracking_uri, 6)
+
+
+def kill_rank_1_after_a_checkpoint(procs: list[subprocess.Popen], out: Path, logs: list[Path]) -> None:
+    """SIGKILL the worker of rank 1 (under any of the torchruns `procs`) once the last checkpoint exists."""
     last = out.with_name("cnn.last.pt")
     deadline = time.time() + 240
     while not last.exists():
-        assert proc.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-4000:]
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, \
+            "\n".join(log.read_text(errors="replace")[-3000:] for log in logs)
         time.sleep(0.1)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    workers = [p for proc in procs for p in psutil.Process(proc.pid).children(recursive=True)
+               if p.environ().get("RANK") == "1"]
     assert len(workers) == 1
     workers[0].send_signal(signal.SIGKILL)
-    text = finish(proc, log)
-    assert "resumed after epoch" in text
 
+
+def assert_one_run_with_each_epoch_once(tracking_uri: str, epochs: int) -> None:
     client = mlflow.MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert len(runs) == 1  # the restart continued the same run
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["resumed"].startswith("after epoch")
     for name in ("val_acc", "train_loss", "epoch_seconds"):
-        assert [s for s, _ in history(client, run.info.run_id, name)] == list(range(1, 9))  # each epoch once
-    assert not last.exists()
+        assert [s for s, _ in history(client, run.info.run_id, name)] == list(range(1, epochs + 1))  # each once
 
 
 def test_restart_store_gets_a_prefix_per_attempt_and_none_outside_torchrun():
@@ -140,6 +166,17 @@ def test_restart_store_gets_a_prefix_per_attempt_and_none_outside_torchrun():
     with pytest.raises(ConfigError, match="torchrun sets them"):
         distributed.from_env({"RANK": "x"})
     assert distributed.sum_across(torch.ones(2)).tolist() == [1.0, 1.0]  # one process: unchanged
+
+
+def test_restarts_across_machines_on_the_shared_store_are_refused_before_joining():
+    two_machines = distributed.Ranks(rank=1, world=2, local_rank=0, local_world=1)
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    with pytest.raises(ConfigError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        distributed.check_restarts(two_machines, shared)
+    distributed.check_restarts(two_machines, {**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"})  # a fresh store
+    distributed.check_restarts(two_machines, {**shared, "TORCHELASTIC_MAX_RESTARTS": "0"})  # nothing restarts
+    distributed.check_restarts(distributed.Ranks(1, 2, 1, 2), shared)  # one machine: restart_safe_store
+    distributed.check_restarts(distributed.Ranks(), {})  # no torchrun
 
 
 def test_a_global_batch_that_does_not_split_evenly_is_refused_before_joining(monkeypatch, capsys):
