@@ -134,8 +134,9 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
     """Files under root/<class>/ (recursively, hidden files and folders skipped), labelled by folder name in sorted order."""
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
-    if classes is None:
+    found = class_folders(root)
+    training = classes is None  # the training folder defines the classes: each must hold images
+    if training:
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
@@ -145,7 +146,7 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
         files = list_images(root / name) if (root / name).is_dir() else []
         paths += files
         labels += [index] * len(files)
-        if not files and root.name == "train":
+        if not files and training:
             empty.append(name)
     if empty:
         raise DataError(f"{root}: class folders {empty} hold no images (extensions: {sorted(IMAGE_EXTENSIONS)}); "
@@ -168,10 +169,30 @@ def summarize_folder(data_dir: Path, sample: int = 256) -> FolderStats:
                        has_val=(root / "val").is_dir())
 
 
+def class_folders(root: Path) -> list[str]:
+    """Names of root's sub-folders, sorted, hidden ones and macOS zip junk left out."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+
+
 def train_folder(root: Path) -> Path:
-    if not (root / "train").is_dir():
-        raise DataError(f"{root}: expected train/<class>/ image folders (optional val/ and test/)")
-    return root / "train"
+    """root/train; or root itself when it holds the class folders directly (root/<class>/..., as torchvision's
+    ImageFolder and Keras read it): all of it is then training data, and the validation split is drawn from it."""
+    if (root / "train").is_dir():
+        return root / "train"
+    expected = "expected train/<class>/ image folders (optional val/ and test/), or <class>/ folders directly"
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder; {expected}")
+    splits = [name for name in ("val", "test") if (root / name).is_dir()]
+    if splits:
+        raise DataError(f"{root}: has {' and '.join(s + '/' for s in splits)} but no train/; {expected}")
+    folders = class_folders(root)
+    # a folder of datasets (each with its own train/) would otherwise train on the datasets' names
+    datasets = [name for name in folders if any((root / name / split).is_dir() for split in ("train", "val", "test"))]
+    if datasets:
+        raise DataError(f"{root}: {datasets} hold train/, val/ or test/ folders of their own: point --data-dir at one of them")
+    if not folders:
+        raise DataError(f"{root}: no sub-folders; {expected}")
+    return root
 
 
 def read_folder(cfg: DataConfig):
@@ -215,7 +236,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             splits["test"] = ImageSet(test[1], images=test[0])
     else:
         splits, classes = read_folder(cfg)
-        source = str(data_dir)
+        source = str(data_dir) if (data_dir / "train").is_dir() else f"{data_dir} (its <class>/ folders, no train/)"
 
     pool = splits["train"]
     if cfg.limit and cfg.limit < len(pool):

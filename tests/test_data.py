@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 
 import data
@@ -129,6 +130,29 @@ def test_unreadable_images_are_reported_by_path(folder_dir):
 
 def test_folder_without_train_is_explained(tmp_path):
     with pytest.raises(data.DataError, match="train/<class>"):
+        data.load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path)))
+
+
+def test_class_folders_without_train_are_the_training_data(folder_dir):
+    """root/<class>/ as torchvision's ImageFolder reads it: all of it trains, and validation is drawn from it."""
+    flat = folder_dir / "train"
+    ds = data.load_dataset(DataConfig(dataset="folder", data_dir=str(flat), image_size=24, workers=0))
+    assert ds.classes == ["crack", "ok", "scratch"] and ds.test is None
+    assert len(ds.train) == 54 and len(ds.val) == 6 and "no train/" in ds.source
+    stats = data.summarize_folder(flat)
+    assert stats.class_counts == (20, 20, 20) and not stats.has_val
+
+
+@pytest.mark.parametrize("files, message", [
+    (["val/a/0.png", "val/b/0.png"], "has val/ but no train/"),
+    (["fashion/train/a/0.png", "cifar/train/b/0.png"], r"\['cifar', 'fashion'\] hold train/, val/ or test/"),
+    (["0.png"], "no sub-folders"),
+])
+def test_folders_without_train_that_are_not_class_folders_are_refused(tmp_path, files, message):
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    with pytest.raises(data.DataError, match=message):
         data.load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path)))
 
 
