@@ -287,12 +287,14 @@ def freeze_body(model: torch.nn.Module, frozen: bool) -> None:
             p.requires_grad = not frozen
 
 
-def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, on_epoch=None,
+def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, on_epoch=None, on_best=None,
         last: Path | None = None, last_extra: dict | None = None, resumed: dict | None = None) -> FitState:
     """Train, evaluating on validation after each epoch and keeping the best weights; Ctrl-C stops cleanly.
 
-    After each epoch rank 0 writes the `last` checkpoint (resume.py; with last_extra in it) and then calls
-    on_epoch(epoch, metrics, improved); `resumed` (what resume.load_last read) continues a run after its last
+    After each epoch rank 0 calls on_best(epoch, metrics) if the epoch improved, then writes the `last` checkpoint
+    (resume.py; with last_extra in it), then calls on_epoch(epoch, metrics). In that order a kill between two of
+    them loses nothing: before the `last` write, --resume redoes the epoch (and writes its best weights again);
+    after it, the epoch was not logged yet, so it is logged once. `resumed` (what resume.load_last read) continues a run after its last
     finished epoch. Under torchrun every rank trains on its shard of each global batch and evaluates its shard of
     the validation split; gradients and counts are summed over the ranks.
     """
@@ -357,7 +359,9 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
                        f"  data {100 * metrics['data_share']:.1f}%")
             if cfg.patience and state.patience_left <= 0:
                 state.stopped = f"early stop: no better validation {cfg.select_metric} for {cfg.patience} epochs"
-            if ranks.main and last is not None:  # before on_epoch logs the epoch: a resumed run logs it only once
+            if on_best and improved and ranks.main:
+                on_best(epoch + 1, metrics)
+            if ranks.main and last is not None:
                 save_last(last, epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
                           scheduler=scheduler.state_dict(), scaler=state.scaler.state_dict(), step=state.step,
                           lookahead=state.lookahead.slow if state.lookahead else None, history=state.history,
@@ -365,7 +369,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
                           patience_left=state.patience_left, stopped=state.stopped, rng=rng_states(loader),
                           **(last_extra or {}))
             if on_epoch and ranks.main:
-                on_epoch(epoch + 1, metrics, improved)
+                on_epoch(epoch + 1, metrics)
             if state.stopped:
                 break
     except KeyboardInterrupt:
@@ -605,15 +609,16 @@ def main(argv: list[str] | None = None) -> int:
                          extra={"train_config": flat_params(train_cfg), "data_config": flat_params(data_cfg)})
         start = time.perf_counter() - (resumed["history"][-1]["elapsed_s"] if resumed and resumed["history"] else 0.0)
 
-        def on_epoch(epoch, metrics, improved):
-            if improved:  # the best model so far is on disk at every moment of the run
-                save_checkpoint(train_cfg.out, model, metrics={"val_acc": metrics["val_acc"],
-                                                               "val_macro_f1": metrics["val_macro_f1"], "epoch": epoch},
-                                **ckpt_info)
-                saved.append(epoch)  # after the write: an interrupted write leaves the previous file
+        def on_best(epoch, metrics):  # the best model so far is on disk at every moment of the run
+            save_checkpoint(train_cfg.out, model, metrics={"val_acc": metrics["val_acc"],
+                                                           "val_macro_f1": metrics["val_macro_f1"], "epoch": epoch},
+                            **ckpt_info)
+            saved.append(epoch)  # after the write: an interrupted write leaves the previous file
+
+        def on_epoch(epoch, metrics):
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
-        state = fit(model, data, data_cfg, train_cfg, rt, on_epoch, last=last, resumed=resumed,
+        state = fit(model, data, data_cfg, train_cfg, rt, on_epoch, on_best, last=last, resumed=resumed,
                     last_extra={"mlflow_run_id": tracker.run_id, "settings": same})
         train_seconds = time.perf_counter() - start
         if state.diverged:

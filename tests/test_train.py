@@ -375,6 +375,25 @@ def test_resume_continues_the_same_run_where_it_stopped(cifar_dir, tmp_path, tra
     assert not last.exists()  # finished: a later --resume starts a new run
 
 
+def test_a_kill_right_after_a_better_epoch_keeps_its_weights(cifar_dir, tmp_path, monkeypatch, capsys):
+    """Killed while the last checkpoint of an improved epoch is written: cnn.pt holds that epoch already (it is
+    written first), and --resume would redo the epoch."""
+    def killed_at_epoch_2(path, **state):
+        if state["epoch"] == 2:
+            raise SystemExit(137)  # no final report and no final save: what a SIGKILL leaves on disk
+        resume.save_last(path, **state)
+
+    monkeypatch.setattr(train, "save_last", killed_at_epoch_2)
+    out = tmp_path / "cnn.pt"
+    with pytest.raises(SystemExit):
+        train.main(["--data-dir", str(cifar_dir), "--epochs", "3", "--batch-size", "64", "--out", str(out),
+                    "--tta", "0", "--precision", "fp32", "--no-mlflow"])
+    epochs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and epochs[1].startswith("epoch   2/3") and " *" in epochs[1]  # epoch 2 improved
+    assert load_checkpoint(out)[1]["metrics"]["epoch"] == 2
+    assert torch.load(out.with_name("cnn.last.pt"), weights_only=True)["epoch"] == 1
+
+
 def test_an_unreadable_last_checkpoint_is_a_clear_error(cifar_dir, tmp_path, capsys):
     out = tmp_path / "cnn.pt"
     out.with_name("cnn.last.pt").write_bytes(b"half a file")
