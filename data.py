@@ -157,12 +157,12 @@ def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str]
 
 
 def summarize_folder(data_dir: Path, sample: int = 256) -> FolderStats:
-    """Class counts of train/ and the typical size and colour of a seeded sample of its images (headers only)."""
+    """Class counts of the training folder and the typical size and colour of a seeded sample of its images."""
     root = Path(data_dir)
-    paths, labels, classes = scan_folder(train_folder(root))
+    folder, paths, labels, classes = scan_training(root)
     probed = probe_images(paths, sample=sample)
     if not probed:
-        raise DataError(f"{root / 'train'}: none of {min(sample, len(paths))} sampled files could be opened as an image")
+        raise DataError(f"{folder}: none of {min(sample, len(paths))} sampled files could be opened as an image")
     sides = sorted(math.sqrt(w * h) for w, h, _ in probed)
     return FolderStats(class_counts=tuple(torch.bincount(labels, minlength=len(classes)).tolist()),
                        side=round(sides[len(sides) // 2]), grayscale=all(mode in GRAYSCALE_MODES for _, _, mode in probed),
@@ -174,32 +174,52 @@ def class_folders(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
 
 
+SPLITS = ("train", "val", "test")
+LAYOUT = "expected train/<class>/ image folders (optional val/ and test/), or <class>/ folders directly"
+
+
 def train_folder(root: Path) -> Path:
     """root/train; or root itself when it holds the class folders directly (root/<class>/..., as torchvision's
     ImageFolder and Keras read it): all of it is then training data, and the validation split is drawn from it."""
     if (root / "train").is_dir():
         return root / "train"
-    expected = "expected train/<class>/ image folders (optional val/ and test/), or <class>/ folders directly"
     if not root.is_dir():
-        raise DataError(f"{root}: not a folder; {expected}")
-    splits = [name for name in ("val", "test") if (root / name).is_dir()]
+        raise DataError(f"{root}: not a folder; {LAYOUT}")
+    splits = [name for name in SPLITS[1:] if (root / name).is_dir()]
     if splits:
-        raise DataError(f"{root}: has {' and '.join(s + '/' for s in splits)} but no train/; {expected}")
+        raise DataError(f"{root}: has {' and '.join(s + '/' for s in splits)} but no train/ (a class of that name "
+                        f"must sit under train/); {LAYOUT}")
+    siblings = [name for name in SPLITS[1:] if root.name in SPLITS and (root.parent / name).is_dir()]
+    if siblings:  # pointed at dataset/train: its val/ and test/ would be left out without a word
+        raise DataError(f"{root}: {' and '.join(s + '/' for s in siblings)} sit beside it: point --data-dir at "
+                        f"{root.parent}, which holds the splits")
     folders = class_folders(root)
     # a folder of datasets (each with its own train/) would otherwise train on the datasets' names
-    datasets = [name for name in folders if any((root / name / split).is_dir() for split in ("train", "val", "test"))]
+    datasets = [name for name in folders if any((root / name / split).is_dir() for split in SPLITS)]
     if datasets:
         raise DataError(f"{root}: {datasets} hold train/, val/ or test/ folders of their own: point --data-dir at one of them")
     if not folders:
-        raise DataError(f"{root}: no sub-folders; {expected}")
+        raise DataError(f"{root}: no sub-folders; {LAYOUT}")
     return root
+
+
+def scan_training(root: Path) -> tuple[Path, list[str], torch.Tensor, list[str]]:
+    """(the training folder, its files, their labels, the classes); without train/, an error says that root's
+    sub-folders were read as classes."""
+    folder = train_folder(root)
+    try:
+        return folder, *scan_folder(folder)
+    except DataError as e:
+        if folder == root:
+            raise DataError(f"{e}\n({root} has no train/, so its sub-folders were read as classes; {LAYOUT})") from None
+        raise
 
 
 def read_folder(cfg: DataConfig):
     root = Path(cfg.data_dir)
-    train_paths, train_labels, classes = scan_folder(train_folder(root))
+    folder, train_paths, train_labels, classes = scan_training(root)
     if len(classes) < 2:
-        raise DataError(f"{root / 'train'}: found {len(classes)} class folder(s), need at least 2")
+        raise DataError(f"{folder}: found {len(classes)} class folder(s), need at least 2")
     splits = {"train": ImageSet(train_labels, paths=train_paths)}
     for name in ("val", "test"):
         if (root / name).is_dir():

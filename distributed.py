@@ -82,15 +82,15 @@ def check_restarts(ranks: Ranks, env=os.environ) -> None:
     """Refuse, before joining, a run that would hang at its first fault: torchrun across machines with
     --max-restarts, on the rendezvous store torch shares with the workers (its default). A group restarted on it
     finds the dead workers' addresses still written there and waits for them (seen here with two torchruns on one
-    machine: the restarted group hung until killed). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every restart a
-    fresh store; on one machine restart_safe_store does the same from inside."""
+    machine: the restarted group hung until killed). With c10d rendezvous, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    gives every restart a fresh store; on one machine restart_safe_store does the same from inside."""
     if ranks.local_world == ranks.world or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return
     if env.get("TORCHELASTIC_MAX_RESTARTS", "0") not in ("", "0"):
-        raise ConfigError("torchrun across machines with --max-restarts: run torchrun with "
-                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment on every machine. Without it, "
-                          "workers restarted after a fault wait forever for the dead ones (torch keeps their "
-                          "addresses in the rendezvous store it shares with the workers)")
+        raise ConfigError("torchrun across machines with --max-restarts: use --rdzv-backend=c10d and set "
+                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment on every machine (the "
+                          "static rendezvous of --master-addr always shares its store). Otherwise workers restarted "
+                          "after a fault wait forever for the dead ones, whose addresses stay in that store")
 
 
 def leave() -> None:

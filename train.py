@@ -144,6 +144,7 @@ class FitState:
     stopped: str = ""
     diverged: bool = False  # stopped by a NaN or infinite loss
     nonfinite_steps: int = 0  # in a row
+    saved_epochs: int = 0  # epochs the last checkpoint holds: where --resume goes on from
 
 
 MAX_SKIPPED_FP16_STEPS = 10
@@ -326,6 +327,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     sampler = getattr(loader, "sampler", None)
     start = time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
     try:
+        state.saved_epochs = first_epoch
         for epoch in range(first_epoch, epochs):
             if whiten is not None:
                 whiten.bias.requires_grad = epoch < cfg.whiten_bias_epochs
@@ -368,6 +370,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
                           best_score=state.best_score, best_epoch=state.best_epoch, best_state=state.best_state,
                           patience_left=state.patience_left, stopped=state.stopped, rng=rng_states(loader),
                           **(last_extra or {}))
+                state.saved_epochs = epoch + 1
             if on_epoch and ranks.main:
                 on_epoch(epoch + 1, metrics)
             if state.stopped:
@@ -638,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         report(model, data, data_cfg, train_cfg, rt, state, tracker, ckpt_info, train_seconds)
         if state.stopped == "interrupted":
             status = "KILLED"
-            print(f"to go on from epoch {len(state.history)}, run the same command with --resume", file=sys.stderr)
+            print(f"to go on after epoch {state.saved_epochs}, run the same command with --resume", file=sys.stderr)
         else:
             status = "FINISHED"
             last.unlink(missing_ok=True)  # the run is complete: a later --resume starts a new one

@@ -1,7 +1,9 @@
+import shutil
+
 import numpy as np
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 
 import data
 from config import DataConfig, TrainConfig
@@ -135,6 +137,7 @@ def test_folder_without_train_is_explained(tmp_path):
 
 def test_class_folders_without_train_are_the_training_data(folder_dir):
     """root/<class>/ as torchvision's ImageFolder reads it: all of it trains, and validation is drawn from it."""
+    shutil.rmtree(folder_dir / "test")  # else pointing at train/ would leave test/ out: refused below
     flat = folder_dir / "train"
     ds = data.load_dataset(DataConfig(dataset="folder", data_dir=str(flat), image_size=24, workers=0))
     assert ds.classes == ["crack", "ok", "scratch"] and ds.test is None
@@ -147,13 +150,16 @@ def test_class_folders_without_train_are_the_training_data(folder_dir):
     (["val/a/0.png", "val/b/0.png"], "has val/ but no train/"),
     (["fashion/train/a/0.png", "cifar/train/b/0.png"], r"\['cifar', 'fashion'\] hold train/, val/ or test/"),
     (["0.png"], "no sub-folders"),
+    (["cifar-10-batches-bin/data_batch_1.bin"], "hold no images .*\n.*no train/, so its sub-folders were read as classes"),
+    (["train/a/0.png", "test/a/0.png"], "test/ sit beside it: point --data-dir at"),
 ])
 def test_folders_without_train_that_are_not_class_folders_are_refused(tmp_path, files, message):
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8)).save(tmp_path / name)
+        Image.new("RGB", (8, 8)).save(tmp_path / name, "PNG")
+    data_dir = tmp_path / "train" if "train/a/0.png" in files else tmp_path
     with pytest.raises(data.DataError, match=message):
-        data.load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path)))
+        data.load_dataset(DataConfig(dataset="folder", data_dir=str(data_dir)))
 
 
 def test_val_class_not_in_train_is_refused(folder_dir):

@@ -129,8 +129,13 @@ def test_two_machines_restart_a_killed_worker_and_finish(images, tmp_path, track
     logs = [tmp_path / f"node{n}.log" for n in range(2)]
     procs = [torchrun(["--max-restarts", "1"], args(images, out, 6) + ["--resume"], log, launcher,
                       {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}) for log in logs]
-    kill_rank_1_after_a_checkpoint(procs, out, logs)
-    texts = [finish(proc, log) for proc, log in zip(procs, logs)]
+    try:
+        kill_rank_1_after_a_checkpoint(procs, out, logs)
+        texts = [finish(proc, log) for proc, log in zip(procs, logs)]
+    finally:  # a hang in one must not leave the other running
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
     assert "resumed after epoch" in texts[0] + texts[1]
     assert_one_run_with_each_epoch_once(tracking_uri, 6)
 

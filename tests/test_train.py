@@ -394,6 +394,21 @@ def test_a_kill_right_after_a_better_epoch_keeps_its_weights(cifar_dir, tmp_path
     assert torch.load(out.with_name("cnn.last.pt"), weights_only=True)["epoch"] == 1
 
 
+def test_ctrl_c_while_the_best_checkpoint_is_written_names_the_epoch_resume_goes_on_after(cifar_dir, tmp_path,
+                                                                                           monkeypatch, capsys):
+    def interrupted_at_epoch_2(path, model, **info):
+        if info["metrics"].get("epoch") == 2:
+            raise KeyboardInterrupt  # before the last checkpoint of epoch 2 is written
+        return save_checkpoint(path, model, **info)
+
+    monkeypatch.setattr(train, "save_checkpoint", interrupted_at_epoch_2)
+    out = tmp_path / "cnn.pt"
+    assert train.main(["--data-dir", str(cifar_dir), "--epochs", "3", "--batch-size", "64", "--out", str(out),
+                       "--tta", "0", "--precision", "fp32", "--no-mlflow"]) == 0
+    assert "to go on after epoch 1, run the same command with --resume" in capsys.readouterr().err
+    assert torch.load(out.with_name("cnn.last.pt"), weights_only=True)["epoch"] == 1
+
+
 def test_an_unreadable_last_checkpoint_is_a_clear_error(cifar_dir, tmp_path, capsys):
     out = tmp_path / "cnn.pt"
     out.with_name("cnn.last.pt").write_bytes(b"half a file")
