@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import gc
-import io
 import itertools
 import logging
 import os
@@ -34,14 +32,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from batcher import MicroBatcher, Overloaded, WorkerDown
 from checkpoint import CheckpointError
 from config import ConfigError, ServeConfig, available_cores, pick_device
-from decode import UPLOAD_FORMATS
+from decode import UploadError, open_upload, upload_bytes
 from middleware import (AUTH_MESSAGE, BodyLimitMiddleware, GateMiddleware, Metrics, MetricsMiddleware,
                         StartupErrorMiddleware, key_matches)
 from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor, load_predictor
@@ -149,54 +146,14 @@ ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in 
 # Preprocess -> predict -> postprocess
 
 
-def decode_base64(text: str) -> bytes:
-    if text.startswith("data:"):
-        header, _, text = text.partition(",")
-        if not header.endswith(";base64"):
-            raise HTTPException(400, "a data URL must be base64-encoded: data:image/<type>;base64,<data>")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise HTTPException(400, "the image is not valid base64 (standard alphabet, with padding)") from None
-
-
-def image_error(e: Exception, what: str) -> HTTPException:
-    # PIL reports pixel bombs as DecompressionBombError and oversized PNG text chunks as "... too large" ValueErrors.
-    if isinstance(e, Image.DecompressionBombError) or (isinstance(e, ValueError) and "too large" in str(e)):
-        return HTTPException(413, f"image too large: {e}")
-    return HTTPException(400, f"{what}: {e}")
-
-
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decoded PIL image, its format and pixel count checked from the header before any pixel data is decoded."""
-    if not data:
-        raise HTTPException(400, "the image is empty")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise HTTPException(400, "the data is not an image: send a PNG, JPEG, BMP, GIF or WebP file") from None
-    except Exception as e:  # a malformed header: PIL raises SyntaxError, ValueError, struct.error, ...
-        raise image_error(e, "cannot read the image header") from None
-    if image.format not in UPLOAD_FORMATS:
-        raise HTTPException(415, f"image format {image.format} is not accepted: send PNG, JPEG, BMP, GIF or WebP")
-    width, height = image.size
-    if width * height > max_pixels:
-        raise HTTPException(413, f"image too large: {width}x{height} is over the limit of {max_pixels} pixels")
-    try:
-        image.load()  # GIF and WebP: the first frame
-    except Exception as e:  # truncated or corrupt pixel data
-        raise image_error(e, f"cannot decode the {image.format} image") from None
-    return image
-
-
 def preprocess(data: bytes, meta: dict, max_pixels: int) -> torch.Tensor:
     """Image file bytes -> CxHxW uint8 tensor, by the shared evaluation pipeline (transforms.pil_to_uint8) with the
-    checkpoint's size, channels and resize policy."""
-    image = open_image(data, max_pixels)
+    checkpoint's size, channels and resize policy; UploadError (with its HTTP status) for an image it refuses."""
+    image = open_upload(data, max_pixels)
     try:
         return pil_to_uint8(image, meta["image_size"], meta["channels"], meta["resize"])
     except Exception as e:  # broken EXIF or an unusual mode that cannot be converted
-        raise HTTPException(400, f"cannot convert the image to RGB: {e}") from None
+        raise UploadError(400, f"cannot convert the image to RGB: {e}") from None
 
 
 def postprocess(probs: torch.Tensor, classes: list[str], k: int, tta: int) -> PredictResponse:
@@ -394,10 +351,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             for i, data in enumerate(data_list):
                 try:
                     out.append(preprocess(decode(data), meta, config.max_pixels))
-                except HTTPException as e:
-                    if len(data_list) > 1:
-                        e.detail = f"images[{i}]: {e.detail}"
-                    raise
+                except UploadError as e:
+                    where = f"images[{i}]: " if len(data_list) > 1 else ""
+                    raise HTTPException(e.status, f"{where}{e}") from None
             return out
 
         batcher: MicroBatcher = state.batcher
@@ -476,7 +432,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     @app.post("/predict", response_model=PredictResponse, tags=["predict"], dependencies=predict_deps, responses=ERRORS)
     async def predict(body: PredictRequest, request: Request):
         """Classify one base64-encoded image."""
-        return (await classify(request, [body.image_base64], body.top_k, decode_base64))[0]
+        return (await classify(request, [body.image_base64], body.top_k, upload_bytes))[0]
 
     @app.post("/predict/file", response_model=PredictResponse, tags=["predict"], dependencies=predict_deps,
               responses=ERRORS)
@@ -492,7 +448,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         """Classify several base64-encoded images; the results come in the order of the images."""
         if len(body.images) > config.max_batch_images:
             raise HTTPException(413, f"{len(body.images)} images in one request; the limit is {config.max_batch_images}")
-        return await classify(request, body.images, body.top_k, decode_base64)
+        return await classify(request, body.images, body.top_k, upload_bytes)
 
     @app.get("/", include_in_schema=False)
     async def page():

@@ -1,7 +1,7 @@
 """api.py's model behind LitServe (Lightning AI) instead of our own server, for benchmarks/serve_load.py.
 
 The same checkpoint in the same backend (predictor.TorchPredictor: the frozen TorchScript graph, channels_last),
-the same decoding, checks and preprocessing (api.decode_base64, api.preprocess), the same answer (api.postprocess)
+the same decoding, checks and preprocessing (decode.upload_bytes, api.preprocess), the same answer (api.postprocess)
 and the same request body ({"image_base64": ...}); LitServe's own dynamic batching (max_batch_size, batch_timeout)
 groups the requests, and its inference worker process runs decoding and the forward passes.
 
@@ -18,9 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modul
 
 import litserve as ls  # noqa: E402
 import torch  # noqa: E402
+from fastapi import HTTPException  # noqa: E402
 
-from api import decode_base64, postprocess, preprocess  # noqa: E402
+from api import postprocess, preprocess  # noqa: E402
 from config import ServeConfig, available_cores  # noqa: E402
+from decode import UploadError, upload_bytes  # noqa: E402
 from predictor import TorchPredictor  # noqa: E402
 
 
@@ -36,7 +38,10 @@ class ClassifierAPI(ls.LitAPI):
         self.meta = self.predictor.meta
 
     def decode_request(self, request):
-        return preprocess(decode_base64(request["image_base64"]), self.meta, self.serve.max_pixels)
+        try:
+            return preprocess(upload_bytes(request["image_base64"]), self.meta, self.serve.max_pixels)
+        except UploadError as e:
+            raise HTTPException(e.status, str(e)) from None
 
     def batch(self, inputs):
         return torch.stack(inputs)

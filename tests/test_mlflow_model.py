@@ -68,9 +68,9 @@ def test_logged_model_takes_base64_images(trained, monkeypatch):
     assert torch.allclose(got, expected, atol=1e-5)
     assert out["class_index"].tolist() == expected.argmax(1).tolist()
     assert out["class_name"].tolist() == [data.CIFAR_CLASSES[i] for i in expected.argmax(1).tolist()]
-    with pytest.raises(MlflowException, match="row 1: 'image' is not valid base64"):
+    with pytest.raises(MlflowException, match="row 1: the image is not valid base64"):
         model.predict(pd.DataFrame({"image": [images[0], "!!!"]}))
-    with pytest.raises(MlflowException, match="row 0: cannot read the image"):
+    with pytest.raises(MlflowException, match="row 0: the data is not an image"):
         model.predict(pd.DataFrame({"image": [base64.b64encode(b"plain text").decode()]}))
 
 
