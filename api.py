@@ -153,7 +153,7 @@ def preprocess(data: bytes, meta: dict, max_pixels: int) -> torch.Tensor:
     try:
         return pil_to_uint8(image, meta["image_size"], meta["channels"], meta["resize"])
     except Exception as e:  # broken EXIF or an unusual mode that cannot be converted
-        raise UploadError(400, f"cannot convert the image to RGB: {e}") from None
+        raise UploadError(400, f"cannot convert the image to RGB: {e or type(e).__name__}") from None
 
 
 def postprocess(probs: torch.Tensor, classes: list[str], k: int, tta: int) -> PredictResponse:

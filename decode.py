@@ -75,6 +75,9 @@ class UploadError(ValueError):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):  # intact across processes (LitServe's workers)
+        return UploadError, (self.status, str(self))
+
 
 def upload_bytes(text: str) -> bytes:
     """The image file in a base64 string (a data:image/...;base64, prefix is fine)."""
@@ -92,7 +95,7 @@ def _upload_error(e: Exception, what: str) -> UploadError:
     # PIL reports pixel bombs as DecompressionBombError and oversized PNG text chunks as "... too large" ValueErrors.
     if isinstance(e, Image.DecompressionBombError) or (isinstance(e, ValueError) and "too large" in str(e)):
         return UploadError(413, f"image too large: {e}")
-    return UploadError(400, f"{what}: {e}")
+    return UploadError(400, f"{what}: {e or type(e).__name__}")
 
 
 def open_upload(data: bytes, max_pixels: int) -> Image.Image:

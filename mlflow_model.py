@@ -39,7 +39,7 @@ def decode_row(i: int, text: str, meta: dict) -> torch.Tensor:
     try:
         return pil_to_uint8(image, meta["image_size"], meta["channels"], meta["resize"])
     except Exception as e:  # broken EXIF or an unusual mode that cannot be converted
-        raise bad_row(i, f"cannot convert the image to RGB: {e}") from None
+        raise bad_row(i, f"cannot convert the image to RGB: {e or type(e).__name__}") from None
 
 
 def bad_row(i: int, why: str) -> MlflowException:

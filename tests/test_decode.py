@@ -1,4 +1,5 @@
 import io
+import pickle
 import resource
 import struct
 import subprocess
@@ -169,3 +170,16 @@ def test_to_rgb_scales_high_bit_depth_modes():
         assert rgb.mode == "RGB" and [rgb.getpixel((x, 2)) for x in range(4)] == [(v,) * 3 for v in expected[mode]]
     nan = Image.fromarray(np.array([[np.nan, 1.0, 3.0]], dtype=np.float32))
     assert [T.to_rgb(nan).getpixel((x, 0))[0] for x in range(3)] == [0, 0, 255]
+
+
+def test_upload_errors_carry_their_http_status_even_across_processes():
+    with pytest.raises(decode.UploadError) as tiff:
+        decode.open_upload(encoded(Image.new("RGB", (8, 8)), "TIFF"), 10**6)
+    again = pickle.loads(pickle.dumps(tiff.value))  # as a LitServe worker would send it back
+    assert (again.status, str(again)) == (415, str(tiff.value)) and "TIFF is not accepted" in str(again)
+    with pytest.raises(decode.UploadError) as large:
+        decode.open_upload(encoded(Image.new("RGB", (100, 100)), "PNG"), 99)
+    assert large.value.status == 413 and "100x100 is over the limit of 99 pixels" in str(large.value)
+    with pytest.raises(decode.UploadError, match="data URL must be base64") as url:
+        decode.upload_bytes("data:image/png,abc")
+    assert url.value.status == 400
