@@ -38,12 +38,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from batcher import MicroBatcher, Overloaded, WorkerDown
 from checkpoint import CheckpointError
 from config import ConfigError, ServeConfig, available_cores, pick_device
-from decode import UploadError, open_upload, upload_bytes
+from decode import UploadError, preprocess_upload, upload_bytes
 from middleware import (AUTH_MESSAGE, BodyLimitMiddleware, GateMiddleware, Metrics, MetricsMiddleware,
                         StartupErrorMiddleware, key_matches)
 from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor, load_predictor
 from registry import RegistryError, fetch_checkpoint
-from transforms import pil_to_uint8
 
 log = logging.getLogger("uvicorn.error")
 
@@ -146,16 +145,6 @@ ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in 
 # Preprocess -> predict -> postprocess
 
 
-def preprocess(data: bytes, meta: dict, max_pixels: int) -> torch.Tensor:
-    """Image file bytes -> CxHxW uint8 tensor, by the shared evaluation pipeline (transforms.pil_to_uint8) with the
-    checkpoint's size, channels and resize policy; UploadError (with its HTTP status) for an image it refuses."""
-    image = open_upload(data, max_pixels)
-    try:
-        return pil_to_uint8(image, meta["image_size"], meta["channels"], meta["resize"])
-    except Exception as e:  # broken EXIF or an unusual mode that cannot be converted
-        raise UploadError(400, f"cannot convert the image to RGB: {e or type(e).__name__}") from None
-
-
 def postprocess(probs: torch.Tensor, classes: list[str], k: int, tta: int) -> PredictResponse:
     values, indices = probs.topk(min(k, len(classes)))
     top = [ClassScore(class_index=i, class_name=classes[i], confidence=v) for v, i in zip(values.tolist(), indices.tolist())]
@@ -233,7 +222,7 @@ def load_served(cfg: ServeConfig, threads: int) -> Served:
     blank = torch.zeros(meta["channels"], meta["image_size"], meta["image_size"], dtype=torch.uint8)
     for n in dict.fromkeys([2 ** i for i in range(max_batch.bit_length()) if 2 ** i <= max_batch] + [max_batch]):
         predictor.probabilities(blank.expand(n, -1, -1, -1), cfg.tta)
-    preprocess(base64.b64decode(EXAMPLE_PNG), meta, cfg.max_pixels)
+    preprocess_upload(base64.b64decode(EXAMPLE_PNG), meta, cfg.max_pixels)
     info = ModelInfo(
         checkpoint=str(cfg.model_path), mlflow_run_id=meta.get("mlflow_run_id"), classes=meta["classes"],
         image_size=meta["image_size"], channels=meta["channels"], resize=meta["resize"], mean=meta["mean"],
@@ -350,7 +339,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             out = []
             for i, data in enumerate(data_list):
                 try:
-                    out.append(preprocess(decode(data), meta, config.max_pixels))
+                    out.append(preprocess_upload(decode(data), meta, config.max_pixels))
                 except UploadError as e:
                     where = f"images[{i}]: " if len(data_list) > 1 else ""
                     raise HTTPException(e.status, f"{where}{e}") from None

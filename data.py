@@ -225,7 +225,7 @@ def read_folder(cfg: DataConfig):
         if (root / name).is_dir():
             paths, labels, _ = scan_folder(root / name, classes)
             splits[name] = ImageSet(labels, paths=paths)
-    return splits, classes
+    return splits, classes, folder
 
 
 # ---------------------------------------------------------------- splitting and loading
@@ -255,8 +255,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         if test is not None:
             splits["test"] = ImageSet(test[1], images=test[0])
     else:
-        splits, classes = read_folder(cfg)
-        source = str(data_dir) if (data_dir / "train").is_dir() else f"{data_dir} (its <class>/ folders, no train/)"
+        splits, classes, folder = read_folder(cfg)
+        source = str(data_dir) if folder != data_dir else f"{data_dir} (its <class>/ folders, no train/)"
 
     pool = splits["train"]
     if cfg.limit and cfg.limit < len(pool):

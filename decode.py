@@ -120,6 +120,16 @@ def open_upload(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
+def preprocess_upload(data: bytes, meta: dict, max_pixels: int) -> torch.Tensor:
+    """An uploaded file -> CxHxW uint8 tensor, by the shared evaluation pipeline (transforms.pil_to_uint8) with the
+    checkpoint's size, channels and resize policy; UploadError (with its HTTP status) for an image it refuses."""
+    image = open_upload(data, max_pixels)
+    try:
+        return pil_to_uint8(image, meta["image_size"], meta["channels"], meta["resize"])
+    except Exception as e:  # broken EXIF or an unusual mode that cannot be converted
+        raise UploadError(400, f"cannot convert the image to RGB: {e or type(e).__name__}") from None
+
+
 class _Chunks(torch.utils.data.Dataset):
     """Item i: files [i * CHUNK, (i + 1) * CHUNK) as (start, uint8 array [n, C, S, S], error messages)."""
 

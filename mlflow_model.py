@@ -20,9 +20,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from decode import UploadError, open_upload, upload_bytes
+from decode import UploadError, preprocess_upload, upload_bytes
 from predictor import TorchPredictor
-from transforms import pil_to_uint8
 
 MAX_PIXELS = 16_000_000  # as api.py's default CATER_MAX_PIXELS
 
@@ -33,13 +32,9 @@ def decode_row(i: int, text: str, meta: dict) -> torch.Tensor:
     if not isinstance(text, str) or not text:
         raise bad_row(i, "'image' must be a non-empty base64 string")
     try:
-        image = open_upload(upload_bytes(text), MAX_PIXELS)
+        return preprocess_upload(upload_bytes(text), meta, MAX_PIXELS)
     except UploadError as e:
         raise bad_row(i, str(e)) from None
-    try:
-        return pil_to_uint8(image, meta["image_size"], meta["channels"], meta["resize"])
-    except Exception as e:  # broken EXIF or an unusual mode that cannot be converted
-        raise bad_row(i, f"cannot convert the image to RGB: {e or type(e).__name__}") from None
 
 
 def bad_row(i: int, why: str) -> MlflowException:

@@ -1,9 +1,10 @@
 """api.py's model behind LitServe (Lightning AI) instead of our own server, for benchmarks/serve_load.py.
 
 The same checkpoint in the same backend (predictor.TorchPredictor: the frozen TorchScript graph, channels_last),
-the same decoding, checks and preprocessing (decode.upload_bytes, api.preprocess), the same answer (api.postprocess)
-and the same request body ({"image_base64": ...}); LitServe's own dynamic batching (max_batch_size, batch_timeout)
-groups the requests, and its inference worker process runs decoding and the forward passes.
+the same decoding, checks and preprocessing (decode.upload_bytes, decode.preprocess_upload), the same answer
+(api.postprocess) and the same request body ({"image_base64": ...}); LitServe's own dynamic batching
+(max_batch_size, batch_timeout) groups the requests, and its inference worker process runs decoding and the
+forward passes.
 
     python benchmarks/litserve_server.py --checkpoint models/cnn.pt --port 8002 --max-batch-size 32 --batch-timeout 0.005 --workers 2 --fast-queue
 """
@@ -20,9 +21,9 @@ import litserve as ls  # noqa: E402
 import torch  # noqa: E402
 from fastapi import HTTPException  # noqa: E402
 
-from api import postprocess, preprocess  # noqa: E402
+from api import postprocess  # noqa: E402
 from config import ServeConfig, available_cores  # noqa: E402
-from decode import UploadError, upload_bytes  # noqa: E402
+from decode import UploadError, preprocess_upload, upload_bytes  # noqa: E402
 from predictor import TorchPredictor  # noqa: E402
 
 
@@ -39,7 +40,7 @@ class ClassifierAPI(ls.LitAPI):
 
     def decode_request(self, request):
         try:
-            return preprocess(upload_bytes(request["image_base64"]), self.meta, self.serve.max_pixels)
+            return preprocess_upload(upload_bytes(request["image_base64"]), self.meta, self.serve.max_pixels)
         except UploadError as e:
             raise HTTPException(e.status, str(e)) from None
 

@@ -14,7 +14,8 @@ as its pyfunc signature (mlflow_model.py) takes them, {"dataframe_split": {"colu
     python benchmarks/serve_load.py --checkpoint models/cnn.pt                 # the full run, all five servers
     python benchmarks/serve_load.py --requests 200 --servers api naive         # a quick look
 
-CATER_* variables in the environment reach api.py, and the LitServe server's top-k, TTA and pixel limit (e.g. CATER_THREADS, CATER_MAX_BATCH_SIZE, CATER_MAX_WAIT_MS).
+CATER_* variables in the environment reach api.py (e.g. CATER_THREADS, CATER_MAX_BATCH_SIZE, CATER_MAX_WAIT_MS),
+and the LitServe server's top-k, TTA and pixel limit.
 """
 
 from __future__ import annotations

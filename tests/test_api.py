@@ -30,6 +30,7 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
                                  status_code_conformance)
 
 import api
+import decode
 from batcher import MicroBatcher
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import ConfigError, ModelConfig, ServeConfig
@@ -365,7 +366,7 @@ def test_preprocessing_equals_evaluation_path(reference, name, channels, resize)
     meta = {**reference[1], "channels": channels, "resize": resize}
     mean, std = meta["mean"][:channels], meta["std"][:channels]
     data = MODES[name]()
-    served = normalize(api.preprocess(data, meta, 10**8), mean, std)
+    served = normalize(decode.preprocess_upload(data, meta, 10**8), mean, std)
     evaluated = eval_transform(meta["image_size"], mean, std, channels, resize)(Image.open(io.BytesIO(data)))
     assert served.shape == (channels, 32, 32) and torch.equal(served, evaluated)
 
@@ -373,7 +374,7 @@ def test_preprocessing_equals_evaluation_path(reference, name, channels, resize)
 def test_exif_orientation_applied():
     data = exif_rotated_jpeg()
     stored = Image.open(io.BytesIO(data))
-    served = api.preprocess(data, {"image_size": 32, "channels": 3, "resize": "squash"}, 10**8)
+    served = decode.preprocess_upload(data, {"image_size": 32, "channels": 3, "resize": "squash"}, 10**8)
     assert torch.equal(served, pil_to_uint8(ImageOps.exif_transpose(stored), 32))
     # Stored wide, red left and blue right; displayed (rotated 90 degrees clockwise) tall, red on top.
     assert stored.size == (48, 24)
