@@ -11,6 +11,7 @@ import base64
 import contextlib
 import http.client
 import copy
+import dataclasses
 import functools
 import importlib.metadata
 import io
@@ -531,16 +532,19 @@ def preflight(cfg: TrainConfig) -> None:
 
 def configure(argv: list[str] | None) -> tuple[DataConfig, ModelConfig, TrainConfig, list[str]]:
     """The three configs from the command line; for a folder without --preset, settings chosen from its images
-    (autoconfig) fill in whatever was not given. Returns the reasons for those choices too."""
+    (autoconfig) fill in whatever was not given, and on a CPU the from-scratch net takes a smaller batch. Returns the
+    reasons for those choices too."""
     parser, values = parse_values(argv)
+    explicit = {k: v for k, v in values.items() if v is not None}
+    cuda = torch.cuda.is_available() and explicit.get("device", "auto") != "cpu"
     chosen, reasons = {}, []
     if values.get("dataset") == "folder" and values.get("preset") in (None, "auto"):
-        explicit = {k: v for k, v in values.items() if v is not None}
         stats = summarize_folder(Path(values.get("data_dir") or DataConfig.data_dir))
-        cuda = torch.cuda.is_available() and explicit.get("device", "auto") != "cpu"
         chosen, reasons = autoconfig.choose(stats, explicit, cuda=cuda)
     try:
-        return (*resolve(values, chosen), reasons)
+        data_cfg, model_cfg, train_cfg = resolve(values, chosen)
+        device_chosen, why = autoconfig.device_batch(model_cfg.arch, train_cfg.batch_size, {**chosen, **explicit}, cuda)
+        return data_cfg, model_cfg, dataclasses.replace(train_cfg, **device_chosen), reasons + why
     except ConfigError as e:
         parser.error(str(e))
 
@@ -561,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(train_cfg.threads or max(1, available_cores() // ranks.local_world))
         rt = runtime(train_cfg, ranks)
         if reasons:
-            print("settings chosen from the images (a flag overrides any of them):\n  " + "\n  ".join(reasons))
+            print("settings chosen for this data and device (a flag overrides any of them):\n  " + "\n  ".join(reasons))
         if ranks.local_rank != 0:
             distributed.barrier()  # each machine's first process loads first: a CIFAR-10 download happens once
         data = load_dataset(data_cfg)
@@ -601,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             tracker.set_tags({"git_commit": git_commit(), "device": str(rt.device), "torch_version": torch.__version__,
                               "precision": str(rt.dtype or "fp32"), "preset": train_cfg.preset,
                               "data_source": data.source, "params": n_params, "processes": ranks.world,
-                              "chosen_settings": "; ".join(reasons) or "none (CIFAR-10 preset or all given)"})
+                              "chosen_settings": "; ".join(reasons) or "none (the preset as it is, or all given)"})
         if resumed is not None:
             log_missing_epochs(tracker, resumed["history"])
             earlier = tracker.run.data.tags.get("resumed") if tracker.run else None

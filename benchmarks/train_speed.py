@@ -7,6 +7,7 @@ accuracy (no TTA) reaches X.
     python benchmarks/train_speed.py --data-dir ../shared/data                      # fast x3 seeds, best, baseline
     python benchmarks/train_speed.py --presets fast --seeds 1 --extra --epochs 2    # a quick look
     python benchmarks/train_speed.py --presets fast --seeds 1 --procs 1 2 --extra --epochs 2   # 1 vs 2 processes
+    python benchmarks/train_speed.py --presets fast --seeds 1 --batch-sizes 1024 256 --extra --epochs 8   # batch sizes
 
 The machine's calib_img_s (../shared/tools/calib.py) is read before and after the runs; normalized seconds =
 seconds x mean calib_img_s / 1000, comparable across machines of different speed.
@@ -31,12 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.90, 0.93, 0.94)
 
 
-def run_once(preset: str, seed: int, procs: int, args) -> dict:
-    name = f"{preset}-seed{seed}" + (f"-x{procs}" if procs > 1 else "")
+def run_once(preset: str, seed: int, procs: int, batch: int | None, args) -> dict:
+    name = f"{preset}-seed{seed}" + (f"-x{procs}" if procs > 1 else "") + (f"-b{batch}" if batch else "")
     out = REPO / "bench-results" / f"{name}.pt"
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
     cmd = [*launch, str(REPO / "train.py"), "--preset", preset, "--seed", str(seed), "--data-dir", args.data_dir,
-           "--out", str(out), "--experiment", "bench-train", "--run-name", f"bench-{name}", *args.extra]
+           "--out", str(out), "--experiment", "bench-train", "--run-name", f"bench-{name}",
+           *(["--batch-size", str(batch)] if batch else []), *args.extra]
     print(f"\n$ {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -46,7 +48,8 @@ def run_once(preset: str, seed: int, procs: int, args) -> dict:
     images = sum(h["images_per_s"] * h["epoch_seconds"] for h in history)
     train_seconds = sum(h["epoch_seconds"] for h in history)
     return {
-        "preset": preset + (f" x{procs} processes" if procs > 1 else ""), "seed": seed, "wall_s": wall,
+        "preset": preset + (f" x{procs} processes" if procs > 1 else "") + f", batch {meta['train_config']['batch_size']}",
+        "seed": seed, "wall_s": wall,
         **{f"to_{int(t * 100)}": next((h["elapsed_s"] for h in history if h["val_acc"] >= t), None) for t in THRESHOLDS},
         "val_acc": metrics["val_acc"], "val_acc_tta": metrics.get("val_acc_tta"),
         "images_per_s": images / train_seconds,
@@ -105,6 +108,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds for the first preset (the others run once)")
     parser.add_argument("--procs", type=int, nargs="+", default=[1],
                         help="processes per run (each count runs every preset; >1 launches torchrun with gloo)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[None],
+                        help="batch sizes to run every preset at (default: train.py's own: 1024 on a GPU, 256 on a CPU)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed on to every train.py run")
     args = parser.parse_args()
     if not Path(args.data_dir).exists():
@@ -113,9 +118,10 @@ def main() -> int:
     calib_start = calib_img_s()
     results = []
     for procs in args.procs:
-        for i, preset in enumerate(args.presets):
-            for seed in range(args.seeds if i == 0 else 1):
-                results.append(run_once(preset, seed, procs, args))
+        for batch in args.batch_sizes:
+            for i, preset in enumerate(args.presets):
+                for seed in range(args.seeds if i == 0 else 1):
+                    results.append(run_once(preset, seed, procs, batch, args))
                 print("\n" + table(results), flush=True)
     calib_end = calib_img_s()
     calib = (calib_start + calib_end) / 2 if calib_start and calib_end else None
