@@ -72,10 +72,10 @@ def choose(stats: FolderStats, explicit: dict, cuda: bool = False) -> tuple[dict
     if arch in ("airbench", "baseline"):
         size = pick("image_size", min(max(2 * math.ceil(stats.side / 2), 16), SMALL_SIDE),
                     f"the images' typical side ({stats.side}px), at most {SMALL_SIDE}px for the from-scratch net")
-        most = GPU_BATCH_SIZE if cuda else CPU_BATCH_SIZE
+        most = CPU_BATCH_SIZE if cpu_batch(arch, explicit.get("optimizer", "sgd"), cuda) else GPU_BATCH_SIZE
         batch = pick("batch_size", min(most, max(32, _pow2_at_most(n_train / 25))),
-                     f"at least ~25 optimizer steps per epoch, at most {most} images per step on a "
-                     f"{'GPU' if cuda else 'CPU'}")
+                     f"at least ~25 optimizer steps per epoch, at most {most} images per step"
+                     + (" on a CPU" if most == CPU_BATCH_SIZE else ""))
         pick("epochs", float(min(60, max(15, round(15 * math.sqrt(45_000 / n_train))))),
              "15 epochs as on CIFAR-10, more for smaller datasets (fewer steps per epoch)")
     else:
@@ -123,10 +123,16 @@ def choose(stats: FolderStats, explicit: dict, cuda: bool = False) -> tuple[dict
     return chosen, reasons
 
 
-def device_batch(arch: str, batch_size: int, explicit: dict, cuda: bool) -> tuple[dict, list[str]]:
+def cpu_batch(arch: str, optimizer: str, cuda: bool) -> bool:
+    """Whether CPU_BATCH_SIZE applies: the from-scratch net with SGD (whose lr is per 1024 examples) on a CPU. Muon's
+    and Adam's step sizes are per step, so a smaller batch would change their recipe: it was measured for SGD only."""
+    return arch == "airbench" and optimizer == "sgd" and not cuda
+
+
+def device_batch(arch: str, optimizer: str, batch_size: int, explicit: dict, cuda: bool) -> tuple[dict, list[str]]:
     """The preset's batch size for the from-scratch net on a CPU, where a smaller one is faster (CPU_BATCH_SIZE)."""
-    if cuda or arch != "airbench" or "batch_size" in explicit or batch_size <= CPU_BATCH_SIZE:
+    if not cpu_batch(arch, optimizer, cuda) or "batch_size" in explicit or batch_size <= CPU_BATCH_SIZE:
         return {}, []
     return {"batch_size": CPU_BATCH_SIZE}, [
         f"batch_size={CPU_BATCH_SIZE}: on a CPU the from-scratch net runs faster per image, with more steps per epoch, "
-        f"than at the preset's {batch_size} (kept on a GPU)"]
+        f"than at the preset's {batch_size} (kept on a GPU); under torchrun it is the global batch"]

@@ -71,7 +71,8 @@ class TrainConfig:
         "auto", "named set of defaults (see PRESETS in config.py); auto: fast for CIFAR-10, and for a folder settings "
                 "chosen from its images (printed and logged); other flags override it")
     epochs: float = _opt(15.0, "passes over the training split (fractions allowed)")
-    batch_size: int = _opt(1024, "examples per step")
+    batch_size: int = _opt(1024, "examples per step (under torchrun: in all processes together); on a CPU the "
+                                 "airbench nets with SGD take 256 unless it is given")
     optimizer: Literal["sgd", "adam", "muon"] = _opt("sgd", "sgd (Nesterov), adam, or muon: Muon on the convolution "
                                                             "filters (--muon-lr), Nesterov SGD on the rest (--lr)")
     lr: float = _opt(11.5, "SGD: learning rate per 1024 examples, decoupled from batch size and momentum; "

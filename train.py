@@ -543,7 +543,8 @@ def configure(argv: list[str] | None) -> tuple[DataConfig, ModelConfig, TrainCon
         chosen, reasons = autoconfig.choose(stats, explicit, cuda=cuda)
     try:
         data_cfg, model_cfg, train_cfg = resolve(values, chosen)
-        device_chosen, why = autoconfig.device_batch(model_cfg.arch, train_cfg.batch_size, {**chosen, **explicit}, cuda)
+        device_chosen, why = autoconfig.device_batch(model_cfg.arch, train_cfg.optimizer, train_cfg.batch_size,
+                                                     {**chosen, **explicit}, cuda)
         return data_cfg, model_cfg, dataclasses.replace(train_cfg, **device_chosen), reasons + why
     except ConfigError as e:
         parser.error(str(e))

@@ -98,7 +98,7 @@ def test_train_cli_applies_chosen_settings_and_flags_override_them(tmp_path):
     data_cfg, _, train_cfg, reasons = train.configure(
         ["--dataset", "folder", "--data-dir", str(folder), "--preset", "fast", "--device", "cpu"])
     assert data_cfg.channels == 3 and train_cfg.preset == "fast" and train_cfg.batch_size == autoconfig.CPU_BATCH_SIZE
-    assert len(reasons) == 1 and reasons[0].startswith("batch_size=256: on a CPU")  # ... but not the device's batch
+    assert len(reasons) == 1 and reasons[0].startswith(f"batch_size={autoconfig.CPU_BATCH_SIZE}: on a CPU")  # ... but not the device's batch
     assert parse_args([])[2].preset == "fast"
 
 
@@ -109,6 +109,11 @@ def test_the_from_scratch_net_takes_a_smaller_batch_on_a_cpu_unless_told(monkeyp
         assert cfg.batch_size == 256 and cfg.preset == ("fast" if preset == "auto" else preset) and len(reasons) == 1
     _, _, cfg, reasons = train.configure(["--device", "cpu", "--batch-size", "1024"])
     assert cfg.batch_size == 1024 and reasons == []
+    for optimizer in ("muon", "adam"):  # step sizes per step, not per 1024 examples: their recipe keeps its batch
+        _, _, cfg, reasons = train.configure(["--device", "cpu", "--optimizer", optimizer])
+        assert cfg.batch_size == 1024 and reasons == []
+        stats = FolderStats(class_counts=(6000,) * 10, side=28, grayscale=True)
+        assert choose(stats, {"optimizer": optimizer})[0]["batch_size"] == 1024
     _, _, cfg, reasons = train.configure(["--device", "cpu", "--preset", "baseline"])  # its own recipe: batch 128
     assert cfg.batch_size == 128 and reasons == []
     _, _, cfg, reasons = train.configure(["--device", "cpu", "--arch", "baseline", "--widths", "32", "64"])
