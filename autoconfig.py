@@ -121,15 +121,11 @@ def choose(stats: FolderStats, explicit: dict, cuda: bool = False) -> tuple[dict
     return chosen, reasons
 
 
-def cpu_batch(arch: str, optimizer: str, cuda: bool) -> bool:
-    """Whether CPU_BATCH_SIZE applies: the from-scratch net with SGD (whose lr is per 1024 examples) on a CPU. Muon's
-    and Adam's step sizes are per step, so a smaller batch would change their recipe: it was measured for SGD only."""
-    return arch == "airbench" and optimizer == "sgd" and not cuda
-
-
 def device_batch(arch: str, optimizer: str, batch_size: int, explicit: dict, cuda: bool) -> tuple[dict, list[str]]:
-    """The preset's batch size for the from-scratch net on a CPU, where a smaller one is faster (CPU_BATCH_SIZE)."""
-    if not cpu_batch(arch, optimizer, cuda) or "batch_size" in explicit or batch_size <= CPU_BATCH_SIZE:
+    """The preset's batch size for the from-scratch net on a CPU, where a smaller one is faster (CPU_BATCH_SIZE). Only
+    with SGD, whose lr is per 1024 examples: Muon's and Adam's step sizes are per step, so a smaller batch would change
+    their recipe, and it was measured for SGD only."""
+    if cuda or arch != "airbench" or optimizer != "sgd" or "batch_size" in explicit or batch_size <= CPU_BATCH_SIZE:
         return {}, []
     return {"batch_size": CPU_BATCH_SIZE}, [
         f"batch_size={CPU_BATCH_SIZE}: on a CPU the from-scratch net runs faster per image, with more steps per epoch, "

@@ -23,16 +23,16 @@ import torch.nn.functional as F  # noqa: E402
 from config import PRESETS, ModelConfig, available_cores  # noqa: E402
 from machine import calib_img_s  # noqa: E402
 from model import build_model  # noqa: E402
-from train import pick_precision  # noqa: E402
+from train import Runtime, pick_precision  # noqa: E402
 
 
 def images_per_s(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: int, images: int,
-                 dtype: torch.dtype | None) -> float:
+                 rt: Runtime) -> float:
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
 
     def step():
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with rt.autocast():
             loss = F.cross_entropy(net(x).float(), y, reduction="sum")
         loss.backward()
         optimizer.step()
@@ -60,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     widths = PRESETS[args.preset]["widths"]
     net = build_model(ModelConfig(arch="airbench", widths=widths), 10).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.85, nesterov=True)
-    dtype = pick_precision("auto", torch.device("cpu"))
+    rt = Runtime(torch.device("cpu"), pick_precision("auto", torch.device("cpu")), channels_last=True)
     calib = calib_img_s()
-    print(f"{args.preset} preset's net (widths {list(widths)}), {dtype or 'fp32'}, channels_last, "
+    print(f"{args.preset} preset's net (widths {list(widths)}), {rt.dtype or 'fp32'}, channels_last, "
           f"{torch.get_num_threads()} threads")
     speeds = {batch: [] for batch in args.batch_sizes}
     for _ in range(2):  # in turn, so a slow spell of the machine does not fall on one batch size only
         for batch in args.batch_sizes:
-            speeds[batch].append(images_per_s(net, optimizer, batch, args.images, dtype))
+            speeds[batch].append(images_per_s(net, optimizer, batch, args.images, rt))
     first = args.batch_sizes[0]
     print(f"\n| batch | images/s (2 timings) | vs batch {first} |\n|---:|---:|---:|")
     for batch, values in speeds.items():
