@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from autoconfig import FolderStats
-from config import DataConfig, TrainConfig
+from config import DataConfig
 from decode import IMAGE_EXTENSIONS, DataError, check_files, decode_files, list_images, open_image, probe_images
 from transforms import CIFAR10_MEAN, CIFAR10_STD, augment_batch, channel_stats, eval_transform, flip_mask, normalize, train_transform
 
@@ -302,13 +302,13 @@ class InMemoryLoader:
     of each: together the ranks see exactly what one process would.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std, cfg: TrainConfig,
-                 device: torch.device, shard: tuple[int, int] = (0, 1)):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std, cfg: DataConfig,
+                 seed: int, device: torch.device, shard: tuple[int, int] = (0, 1)):
         self.images, self.labels = images.to(device), labels.to(device)
-        self.batch_size = min(batch_size, len(labels))
+        self.batch_size = batch_size
         self.mean, self.std, self.cfg = mean, std, cfg
         self.rank, self.world = shard
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.base_flips = torch.rand(len(labels), generator=self.generator) < 0.5
         self.epoch = 0
 
@@ -343,28 +343,28 @@ class _FileImages(torch.utils.data.Dataset):
         return self.transform(open_image(self.paths[i])), self.labels[i]
 
 
-def train_loader(split: ImageSet, data_cfg: DataConfig, cfg: TrainConfig, mean, std, device: torch.device,
+def train_loader(split: ImageSet, cfg: DataConfig, batch_size: int, seed: int, mean, std, device: torch.device,
                  shard: tuple[int, int] = (0, 1)):
-    """In-memory batches when the split is decoded, else per-image PIL transforms in worker processes.
+    """In-memory batches when the split is decoded, else per-image PIL transforms in worker processes; augmented
+    as cfg says, shuffled and augmented from seed.
 
-    cfg.batch_size is the global batch: with shard=(rank, world) each rank gets 1/world of every step's batch
+    batch_size is the global batch: with shard=(rank, world) each rank gets 1/world of every step's batch
     (streaming: a DistributedSampler, reshuffled per epoch by set_epoch)."""
     if split.images is not None:
-        return InMemoryLoader(split.images, split.labels, cfg.batch_size, mean, std, cfg, device, shard)
-    transform = train_transform(data_cfg.image_size, mean, std, cfg.translate, cfg.flip != "none", data_cfg.channels,
-                                data_cfg.resize, cfg.crop_scale, cfg.rotate90)
-    workers = data_cfg.workers
+        return InMemoryLoader(split.images, split.labels, batch_size, mean, std, cfg, seed, device, shard)
+    transform = train_transform(cfg.image_size, mean, std, cfg.translate, cfg.flip != "none", cfg.channels,
+                                cfg.resize, cfg.crop_scale, cfg.rotate90)
+    workers = cfg.workers
     images = _FileImages(split.paths, split.labels, transform)
     rank, world = shard
-    batch_size = max(1, min(cfg.batch_size, len(split)) // world)
     if world > 1:
-        sampler = torch.utils.data.DistributedSampler(images, world, rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        return torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=sampler, drop_last=True,
+        sampler = torch.utils.data.DistributedSampler(images, world, rank, shuffle=True, seed=seed, drop_last=True)
+        return torch.utils.data.DataLoader(images, batch_size=batch_size // world, sampler=sampler, drop_last=True,
                                            num_workers=workers, persistent_workers=workers > 0,
                                            pin_memory=device.type == "cuda")
     return torch.utils.data.DataLoader(
         images, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
-        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda")
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
 
 
 def eval_batches(split: ImageSet, mean, std, batch_size: int, cfg: DataConfig, device: torch.device, workers: int | None = None):
@@ -382,7 +382,7 @@ def eval_batches(split: ImageSet, mean, std, batch_size: int, cfg: DataConfig, d
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
-    return max(1, n_train // min(batch_size, n_train))
+    return max(1, n_train // batch_size)
 
 
 def total_steps(n_train: int, batch_size: int, epochs: float) -> int:

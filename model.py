@@ -170,3 +170,11 @@ def param_groups(model: nn.Module) -> tuple[list, list]:
 def predict_logits(model: nn.Module, x: torch.Tensor, tta: int = 0) -> torch.Tensor:
     """Logits for a normalized batch, averaged over the test-time-augmentation views of level tta."""
     return sum(weight * model(view).float() for weight, view in tta_views(x, tta))
+
+
+def freeze_body(model: torch.nn.Module, frozen: bool) -> None:
+    """Train only the classifier head (timm backbones) while frozen; BatchNorm statistics keep adapting."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    for p in model.parameters():
+        if id(p) not in head:
+            p.requires_grad = not frozen

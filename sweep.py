@@ -26,6 +26,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from config import PRESETS, ConfigError
+from settings import decide
+from tracking import Tracker
 
 REPO = Path(__file__).resolve().parent
 AUG_OFF = ["--flip", "none", "--translate", "0", "--crop-scale", "0", "--no-rotate90"]
@@ -62,10 +64,8 @@ def parse_widths(text: str) -> list[tuple[str, tuple[int, ...]]]:
 
 def resolved(train_args: list[str]) -> tuple[str, float]:
     """The network and learning rate train.py would use with these flags (preset, settings chosen from a folder)."""
-    import train
-
-    _, model_cfg, train_cfg, _ = train.configure(train_args)
-    return model_cfg.arch, train_cfg.lr
+    chosen = decide(train_args)
+    return chosen.model.arch, chosen.train.lr
 
 
 def ui_link(experiment_id: str, run_id: str) -> str:
@@ -118,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         parser.error(str(e))
 
-    import train
-
     grid = list(itertools.product(scales, widths, augment))
-    parent = train.Tracker(True, args.experiment, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    parent = Tracker(True, args.experiment, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     parent.log_params({"arch": arch, "lr_scales": args.lr_scales, "widths": args.widths, "augment": args.augment,
                        "limit": args.limit, "epochs": args.epochs, "base_lr": lr, "runs": len(grid),
                        "train_args": shlex.join(train_args)})

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modul
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from config import PRESETS, ModelConfig, available_cores  # noqa: E402
+from config import PRESETS, ModelConfig  # noqa: E402
 from machine import calib_img_s  # noqa: E402
 from model import build_model  # noqa: E402
-from train import Runtime, pick_precision  # noqa: E402
+from runtime import Runtime, available_cores, pick_precision  # noqa: E402
 
 
 def images_per_s(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: int, images: int,

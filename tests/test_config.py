@@ -1,7 +1,13 @@
 import pytest
 
-import config
-from config import PRESETS, ConfigError, ServeConfig, parse_args, resolve
+import runtime
+from config import PRESETS, ConfigError
+from serve_config import ServeConfig
+from settings import decide
+
+
+def parse_args(argv):
+    return decide(argv)[:3]
 
 
 def test_defaults_follow_the_fast_preset():
@@ -48,9 +54,9 @@ def test_unknown_flags_and_bad_types_are_refused(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_resolve_raises_config_error_for_unknown_preset():
+def test_decide_raises_config_error_for_unknown_preset():
     with pytest.raises(ConfigError, match="--preset"):
-        resolve({"preset": "huge"})
+        decide(values={"preset": "huge"})
 
 
 def test_serve_config_reads_environment_and_refuses_bad_values():
@@ -63,21 +69,19 @@ def test_cifar_refuses_other_image_sizes(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--image-size", "64"])
     assert "--image-size 32" in capsys.readouterr().err
-    parse_args(["--dataset", "folder", "--image-size", "64"])
+    parse_args(["--dataset", "folder", "--preset", "fast", "--image-size", "64"])  # a preset: no folder read
 
 
 def test_available_cores_without_affinity(monkeypatch):
     import os
 
-    import config
-
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
-    assert config.available_cores() == (os.cpu_count() or 1)
+    assert runtime.available_cores() == (os.cpu_count() or 1)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_a_gpu_is_refused_naming_the_setting():
-    from config import pick_device
+    from runtime import pick_device
 
     assert pick_device("auto", "--device").type == "cpu"
     with pytest.raises(ConfigError, match="--device=cuda"):
@@ -104,12 +108,12 @@ def fake_cgroup(tmp_path, proc: str, files: dict[str, str]) -> tuple[str, str]:
     ("0::/pod/app\n", {"pod/app/cpu.max": "max 100000\n", "pod/cpu.max": "200000 100000\n", "cpu.max": "max\n"}, 2.0),
 ])
 def test_cgroup_cpu_quota(tmp_path, proc, files, cores):
-    assert config.cgroup_cpu_quota(*fake_cgroup(tmp_path, proc, files)) == cores
+    assert runtime.cgroup_cpu_quota(*fake_cgroup(tmp_path, proc, files)) == cores
 
 
 def test_threads_follow_the_cpu_quota_not_the_host(monkeypatch):
-    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    monkeypatch.setattr(config, "cgroup_cpu_quota", lambda: 1.5)  # docker run --cpus 1.5 on a 16-core host
-    assert config.available_cores() == 2
-    monkeypatch.setattr(config, "cgroup_cpu_quota", lambda: None)
-    assert config.available_cores() == 16
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: 1.5)  # docker run --cpus 1.5 on a 16-core host
+    assert runtime.available_cores() == 2
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: None)
+    assert runtime.available_cores() == 16

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import data
-from config import DataConfig, TrainConfig
+from config import DataConfig
 from conftest import RECORDS_PER_BATCH, write_cifar_batch
 
 
@@ -173,7 +173,7 @@ def test_in_memory_loader_batches_are_seeded_and_augmented(cifar_dir):
 
     def first_batch(seed):
         loader = data.InMemoryLoader(ds.train.images, ds.train.labels, 32, ds.mean, ds.std,
-                                     TrainConfig(translate=2, flip="alternate", seed=seed), torch.device("cpu"))
+                                     DataConfig(translate=2, flip="alternate"), seed, torch.device("cpu"))
         return next(iter(loader)), len(loader)
 
     (x1, y1), steps = first_batch(0)
@@ -200,7 +200,7 @@ def test_streaming_loader_works_with_spawned_workers(folder_dir):
     import multiprocessing
 
     ds = data.load_dataset(DataConfig(dataset="folder", data_dir=str(folder_dir), in_memory=False, workers=0))
-    loader = data.train_loader(ds.train, DataConfig(dataset="folder", workers=1), TrainConfig(batch_size=8, flip="random"),
+    loader = data.train_loader(ds.train, DataConfig(dataset="folder", workers=1, flip="random"), 8, 0,
                                ds.mean, ds.std, torch.device("cpu"))
     loader.multiprocessing_context = multiprocessing.get_context("spawn")
     x, y = next(iter(loader))

@@ -6,9 +6,9 @@ from PIL import Image
 
 import autoconfig
 import data
+import settings
 import train
 from autoconfig import FolderStats, choose
-from config import parse_args
 
 
 def test_small_grayscale_balanced_folder_trains_from_scratch_like_cifar():
@@ -88,37 +88,37 @@ def test_summarize_folder_reads_counts_size_and_colour(tmp_path, folder_dir):
 
 def test_train_cli_applies_chosen_settings_and_flags_override_them(tmp_path):
     folder = write_folder(tmp_path / "gray", (30, 6), (28, 28), "L")
-    data_cfg, model_cfg, train_cfg, reasons = train.configure(
+    data_cfg, model_cfg, train_cfg, reasons = settings.decide(
         ["--dataset", "folder", "--data-dir", str(folder), "--batch-size", "8"])
     assert train_cfg.preset == "auto" and data_cfg.channels == 1 and data_cfg.image_size == 28
     assert train_cfg.batch_size == 8 and train_cfg.balance == "weights" and train_cfg.select_metric == "macro_f1"
     assert not any(r.startswith("batch_size") for r in reasons) and reasons
     # a named preset turns the choosing off; CIFAR-10 keeps its fast preset
-    data_cfg, _, train_cfg, reasons = train.configure(
+    data_cfg, _, train_cfg, reasons = settings.decide(
         ["--dataset", "folder", "--data-dir", str(folder), "--preset", "fast", "--device", "cpu"])
     assert data_cfg.channels == 3 and train_cfg.preset == "fast" and train_cfg.batch_size == autoconfig.CPU_BATCH_SIZE
     assert len(reasons) == 1 and reasons[0].startswith(f"batch_size={autoconfig.CPU_BATCH_SIZE}: on a CPU")  # a preset's CPU batch
-    assert parse_args([])[2].preset == "fast"
+    assert settings.decide([]).train.preset == "fast"
 
 
 def test_the_from_scratch_net_takes_a_smaller_batch_on_a_cpu_unless_told(monkeypatch):
     """1024 images per step keeps a GPU busy; on a CPU 256 is faster per image and gives more steps per epoch."""
     for preset in ("fast", "best", "auto"):
-        _, _, cfg, reasons = train.configure(["--preset", preset, "--device", "cpu"])
+        _, _, cfg, reasons = settings.decide(["--preset", preset, "--device", "cpu"])
         assert cfg.batch_size == 256 and cfg.preset == ("fast" if preset == "auto" else preset) and len(reasons) == 1
-    _, _, cfg, reasons = train.configure(["--device", "cpu", "--batch-size", "1024"])
+    _, _, cfg, reasons = settings.decide(["--device", "cpu", "--batch-size", "1024"])
     assert cfg.batch_size == 1024 and reasons == []
     for optimizer in ("muon", "adam"):  # step sizes per step, not per 1024 examples: their recipe keeps its batch
-        _, _, cfg, reasons = train.configure(["--device", "cpu", "--optimizer", optimizer])
+        _, _, cfg, reasons = settings.decide(["--device", "cpu", "--optimizer", optimizer])
         assert cfg.batch_size == 1024 and reasons == []
-    _, _, cfg, reasons = train.configure(["--device", "cpu", "--preset", "baseline"])  # its own recipe: batch 128
+    _, _, cfg, reasons = settings.decide(["--device", "cpu", "--preset", "baseline"])  # its own recipe: batch 128
     assert cfg.batch_size == 128 and reasons == []
-    _, _, cfg, reasons = train.configure(["--device", "cpu", "--arch", "baseline", "--widths", "32", "64"])
+    _, _, cfg, reasons = settings.decide(["--device", "cpu", "--arch", "baseline", "--widths", "32", "64"])
     assert cfg.batch_size == 1024 and reasons == []
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
-    _, _, cfg, reasons = train.configure([])
+    monkeypatch.setattr(settings.torch.cuda, "is_available", lambda: True)
+    _, _, cfg, reasons = settings.decide([])
     assert cfg.batch_size == 1024 and reasons == []
-    _, _, cfg, reasons = train.configure(["--device", "cpu"])  # a GPU there, but the run is told to use the CPU
+    _, _, cfg, reasons = settings.decide(["--device", "cpu"])  # a GPU there, but the run is told to use the CPU
     assert cfg.batch_size == 256
 
 
@@ -130,7 +130,7 @@ def test_missing_folder_is_a_clear_cli_error(tmp_path, capsys):
 @pytest.mark.parametrize("flag, value", [("--channels", "2"), ("--resize", "zoom"), ("--crop-scale", "2")])
 def test_bad_new_flags_are_refused(flag, value, capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--dataset", "folder", flag, value])
+        settings.decide(["--dataset", "folder", "--preset", "fast", flag, value])  # a preset: no folder read
     assert flag in capsys.readouterr().err
 
 
@@ -145,7 +145,7 @@ def test_choices_follow_limit_and_an_explicit_optimizer():
 
 def test_baseline_arch_on_a_folder_gets_its_own_recipe(tmp_path):
     folder = write_folder(tmp_path / "f", (10, 10), (28, 28), "RGB")
-    _, model_cfg, train_cfg, _ = train.configure(["--dataset", "folder", "--data-dir", str(folder), "--arch", "baseline"])
+    _, model_cfg, train_cfg, _ = settings.decide(["--dataset", "folder", "--data-dir", str(folder), "--arch", "baseline"])
     assert model_cfg.widths == (32, 64) and train_cfg.optimizer == "adam"
 
 
@@ -161,5 +161,7 @@ def test_empty_class_folder_and_tiny_classes(tmp_path):
 
 def test_weights_without_a_pretrained_backbone_is_refused(tmp_path, capsys):
     folder = write_folder(tmp_path / "f", (10, 10), (28, 28), "L")
-    assert train.main(["--dataset", "folder", "--data-dir", str(folder), "--weights", "w.pth", "--no-mlflow"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # a CLI error, before any data is read
+        train.main(["--dataset", "folder", "--data-dir", str(folder), "--weights", "w.pth", "--no-mlflow"])
+    assert exit_info.value.code == 2
     assert "--weights" in capsys.readouterr().err

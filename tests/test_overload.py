@@ -36,7 +36,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import api
 from batcher import MicroBatcher, Overloaded, WorkerDown
 from checkpoint import save_checkpoint
-from config import ModelConfig, ServeConfig
+from config import ModelConfig
+from serve_config import ServeConfig
 from conftest import free_port, server_process
 from model import CnnClassifier
 from transforms import CIFAR10_MEAN, CIFAR10_STD
@@ -116,6 +117,7 @@ def statuses(base: str, route: str = "/predict") -> dict[str, float]:
 # A burst far above capacity
 
 
+@pytest.mark.full
 def test_a_burst_gets_200s_and_fast_503s_and_the_200s_keep_flowing(checkpoint, tmp_path):
     body = png_body()
     with many_files(), api_server(checkpoint, tmp_path) as (proc, base):
@@ -209,6 +211,7 @@ def test_requests_in_a_batch_get_an_answer_when_the_batching_task_dies():
 # Auth before work
 
 
+@pytest.mark.full
 def test_a_wrong_key_is_refused_before_the_body_is_read(checkpoint, tmp_path):
     with api_server(checkpoint, tmp_path, api_key="secret", max_body_bytes=64 * 1024 * 1024) as (_, base):
         port = int(base.rsplit(":", 1)[1])
@@ -285,6 +288,7 @@ def test_a_hung_forward_pass_times_out_and_marks_the_server_down(checkpoint):
 # Graceful shutdown
 
 
+@pytest.mark.full
 def test_sigterm_drains_then_finishes_every_accepted_request(checkpoint, tmp_path):
     body = png_body()
     with api_server(checkpoint, tmp_path, drain_s=1.5) as (proc, base):
@@ -323,6 +327,7 @@ def test_sigterm_drains_then_finishes_every_accepted_request(checkpoint, tmp_pat
 # Several processes
 
 
+@pytest.mark.full
 def test_two_worker_processes_add_up_their_metrics(checkpoint, tmp_path):
     shared = tmp_path / "prometheus"
     shared.mkdir()

@@ -22,12 +22,13 @@ from moto.server import ThreadedMotoServer
 
 import api
 import train
-from config import ServeConfig
+from serve_config import ServeConfig
 from conftest import class_image, free_port, server_process
 
 BIN = next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)), None)
-pytestmark = pytest.mark.skipif(not (shutil.which("initdb") or BIN),
-                                reason="PostgreSQL server programs not installed (apt-get install postgresql)")
+pytestmark = [pytest.mark.full,
+              pytest.mark.skipif(not (shutil.which("initdb") or BIN),
+                                 reason="PostgreSQL server programs not installed (apt-get install postgresql)")]
 BUCKET = "mlflow-artifacts"
 
 

@@ -9,12 +9,14 @@ import mlflow
 import pytest
 import torch
 
+import evaluate
 import resume
 import train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import ModelConfig, TrainConfig
 from conftest import free_port
 from model import CnnClassifier
+from tracking import metric_names
 
 
 def stop_after_epoch(epoch: int):
@@ -102,6 +104,7 @@ def test_sgd_hyperparameters_are_decoupled_from_batch_size():
     assert small.param_groups[1]["lr"] == pytest.approx(64 * small.param_groups[0]["lr"])
 
 
+@pytest.mark.full
 def test_muon_learns_the_toy_data_and_resumes_exactly(cifar_dir, tmp_path, monkeypatch):
     def flags(out, *extra):
         return ["--data-dir", str(cifar_dir), "--optimizer", "muon", "--epochs", "4", "--batch-size", "32", "--out",
@@ -124,7 +127,9 @@ def test_muon_learns_the_toy_data_and_resumes_exactly(cifar_dir, tmp_path, monke
 
 
 def test_muon_is_refused_for_nets_without_batchnorm_after_every_conv(cifar_dir, capsys):
-    assert train.main(["--data-dir", str(cifar_dir), "--preset", "baseline", "--optimizer", "muon", "--no-mlflow"]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # a CLI error, before any data is read
+        train.main(["--data-dir", str(cifar_dir), "--preset", "baseline", "--optimizer", "muon", "--no-mlflow"])
+    assert exit_info.value.code == 2
     assert "--optimizer muon is for --arch airbench" in capsys.readouterr().err
 
 
@@ -194,13 +199,14 @@ def test_interrupted_run_keeps_its_best_checkpoint(cifar_dir, tmp_path, tracking
 def test_ctrl_c_outside_an_epoch_ends_cleanly(phase, cifar_dir, tmp_path, tracking, monkeypatch, capsys):
     """A real SIGINT (the OS delivers it to this process) while the data loads, or while the model is logged."""
     out = tmp_path / "cnn.pt"
-    real = getattr(train, phase)
+    module = train if phase == "load_dataset" else evaluate  # where each is called from
+    real = getattr(module, phase)
 
     def interrupted(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, phase, interrupted)
+    monkeypatch.setattr(module, phase, interrupted)
     # Python's own Ctrl-C handler, as train.py has when run from a shell (an earlier test may have left another)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -227,12 +233,13 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_best_checkpoint(
 
     def nan_from_the_second_epoch(logits, y, **kwargs):
         loss = torch.nn.functional.cross_entropy(logits, y, **kwargs)
-        if "label_smoothing" not in kwargs:  # train.evaluate's call: the first epoch is over
+        if "label_smoothing" not in kwargs:  # evaluate.evaluate's call: the first epoch is over
             evaluated.append(1)
             return loss
         return loss * float("nan") if evaluated else loss  # the training step's loss, from epoch 2 on
 
     monkeypatch.setattr(train, "F", SimpleNamespace(cross_entropy=nan_from_the_second_epoch))
+    monkeypatch.setattr(evaluate, "F", SimpleNamespace(cross_entropy=nan_from_the_second_epoch))
     code = train.main(["--data-dir", str(cifar_dir), "--epochs", "3", "--batch-size", "64", "--out", str(out),
                        "--experiment", "test-exp", "--tta", "0"])
     err = capsys.readouterr().err
@@ -244,10 +251,12 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_best_checkpoint(
     assert run.info.status == "FAILED" and "nan" in run.data.tags["stopped"]
 
 
-@pytest.mark.parametrize("first, overflows, look, code", [
-    (1, 3, 1, 0), (1, 11, 1, 1),  # read every step (the CPU)
-    (3, 10, 4, 0), (3, 11, 4, 1),  # read every 4 steps (as on a GPU, every 10): a run spanning reads
-    (11, 10, 4, 0), (11, 11, 4, 1),  # a run spanning the end of epoch 1 (16 steps) and the start of epoch 2
+@pytest.mark.parametrize("first, overflows, look, code", [  # fp16 is slow on a CPU: 1 case quick, the rest full
+    pytest.param(1, 3, 1, 0, marks=pytest.mark.full), (1, 11, 1, 1),  # read every step (the CPU)
+    # read every 4 steps (as on a GPU, every 10): a run spanning reads
+    pytest.param(3, 10, 4, 0, marks=pytest.mark.full), pytest.param(3, 11, 4, 1, marks=pytest.mark.full),
+    # a run spanning the end of epoch 1 (16 steps) and the start of epoch 2
+    pytest.param(11, 10, 4, 0, marks=pytest.mark.full), pytest.param(11, 11, 4, 1, marks=pytest.mark.full),
 ])
 def test_fp16_rides_out_a_few_overflowing_steps_but_not_a_run_of_them(cifar_dir, tmp_path, monkeypatch, capsys,
                                                                        first, overflows, look, code):
@@ -318,7 +327,7 @@ def test_checkpoint_of_an_unknown_format_version_is_refused(tmp_path):
 def test_class_metric_names_are_valid_in_mlflow_and_distinct():
     from mlflow.utils.validation import _validate_metric_name
 
-    names = train.metric_names(["a:b", "a?b", "ok", "café", "x y", "rust/scratch"])
+    names = metric_names(["a:b", "a?b", "ok", "café", "x y", "rust/scratch"])
     assert names == ["a_b_0", "a_b_1", "ok", "café", "x y", "rust/scratch"]
     for name in names:
         _validate_metric_name(f"val_f1_{name}")
@@ -328,7 +337,7 @@ def test_failed_model_logging_keeps_the_run_and_checkpoint(cifar_dir, tmp_path, 
     def broken(*args, **kwargs):
         raise RuntimeError("artifact store unreachable")
 
-    monkeypatch.setattr(train, "log_model", broken)
+    monkeypatch.setattr(evaluate, "log_model", broken)
     out = tmp_path / "cnn.pt"
     assert train.main(["--data-dir", str(cifar_dir), "--epochs", "1", "--batch-size", "64", "--out", str(out),
                        "--experiment", "test-exp", "--precision", "fp32"]) == 0
@@ -339,6 +348,7 @@ def test_failed_model_logging_keeps_the_run_and_checkpoint(cifar_dir, tmp_path, 
     assert "registered_model" not in run.data.tags
 
 
+@pytest.mark.full
 def test_resume_continues_the_same_run_where_it_stopped(cifar_dir, tmp_path, tracking, monkeypatch, capsys):
     """Stopped right after epoch 3's last checkpoint (before that epoch was logged), then resumed: the same MLflow
     run finishes with each epoch logged once, and epochs 4-5 train exactly as in a run that never stopped."""

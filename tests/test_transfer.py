@@ -15,7 +15,8 @@ import api
 import pretrained
 import train
 from checkpoint import load_checkpoint
-from config import ModelConfig, ServeConfig
+from config import ModelConfig
+from serve_config import ServeConfig
 from model import build_model
 from transforms import eval_transform
 

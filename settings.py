@@ -1,0 +1,120 @@
+"""Decide a training run's settings: train.py's command line, and the one function that layers every setting.
+
+    decide(argv) -> Settings(data, model, train, reasons)
+
+The layers, each over the one before: config.py's defaults -> the preset -> what the data is like (for a folder
+without --preset: autoconfig.choose) -> the device (autoconfig.device_batch) -> the flags given. Every value not
+given comes with its reason, which train.py prints and logs; nothing downstream changes a setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+from typing import Literal, NamedTuple, get_args, get_origin, get_type_hints
+
+import torch
+
+import autoconfig
+from config import PRESETS, ConfigError, DataConfig, ModelConfig, TrainConfig
+from data import summarize_folder
+from model import SCRATCH_ARCHS
+
+SECTIONS = (DataConfig, ModelConfig, TrainConfig)
+DEFAULTS = {f.name: f.default for section in SECTIONS for f in fields(section)}
+# --smoke: a few batches through every stage. It must not replace a user's trained models/cnn.pt.
+SMOKE = {"epochs": 1.0, "max_steps": 3, "limit": 512, "batch_size": 128, "register": False, "out": "models/smoke.pt"}
+
+
+class Settings(NamedTuple):
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    reasons: list[str]  # "name=value: why", for each setting chosen from the data or the device
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per dataclass field; defaults stay None so presets and explicit flags can be told apart."""
+    parser = argparse.ArgumentParser(
+        prog="train.py", allow_abbrev=False,
+        description="Train a CNN image classifier and log the run to MLflow. Defaults shown are the fast preset's; "
+                    "another --preset fills in its own (see PRESETS in config.py), and explicit flags win.",
+    )
+    for section in SECTIONS:
+        group = parser.add_argument_group(section.__name__)
+        hints = get_type_hints(section)
+        for f in fields(section):
+            kind = hints[f.name]
+            kwargs = dict(dest=f.name, default=None, help=f"{f.metadata['help']} (default: {f.default})")
+            if kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif get_origin(kind) is Literal:
+                choices = get_args(kind)
+                kwargs.update(type=type(choices[0]), choices=choices)
+            elif get_origin(kind) is tuple:
+                kwargs.update(type=get_args(kind)[0], nargs="+")
+            else:
+                kwargs["type"] = kind
+            group.add_argument(_flag(f.name), **kwargs)
+    smoke = " ".join(f"{_flag(k)} {v}" if not isinstance(v, bool) else _flag(("" if v else "no-") + k) for k, v in SMOKE.items())
+    parser.add_argument("--smoke", action="store_true", help=f"a few batches through every stage (sets {smoke} unless given)")
+    return parser
+
+
+def given(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The flags given on the command line, as {setting: value}, with --smoke expanded."""
+    parser = build_parser()
+    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    if values.pop("smoke", False):
+        values = {**SMOKE, **values}
+    return parser, {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def layer(explicit: dict, cuda: bool) -> tuple[dict, list[str]]:
+    """Every setting's value, from the preset, the data, the device and the flags given (explicit), in that order;
+    with the reasons for what the data and the device chose. Raises ConfigError or data.DataError."""
+    preset = explicit.get("preset", TrainConfig.preset)
+    if preset != "auto" and preset not in PRESETS:
+        raise ConfigError(f"--preset must be one of {['auto', *sorted(PRESETS)]}")
+    chosen, reasons = {}, []
+    if preset == "auto" and explicit.get("dataset") == "folder":
+        chosen, reasons = autoconfig.choose(summarize_folder(Path(explicit.get("data_dir", DataConfig.data_dir))),
+                                            explicit, cuda=cuda)
+    if preset == "auto" and not chosen:
+        preset = "fast"  # CIFAR-10, or a folder whose settings were all given
+    # auto on a folder builds on the preset of the network asked for (the baseline CNN has its own recipe)
+    base = PRESETS.get(preset) or PRESETS["baseline" if explicit.get("arch") == "baseline" else "fast"]
+    values = {**DEFAULTS, **base, **chosen, **explicit, "preset": preset}
+    on_device, why = autoconfig.device_batch(values["arch"], values["optimizer"], values["batch_size"],
+                                             {**chosen, **explicit}, cuda)
+    return {**values, **on_device}, reasons + why
+
+
+def check_together(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
+    """Settings that are fine alone but cannot work together."""
+    if model_cfg.weights and (model_cfg.arch in SCRATCH_ARCHS or not model_cfg.pretrained):
+        raise ConfigError("--weights is for a pretrained timm backbone: drop it, or pick one with --arch (and --pretrained)")
+    if train_cfg.optimizer == "muon" and model_cfg.arch != "airbench":
+        # Muon rescales each filter bank to a fixed norm, which only a BatchNorm right after the conv makes harmless
+        raise ConfigError("--optimizer muon is for --arch airbench (every conv followed by BatchNorm): use sgd or adam")
+
+
+def decide(argv: list[str] | None = None, values: dict | None = None) -> Settings:
+    """The run's settings from the command line (argv), or from a dict of given values; a bad value is an
+    argparse error naming the flag (exit 2) on the command line, a ConfigError from a dict."""
+    parser, explicit = (None, values) if values is not None else given(argv)
+    cuda = torch.cuda.is_available() and explicit.get("device", "auto") != "cpu"
+    try:
+        merged, reasons = layer(explicit, cuda)
+        configs = [section(**{f.name: merged[f.name] for f in fields(section)}) for section in SECTIONS]
+        check_together(*configs[1:])
+    except ConfigError as e:
+        if parser is None:
+            raise
+        parser.error(str(e))
+    return Settings(*configs, reasons)
