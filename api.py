@@ -1,9 +1,9 @@
 """HTTP inference server: FastAPI app serving the checkpoint written by train.py, with micro-batching.
 
-Run with `python api.py` or `uvicorn api:app`; settings come from CATER_* environment variables (config.ServeConfig).
-Request path: the gate (middleware.py: API key, readiness, admission; before the body is read) -> bytes -> PIL
-(format, size and decode checks) -> transforms.pil_to_uint8 -> batcher.py's queue -> one forward pass per batch in
-a worker thread (predictor.py: PyTorch or ONNX Runtime, softmax) -> top-k JSON.
+Run with `python api.py` or `uvicorn api:app`; settings come from CATER_* environment variables
+(serve_config.ServeConfig). Request path: the gate (middleware.py: API key, readiness, admission; before the body is
+read) -> bytes -> PIL (upload.py: format, size and decode checks) -> transforms.pil_to_uint8 -> batcher.py's queue
+-> one forward pass per batch in a worker thread (predictor.py: PyTorch or ONNX Runtime, softmax) -> top-k JSON.
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from batcher import MicroBatcher, Overloaded, WorkerDown
 from checkpoint import CheckpointError
-from config import ConfigError, ServeConfig, available_cores, pick_device
-from decode import UploadError, preprocess_upload, upload_bytes
+from config import ConfigError
 from middleware import (AUTH_MESSAGE, BodyLimitMiddleware, GateMiddleware, Metrics, MetricsMiddleware,
                         StartupErrorMiddleware, key_matches)
 from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor, load_predictor
 from registry import RegistryError, fetch_checkpoint
+from runtime import available_cores, pick_device
+from serve_config import ServeConfig
+from upload import UploadError, preprocess_upload, upload_bytes
 
 log = logging.getLogger("uvicorn.error")
 
@@ -305,6 +307,137 @@ def drain_on_sigterm(app: FastAPI, drain_s: float) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Routes: each reads the settings, the served model, the batcher and the metrics from request.app.state; add_routes
+# gives them their paths
+
+
+async def ready_state(request: Request) -> Request:
+    if not request.app.state.ready:
+        raise HTTPException(503, "the model is not loaded yet")
+    return request
+
+
+async def classify(request: Request, data_list: list, k: int | None, decode: Callable[[Any], bytes]) -> list[PredictResponse]:
+    state = request.app.state
+    config: ServeConfig = state.config
+    served: Served = state.served  # this request stays with this model, even if /reload swaps in another
+    meta, classes = served.meta, served.meta["classes"]
+
+    def prepare_all() -> list[torch.Tensor]:
+        out = []
+        for i, data in enumerate(data_list):
+            try:
+                out.append(preprocess_upload(decode(data), meta, config.max_pixels))
+            except UploadError as e:
+                where = f"images[{i}]: " if len(data_list) > 1 else ""
+                raise HTTPException(e.status, f"{where}{e}") from None
+        return out
+
+    batcher: MicroBatcher = state.batcher
+    extra = len(data_list) - 1  # GateMiddleware admitted one image; a batch request admits the rest here
+    if extra:
+        try:
+            batcher.admit(extra, held=1)
+        except Overloaded as e:
+            state.metrics.rejected.labels("overload").inc()
+            raise HTTPException(503, str(e), headers=e.headers) from None
+        except WorkerDown as e:
+            raise HTTPException(503, f"inference is down: {e}") from None
+    try:
+        async with asyncio.timeout(config.timeout_s):
+            images = await asyncio.get_running_loop().run_in_executor(state.decode_pool, prepare_all)
+            probs = await asyncio.gather(*(batcher.submit((served.predictor, x)) for x in images))
+    except TimeoutError:
+        raise HTTPException(504, f"no answer within {config.timeout_s:g} s (CATER_TIMEOUT_S)") from None
+    except WorkerDown as e:
+        raise HTTPException(503, f"inference is down: {e}") from None
+    finally:
+        batcher.release(extra)
+    return [postprocess(p, classes, k or config.top_k, config.tta) for p in probs]
+
+
+async def health(request: Request):
+    """Liveness: the process answers, and its inference has not stopped or hung (503 then: restart it)."""
+    state = request.app.state
+    problem = state.batcher.problem() if state.ready else ""
+    if problem:
+        return JSONResponse({"status": f"inference is down: {problem}", "model_loaded": True}, status_code=503)
+    return HealthResponse(model_loaded=state.ready)
+
+
+async def ready(request: Request):
+    """Readiness: the model is loaded and warmed up (503 until then)."""
+    state = request.app.state
+    if not state.ready:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    if state.draining:
+        return JSONResponse({"status": "draining: shutting down"}, status_code=503)
+    problem = state.batcher.problem()
+    if problem:
+        return JSONResponse({"status": f"inference is down: {problem}"}, status_code=503)
+    return ReadyResponse(status="ready")
+
+
+async def model_info(request: Request = Depends(ready_state)):
+    """The served model: classes, model config, metrics, MLflow run id and registry version, serving settings."""
+    return request.app.state.served.info
+
+
+async def reload(request: Request = Depends(ready_state)):
+    """Load CATER_MODEL_PATH again (for models:/<name>@champion: the current champion) and swap it in. Requests in
+    flight finish on the model they started with; a load that fails keeps the served model (409, with why)."""
+    state = request.app.state
+    async with state.reload_lock:
+        try:
+            served = await asyncio.to_thread(load_served, state.config, state.threads)
+        except Exception as e:  # whatever went wrong, the served model stays
+            log.warning("reload failed, still serving %s: %s", state.served.describe(), e)
+            raise HTTPException(409, f"reload failed, still serving {state.served.describe()}: {e}") from None
+        log.info("reloaded: %s replaces %s", served.describe(), state.served.describe())
+        state.served = served
+        state.metrics.serving(served.labels)
+        # the old model was frozen out of the cyclic GC at startup: let it go, and freeze the new one
+        gc.unfreeze()
+        await asyncio.to_thread(gc.collect)
+        gc.freeze()
+    return served.info
+
+
+async def predict(body: PredictRequest, request: Request):
+    """Classify one base64-encoded image."""
+    return (await classify(request, [body.image_base64], body.top_k, upload_bytes))[0]
+
+
+async def predict_file(request: Request, file: Annotated[UploadFile, File(description="the image file")],
+                       top_k: Annotated[int | None, Form(ge=1, le=MAX_TOP_K)] = None):
+    """Classify one image sent as a multipart upload (curl -F file=@cat.png)."""
+    data = await file.read()
+    return (await classify(request, [data], top_k, lambda b: b))[0]
+
+
+async def predict_batch(body: BatchRequest, request: Request):
+    """Classify several base64-encoded images; the results come in the order of the images."""
+    limit = request.app.state.config.max_batch_images
+    if len(body.images) > limit:
+        raise HTTPException(413, f"{len(body.images)} images in one request; the limit is {limit}")
+    return await classify(request, body.images, body.top_k, upload_bytes)
+
+
+async def page():
+    """The prediction page: choose, drop or paste an image and see the top classes (ui/)."""
+    return FileResponse(UI / "index.html")
+
+
+async def metrics(request: Request):
+    """Prometheus metrics: requests, latency, batch sizes, inference time, model info."""
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wiring
+
+
 def create_app(config: ServeConfig | None = None) -> FastAPI:
     """The app, without loading anything: the checkpoint is read when the server starts (lifespan)."""
     config = config or ServeConfig.from_env()
@@ -324,135 +457,32 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                            allow_methods=["GET", "POST"], allow_headers=["Content-Type", "X-API-Key", "Authorization"])
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(StartupErrorMiddleware)
-
-    async def ready_state(request: Request) -> Request:
-        if not request.app.state.ready:
-            raise HTTPException(503, "the model is not loaded yet")
-        return request
-
-    async def classify(request: Request, data_list: list, k: int | None, decode: Callable[[Any], bytes]) -> list[PredictResponse]:
-        state = request.app.state
-        served: Served = state.served  # this request stays with this model, even if /reload swaps in another
-        meta, classes = served.meta, served.meta["classes"]
-
-        def prepare_all() -> list[torch.Tensor]:
-            out = []
-            for i, data in enumerate(data_list):
-                try:
-                    out.append(preprocess_upload(decode(data), meta, config.max_pixels))
-                except UploadError as e:
-                    where = f"images[{i}]: " if len(data_list) > 1 else ""
-                    raise HTTPException(e.status, f"{where}{e}") from None
-            return out
-
-        batcher: MicroBatcher = state.batcher
-        extra = len(data_list) - 1  # GateMiddleware admitted one image; a batch request admits the rest here
-        if extra:
-            try:
-                batcher.admit(extra, held=1)
-            except Overloaded as e:
-                state.metrics.rejected.labels("overload").inc()
-                raise HTTPException(503, str(e), headers=e.headers) from None
-            except WorkerDown as e:
-                raise HTTPException(503, f"inference is down: {e}") from None
-        try:
-            async with asyncio.timeout(config.timeout_s):
-                images = await asyncio.get_running_loop().run_in_executor(state.decode_pool, prepare_all)
-                probs = await asyncio.gather(*(batcher.submit((served.predictor, x)) for x in images))
-        except TimeoutError:
-            raise HTTPException(504, f"no answer within {config.timeout_s:g} s (CATER_TIMEOUT_S)") from None
-        except WorkerDown as e:
-            raise HTTPException(503, f"inference is down: {e}") from None
-        finally:
-            batcher.release(extra)
-        return [postprocess(p, classes, k or config.top_k, config.tta) for p in probs]
-
-    predict_deps = [Depends(require_api_key), Depends(ready_state)]
-
-    @app.get("/health", response_model=HealthResponse, tags=["status"], responses={503: {"model": HealthResponse}})
-    async def health(request: Request):
-        """Liveness: the process answers, and its inference has not stopped or hung (503 then: restart it)."""
-        state = request.app.state
-        problem = state.batcher.problem() if state.ready else ""
-        if problem:
-            return JSONResponse({"status": f"inference is down: {problem}", "model_loaded": True}, status_code=503)
-        return HealthResponse(model_loaded=state.ready)
-
-    @app.get("/ready", response_model=ReadyResponse, tags=["status"], responses={503: {"model": ReadyResponse}})
-    async def ready(request: Request):
-        """Readiness: the model is loaded and warmed up (503 until then)."""
-        state = request.app.state
-        if not state.ready:
-            return JSONResponse({"status": "starting"}, status_code=503)
-        if state.draining:
-            return JSONResponse({"status": "draining: shutting down"}, status_code=503)
-        problem = state.batcher.problem()
-        if problem:
-            return JSONResponse({"status": f"inference is down: {problem}"}, status_code=503)
-        return ReadyResponse(status="ready")
-
-    @app.get("/model", response_model=ModelInfo, response_model_by_alias=True, tags=["status"],
-             responses={503: ERRORS[503]})
-    async def model_info(request: Request = Depends(ready_state)):
-        """The served model: classes, model config, metrics, MLflow run id and registry version, serving settings."""
-        return request.app.state.served.info
-
-    @app.post("/reload", response_model=ModelInfo, response_model_by_alias=True, tags=["status"],
-              dependencies=[Depends(require_api_key)], responses={401: ERRORS[401], 409: ERRORS[409], 503: ERRORS[503]})
-    async def reload(request: Request = Depends(ready_state)):
-        """Load CATER_MODEL_PATH again (for models:/<name>@champion: the current champion) and swap it in. Requests in
-        flight finish on the model they started with; a load that fails keeps the served model (409, with why)."""
-        state = request.app.state
-        async with state.reload_lock:
-            try:
-                served = await asyncio.to_thread(load_served, config, state.threads)
-            except Exception as e:  # whatever went wrong, the served model stays
-                log.warning("reload failed, still serving %s: %s", state.served.describe(), e)
-                raise HTTPException(409, f"reload failed, still serving {state.served.describe()}: {e}") from None
-            log.info("reloaded: %s replaces %s", served.describe(), state.served.describe())
-            state.served = served
-            state.metrics.serving(served.labels)
-            # the old model was frozen out of the cyclic GC at startup: let it go, and freeze the new one
-            gc.unfreeze()
-            await asyncio.to_thread(gc.collect)
-            gc.freeze()
-        return served.info
-
-    @app.post("/predict", response_model=PredictResponse, tags=["predict"], dependencies=predict_deps, responses=ERRORS)
-    async def predict(body: PredictRequest, request: Request):
-        """Classify one base64-encoded image."""
-        return (await classify(request, [body.image_base64], body.top_k, upload_bytes))[0]
-
-    @app.post("/predict/file", response_model=PredictResponse, tags=["predict"], dependencies=predict_deps,
-              responses=ERRORS)
-    async def predict_file(request: Request, file: Annotated[UploadFile, File(description="the image file")],
-                           top_k: Annotated[int | None, Form(ge=1, le=MAX_TOP_K)] = None):
-        """Classify one image sent as a multipart upload (curl -F file=@cat.png)."""
-        data = await file.read()
-        return (await classify(request, [data], top_k, lambda b: b))[0]
-
-    @app.post("/predict/batch", response_model=list[PredictResponse], tags=["predict"], dependencies=predict_deps,
-              responses=ERRORS)
-    async def predict_batch(body: BatchRequest, request: Request):
-        """Classify several base64-encoded images; the results come in the order of the images."""
-        if len(body.images) > config.max_batch_images:
-            raise HTTPException(413, f"{len(body.images)} images in one request; the limit is {config.max_batch_images}")
-        return await classify(request, body.images, body.top_k, upload_bytes)
-
-    @app.get("/", include_in_schema=False)
-    async def page():
-        """The prediction page: choose, drop or paste an image and see the top classes (ui/)."""
-        return FileResponse(UI / "index.html")
-
-    app.mount("/ui", StaticFiles(directory=UI), name="ui")
-
-    @app.get("/metrics", tags=["status"], response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text exposition"}})
-    async def metrics(request: Request):
-        """Prometheus metrics: requests, latency, batch sizes, inference time, model info."""
-        return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
+    add_routes(app)
     return app
+
+
+def add_routes(app: FastAPI) -> None:
+    """Each handler on its path. Added to the app itself rather than through an APIRouter: this FastAPI keeps an
+    included router as one lazy entry in app.routes, where MetricsMiddleware could no longer read the paths."""
+    predict_deps = [Depends(require_api_key), Depends(ready_state)]
+    app.get("/health", response_model=HealthResponse, tags=["status"],
+            responses={503: {"model": HealthResponse}})(health)
+    app.get("/ready", response_model=ReadyResponse, tags=["status"], responses={503: {"model": ReadyResponse}})(ready)
+    app.get("/model", response_model=ModelInfo, response_model_by_alias=True, tags=["status"],
+            responses={503: ERRORS[503]})(model_info)
+    app.post("/reload", response_model=ModelInfo, response_model_by_alias=True, tags=["status"],
+             dependencies=[Depends(require_api_key)],
+             responses={401: ERRORS[401], 409: ERRORS[409], 503: ERRORS[503]})(reload)
+    app.post("/predict", response_model=PredictResponse, tags=["predict"], dependencies=predict_deps,
+             responses=ERRORS)(predict)
+    app.post("/predict/file", response_model=PredictResponse, tags=["predict"], dependencies=predict_deps,
+             responses=ERRORS)(predict_file)
+    app.post("/predict/batch", response_model=list[PredictResponse], tags=["predict"], dependencies=predict_deps,
+             responses=ERRORS)(predict_batch)
+    app.get("/", include_in_schema=False)(page)
+    app.mount("/ui", StaticFiles(directory=UI), name="ui")
+    app.get("/metrics", tags=["status"], response_class=Response, responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text exposition"}})(metrics)
 
 
 def main() -> int:

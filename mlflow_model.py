@@ -20,8 +20,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from decode import UploadError, preprocess_upload, upload_bytes
 from predictor import TorchPredictor
+from upload import UploadError, preprocess_upload, upload_bytes
 
 MAX_PIXELS = 16_000_000  # as api.py's default CATER_MAX_PIXELS
 

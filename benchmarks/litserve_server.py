@@ -1,7 +1,7 @@
 """api.py's model behind LitServe (Lightning AI) instead of our own server, for benchmarks/serve_load.py.
 
 The same checkpoint in the same backend (predictor.TorchPredictor: the frozen TorchScript graph, channels_last),
-the same decoding, checks and preprocessing (decode.upload_bytes, decode.preprocess_upload), the same answer
+the same decoding, checks and preprocessing (upload.upload_bytes, upload.preprocess_upload), the same answer
 (api.postprocess) and the same request body ({"image_base64": ...}); LitServe's own dynamic batching
 (max_batch_size, batch_timeout) groups the requests, and its inference worker process runs decoding and the
 forward passes.
@@ -22,9 +22,10 @@ import torch  # noqa: E402
 from fastapi import HTTPException  # noqa: E402
 
 from api import postprocess  # noqa: E402
-from config import ServeConfig, available_cores  # noqa: E402
-from decode import UploadError, preprocess_upload, upload_bytes  # noqa: E402
+from runtime import available_cores  # noqa: E402
+from serve_config import ServeConfig  # noqa: E402
 from predictor import TorchPredictor  # noqa: E402
+from upload import UploadError, preprocess_upload, upload_bytes  # noqa: E402
 
 
 class ClassifierAPI(ls.LitAPI):

@@ -30,10 +30,12 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
                                  status_code_conformance)
 
 import api
-import decode
+import upload
 from batcher import MicroBatcher
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from config import ConfigError, ModelConfig, ServeConfig
+from config import ConfigError, ModelConfig
+from conftest import free_port
+from serve_config import ServeConfig
 from model import CnnClassifier, predict_logits
 from transforms import CIFAR10_MEAN, CIFAR10_STD, eval_transform, normalize, pil_to_uint8
 
@@ -366,7 +368,7 @@ def test_preprocessing_equals_evaluation_path(reference, name, channels, resize)
     meta = {**reference[1], "channels": channels, "resize": resize}
     mean, std = meta["mean"][:channels], meta["std"][:channels]
     data = MODES[name]()
-    served = normalize(decode.preprocess_upload(data, meta, 10**8), mean, std)
+    served = normalize(upload.preprocess_upload(data, meta, 10**8), mean, std)
     evaluated = eval_transform(meta["image_size"], mean, std, channels, resize)(Image.open(io.BytesIO(data)))
     assert served.shape == (channels, 32, 32) and torch.equal(served, evaluated)
 
@@ -374,7 +376,7 @@ def test_preprocessing_equals_evaluation_path(reference, name, channels, resize)
 def test_exif_orientation_applied():
     data = exif_rotated_jpeg()
     stored = Image.open(io.BytesIO(data))
-    served = decode.preprocess_upload(data, {"image_size": 32, "channels": 3, "resize": "squash"}, 10**8)
+    served = upload.preprocess_upload(data, {"image_size": 32, "channels": 3, "resize": "squash"}, 10**8)
     assert torch.equal(served, pil_to_uint8(ImageOps.exif_transpose(stored), 32))
     # Stored wide, red left and blue right; displayed (rotated 90 degrees clockwise) tall, red on top.
     assert stored.size == (48, 24)
@@ -601,12 +603,7 @@ def test_server_refuses_to_start_without_checkpoint(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.full
 def test_graceful_shutdown_finishes_in_flight_request(checkpoint_path):
     """SIGTERM while a request is half sent: the request still completes, then the server exits cleanly."""
     port = free_port()
@@ -664,7 +661,8 @@ OPERATIONS = [(path, method.upper(), mode) for path, methods in api.app.openapi(
                            [GenerationMode.POSITIVE])]
 
 
-@pytest.mark.parametrize("path, method, mode", OPERATIONS)
+@pytest.mark.parametrize("path, method, mode", [  # /reload loads the model again per example: ~25 s a mode
+    pytest.param(*op, marks=pytest.mark.full) if op[0] == "/reload" else op for op in OPERATIONS])
 def test_openapi_fuzzing_gives_no_server_error(api_schema, path, method, mode):
     """Requests generated from the OpenAPI spec, fitting it (positive) or breaking it (negative)."""
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 import decode
 import transforms as T
+import upload
 
 ROOT = Path(__file__).resolve().parents[1]
 RAMP_16 = np.tile(np.array([0, 1000, 65535, 30000], dtype=np.uint16), (4, 1))  # 4x4, every row the same
@@ -173,13 +174,13 @@ def test_to_rgb_scales_high_bit_depth_modes():
 
 
 def test_upload_errors_carry_their_http_status_even_across_processes():
-    with pytest.raises(decode.UploadError) as tiff:
-        decode.open_upload(encoded(Image.new("RGB", (8, 8)), "TIFF"), 10**6)
+    with pytest.raises(upload.UploadError) as tiff:
+        upload.open_upload(encoded(Image.new("RGB", (8, 8)), "TIFF"), 10**6)
     again = pickle.loads(pickle.dumps(tiff.value))  # as a LitServe worker would send it back
     assert (again.status, str(again)) == (415, str(tiff.value)) and "TIFF is not accepted" in str(again)
-    with pytest.raises(decode.UploadError) as large:
-        decode.open_upload(encoded(Image.new("RGB", (100, 100)), "PNG"), 99)
+    with pytest.raises(upload.UploadError) as large:
+        upload.open_upload(encoded(Image.new("RGB", (100, 100)), "PNG"), 99)
     assert large.value.status == 413 and "100x100 is over the limit of 99 pixels" in str(large.value)
-    with pytest.raises(decode.UploadError, match="data URL must be base64") as url:
-        decode.upload_bytes("data:image/png,abc")
+    with pytest.raises(upload.UploadError, match="data URL must be base64") as url:
+        upload.upload_bytes("data:image/png,abc")
     assert url.value.status == 400

@@ -19,6 +19,7 @@ from PIL import Image
 
 import data
 import registry
+import tracking
 import train
 from checkpoint import load_checkpoint
 from conftest import RECORDS_PER_BATCH, class_image, free_port, server_process, write_cifar_folder
@@ -74,6 +75,7 @@ def test_logged_model_takes_base64_images(trained, monkeypatch):
         model.predict(pd.DataFrame({"image": [base64.b64encode(b"plain text").decode()]}))
 
 
+@pytest.mark.full
 def test_mlflow_scoring_server_answers_an_image(trained, tmp_path):
     run_id, checkpoint, uri = trained
     port = free_port()
@@ -181,7 +183,7 @@ def test_api_serves_the_champion_and_reloads_a_new_one_without_failing_requests(
     from fastapi.testclient import TestClient
 
     import api
-    from config import ServeConfig
+    from serve_config import ServeConfig
 
     run_id, checkpoint, uri = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -210,7 +212,7 @@ def test_api_serves_the_champion_and_reloads_a_new_one_without_failing_requests(
         assert abs(float(new_expected.max()) - float(expected.max())) > 1e-3
         mlflow.set_experiment("model-test")
         with mlflow.start_run() as run:
-            logged = train.log_model(SimpleNamespace(run=run), other, load_checkpoint(other)[1])
+            logged = tracking.log_model(SimpleNamespace(run=run), other, load_checkpoint(other)[1])
         better = registry.register_and_promote(logged.model_uri, "cater-cifar10", metric="acc",
                                                score=float(champion.tags["score"]) + 0.1, split=champion.tags["split"])
         assert better.promoted
