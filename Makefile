@@ -22,7 +22,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= postgresql+psycopg2://mlflow:mlflow@127.0.0.1:5432/mlflow
 MLFLOW_ARTIFACTS ?= s3://mlflow-artifacts
 
-.PHONY: help install train train-ddp smoke test system-packages report compare export sweep serve mlflow-ui mlflow-server bench-train bench-serve bench-folder clean
+.PHONY: help install train train-ddp smoke test test-all system-packages report compare export sweep serve mlflow-ui mlflow-server bench-train bench-serve bench-folder clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -45,7 +45,10 @@ train-ddp: $(READY)  ## the same training on NPROC processes (torchrun: gloo on 
 smoke: $(READY)  ## a few batches through every stage: writes models/smoke.pt (not your models/cnn.pt) and an MLflow run
 	$(PY) train.py --smoke $(TRAIN_FLAGS)
 
-test: $(READY) system-packages  ## run the test suite (after building .venv and the Debian packages it needs, when missing)
+test: $(READY)  ## quick tier, ~2 min on 2 cores: every test not marked `full` (no database, browser, torchrun, load generator or server)
+	$(PY) -m pytest -q -m "not full"
+
+test-all: $(READY) system-packages  ## every test, the `full` tier too (PostgreSQL, S3, chromium, wrk, torchrun, servers), ~10 min: what CI runs
 	$(PY) -m pytest -q
 
 report: $(READY)  ## a run's page in reports/<run>/index.html: curves, confusion matrices, per-class bars, worst mistakes, settings (RUN=id, default: the latest)
@@ -54,7 +57,7 @@ report: $(READY)  ## a run's page in reports/<run>/index.html: curves, confusion
 compare: $(READY)  ## several runs' curves overlaid in one picture: RUNS="<id> <id> ..."
 	$(PY) report.py --compare $(RUNS) $(ARGS)
 
-system-packages:  ## the Debian packages the tests start for real (PostgreSQL, wrk, chromium): apt-get installs the missing ones (as root)
+system-packages:  ## the Debian packages the full tier starts for real (PostgreSQL, wrk, chromium): apt-get installs the missing ones (as root)
 	@missing=""; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="postgresql"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -37,7 +36,7 @@ import psutil
 import torch
 from PIL import Image, ImageOps
 
-from machine import calib_img_s
+from machine import calib_img_s, cpu_name, markdown_table, mean_sd
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench-results"
@@ -194,14 +193,7 @@ def rss_run(fashion_dir: Path, n_images: int, extra: list[str]) -> dict:
 
 
 def fmt(values: list, kind: str) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    scale, unit, digits = {"pct": (100, "%", 2), "f1": (1, "", 3), "s": (1, "", 0), "gb": (1 / GB, " GB", 2)}[kind]
-    text = f"{statistics.mean(values) * scale:.{digits}f}{unit}"
-    if len(values) > 1:
-        text += f" ±{statistics.stdev(values) * scale:.{digits}f}"
-    return text
+    return mean_sd(values, *{"pct": (100, "%", 2), "f1": (1, "", 3), "s": (1, "", 0), "gb": (1 / GB, " GB", 2)}[kind])
 
 
 def chosen(run: dict) -> str:
@@ -242,10 +234,7 @@ def table(results: list[dict], calib: float) -> str:
         row.append(chosen(ok[0]))
         row += [fmt([r[key] for r in ok], kind) for _, key, kind in COLUMNS]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def mean_of(runs: list[dict], key: str) -> float | None:
@@ -332,11 +321,8 @@ def main() -> int:
     calib_end = calib_img_s()
     calib = (calib_start + calib_end) / 2
 
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-               platform.processor() or platform.machine())
     notes = [
-        f"machine: {os.cpu_count()} CPU cores ({cpu}), {psutil.virtual_memory().total / GB:.0f} GB RAM, "
+        f"machine: {os.cpu_count()} CPU cores ({cpu_name()}), {psutil.virtual_memory().total / GB:.0f} GB RAM, "
         f"torch {torch.__version__}, {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
         f"calib_img_s: {calib:.0f} = mean of {calib_start:.0f} (start) and {calib_end:.0f} (end); "
         f"normalized s = wall s x {calib:.0f} / {REFERENCE_IMG_S}",

@@ -16,15 +16,15 @@ of its epochs' seconds (training steps only), read from the checkpoint it writes
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from machine import markdown_table, timed_train
 
 REPO = Path(__file__).resolve().parents[1]
 RECORD = 1 + 3 * 32 * 32  # label byte + CHW image
@@ -109,12 +109,8 @@ def run_ours(folder: Path, epochs: int, runs: int, compile_: bool, extra: list[s
         cmd = [sys.executable, str(REPO / "train.py"), "--preset", "best", "--epochs", str(epochs), "--data-dir", str(folder),
                "--out", str(out), "--no-mlflow", "--device", "cuda", "--seed", str(run), *(["--compile"] if compile_ else []),
                *extra]
-        print(f"\n$ {' '.join(cmd)}", flush=True)
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "TQDM_DISABLE": "1"})
-        wall = time.perf_counter() - start
-        history = torch.load(out, map_location="cpu", weights_only=True)["history"]
-        seconds = [h["epoch_seconds"] for h in history]
+        wall, checkpoint = timed_train(cmd, out)
+        seconds = [h["epoch_seconds"] for h in checkpoint["history"]]
         results.append({"timer_s": sum(seconds), "epoch_s": seconds, "wall_s": wall})
     return {"runs": results}
 
@@ -164,9 +160,7 @@ def main(argv: list[str] | None = None) -> int:
              for name, result in ours.items()]
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; stand-in data: one CIFAR-10 batch x{REPEATS}; "
           f"airbench's compile warm-up run took {theirs['warmup_wall_s']:.1f} s (not in its training s)")
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for row in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    print(markdown_table(rows))
     base = statistics.mean(r["timer_s"] for r in theirs["runs"])
     per_image = later_epoch_s(theirs) / (REPEATS * 10_000)
     for name, result in ours.items():

@@ -25,6 +25,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from machine import markdown_table
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "elpv-dataset"
 CLASSES = ("p000_functional", "p033_possibly_defective", "p067_likely_defective", "p100_defective")  # by 3 * probability
@@ -98,11 +100,7 @@ def counts_table(parts: dict[str, list[tuple[str, str]]]) -> str:
         rows.append([cls, str(count["train"][cls]), str(count["test"][cls]), str(count["train"][cls] + count["test"][cls])])
     rows.append(["all", *(str(sum(count[p].values())) for p in ("train", "test")),
                  str(sum(len(v) for v in parts.values()))])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
-             for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(rows, right=True)
 
 
 def build(out: Path, seed: int, test_fraction: float) -> Path:

@@ -28,7 +28,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from PIL import Image  # noqa: E402
 
 import export  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from machine import free_port  # noqa: E402
 
 SERVERS = ["api", "api-onnx", "naive", "litserve", "mlflow"]
 PNGS_PER_PHOTO = 33  # a 640x480 JPEG request after every 33 PNG requests
@@ -135,12 +135,6 @@ def request_bodies(files: list[tuple[str, bytes]], kind: str, meta: dict) -> lis
 
 # ---------------------------------------------------------------------------------------------------------------
 # Servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tree_rss_mb(proc: psutil.Process) -> float:

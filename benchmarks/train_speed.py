@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from machine import CALIB, calib_img_s
+from machine import CALIB, calib_img_s, cpu_name, markdown_table, mean_sd, timed_train
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.90, 0.93, 0.94)
@@ -39,11 +35,7 @@ def run_once(preset: str, seed: int, procs: int, batch: int | None, args) -> dic
     cmd = [*launch, str(REPO / "train.py"), "--preset", preset, "--seed", str(seed), "--data-dir", args.data_dir,
            "--out", str(out), "--experiment", "bench-train", "--run-name", f"bench-{name}",
            *(["--batch-size", str(batch)] if batch else []), *args.extra]
-    print(f"\n$ {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "TQDM_DISABLE": "1"})
-    wall = time.perf_counter() - start
-    meta = torch.load(out, map_location="cpu", weights_only=True)
+    wall, meta = timed_train(cmd, out)
     history, metrics = meta["history"], meta["metrics"]
     images = sum(h["images_per_s"] * h["epoch_seconds"] for h in history)
     train_seconds = sum(h["epoch_seconds"] for h in history)
@@ -59,16 +51,8 @@ def run_once(preset: str, seed: int, procs: int, batch: int | None, args) -> dic
 
 
 def fmt(values: list, kind: str) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
     scale, unit = {"pct": (100, "%"), "s": (1, "s"), "n": (1, ""), "share": (100, "%")}[kind]
-    digits = 2 if kind == "pct" else (1 if kind == "share" else 0)
-    mean = statistics.mean(values) * scale
-    text = f"{mean:.{digits}f}{unit}"
-    if len(values) > 1:
-        text += f" ±{statistics.stdev(values) * scale:.{digits}f}"
-    return text
+    return mean_sd(values, scale, unit, digits=2 if kind == "pct" else (1 if kind == "share" else 0))
 
 
 COLUMNS = [
@@ -95,10 +79,7 @@ def table(results: list[dict], calib: float | None = None) -> str:
         if calib:
             row.append(fmt([r["wall_s"] * calib / 1000 for r in runs], "s"))
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def main() -> int:
@@ -126,10 +107,7 @@ def main() -> int:
     calib_end = calib_img_s()
     calib = (calib_start + calib_end) / 2 if calib_start and calib_end else None
 
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-               platform.processor() or platform.machine())
-    print(f"\nmachine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+    print(f"\nmachine: {os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
     print("time-to-X: from start of training to the end of the first epoch at X validation accuracy (no TTA)")
     if calib:

@@ -1,7 +1,6 @@
 """Tiny datasets the tests make themselves: a CIFAR-10 binary folder and an image-folder dataset."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data  # noqa: E402
+from benchmarks.machine import free_port  # noqa: E402,F401  (tests import it from here)
 
 RECORDS_PER_BATCH = 60
 
@@ -51,12 +51,6 @@ def write_cifar_folder(root: Path) -> Path:
 def cifar_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CIFAR_BATCH_RECORDS", RECORDS_PER_BATCH)
     return write_cifar_folder(tmp_path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

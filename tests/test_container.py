@@ -41,12 +41,14 @@ def requirement_names(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.full
 def test_dockerfile_is_clean_under_hadolint():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     result = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.full
 def test_the_image_has_what_serving_imports(tmp_path):
     pt = checkpoint(tmp_path, "airbench", 3, 32, "squash")
     onnx_file = export.export(pt, ["onnx"])["onnx"]

@@ -76,6 +76,7 @@ def history(client, run_id: str, name: str) -> list:
     return [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
 
 
+@pytest.mark.full
 def test_two_processes_match_one(images, tmp_path, tracking_uri):
     client = mlflow.MlflowClient(tracking_uri)
     two = tmp_path / "two" / "cnn.pt"
@@ -100,6 +101,7 @@ def test_two_processes_match_one(images, tmp_path, tracking_uri):
         client.get_run(by_n[1]).data.metrics["final_val_acc"], abs=0.1)
 
 
+@pytest.mark.full
 def test_streaming_from_files_trains_on_two_processes(images, tmp_path, tracking_uri):
     out = tmp_path / "stream" / "cnn.pt"
     log = finish(torchrun([], args(images, out, 2) + ["--no-in-memory"], tmp_path / "stream.log"), tmp_path / "stream.log")
@@ -108,6 +110,7 @@ def test_streaming_from_files_trains_on_two_processes(images, tmp_path, tracking
     assert meta["metrics"]["val_acc"] >= 0.5  # chance is 0.25
 
 
+@pytest.mark.full
 def test_a_worker_killed_mid_run_is_restarted_and_the_run_completes(images, tmp_path, tracking_uri):
     """SIGKILL rank 1 once the first epoch is over: torchrun restarts both, they resume from the last checkpoint."""
     out = tmp_path / "kill" / "cnn.pt"
@@ -119,6 +122,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_run_completes(images, tmp_
     assert not out.with_name("cnn.last.pt").exists()
 
 
+@pytest.mark.full
 def test_two_machines_restart_a_killed_worker_and_finish(images, tmp_path, tracking_uri):
     """Two torchruns as on two machines (c10d rendezvous, one process each) with --max-restarts: rank 1 is killed
     once the first epoch is saved; both groups restart and go on from the last checkpoint. Without

@@ -3,7 +3,6 @@
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "cifar-10-batches-bin"
 
-pytestmark = pytest.mark.skipif(not (SHARED / "data_batch_1.bin").is_file(), reason="../shared/data not present")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.full,
+              pytest.mark.skipif(not (SHARED / "data_batch_1.bin").is_file(), reason="../shared/data not present")]
 
 
 def test_train_then_serve_real_cifar(tmp_path):

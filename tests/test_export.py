@@ -46,7 +46,7 @@ def checkpoint(tmp_path: Path, arch: str, channels: int, image_size: int, resize
 
 @pytest.mark.parametrize("arch, channels, image_size, resize", [
     ("airbench", 3, 32, "squash"),
-    ("tf_efficientnet_lite0", 1, 64, "pad"),
+    pytest.param("tf_efficientnet_lite0", 1, 64, "pad", marks=pytest.mark.full),  # a real backbone: ~15 s
 ])
 def test_exports_match_the_checkpoint_on_real_images(tmp_path, arch, channels, image_size, resize):
     path = checkpoint(tmp_path, arch, channels, image_size, resize)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"c{i}" for i in range(10)]
 
 
+@pytest.mark.full
 def test_litserve_server_answers_as_api_does(tmp_path):
     torch.manual_seed(0)
     model = CnnClassifier(ModelConfig(arch="airbench", widths=(8, 16, 16)), num_classes=10).eval()

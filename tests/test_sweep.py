@@ -6,6 +6,7 @@ import pytest
 import sweep
 
 
+@pytest.mark.full
 def test_sweep_runs_children_under_one_parent_and_names_the_best(folder_dir, tmp_path, monkeypatch, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -23,6 +23,7 @@ from transforms import CIFAR10_MEAN, CIFAR10_STD
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 KEY = "page-test-key"
+pytestmark = pytest.mark.full
 
 
 @pytest.fixture(scope="module")
