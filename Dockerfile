@@ -19,7 +19,8 @@ COPY requirements-serve.txt /tmp/
 RUN /opt/venv/bin/pip install -r /tmp/requirements-serve.txt ${EXTRA_PACKAGES}
 
 FROM ${BASE_IMAGE}
-ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 CATER_MODEL_PATH=models/cnn.pt
+ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 CATER_MODEL_PATH=models/cnn.pt \
+    CATER_HOST=0.0.0.0 CATER_PORT=8000
 RUN useradd --uid 10001 --no-create-home --home-dir /app --shell /usr/sbin/nologin cater
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
@@ -31,4 +32,5 @@ USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
-CMD ["python3", "-m", "uvicorn", "api:app", "--host", "0.0.0.0", "--port", "8000"]
+# api.py runs uvicorn with the request-header deadline and the connection bound (CATER_* settings, serve_config.py)
+CMD ["python3", "api.py"]

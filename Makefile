@@ -74,8 +74,7 @@ export: $(READY)  ## TorchScript and ONNX files next to models/cnn.pt (CHECKPOIN
 	$(PY) export.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
 
 serve: $(READY)  ## serve models/cnn.pt on http://$(HOST):$(PORT); WORKERS=N for N processes (metrics summed across them)
-	$(if $(filter-out 1,$(WORKERS)),PROMETHEUS_MULTIPROC_DIR=$$(mktemp -d) WEB_CONCURRENCY=$(WORKERS)) \
-		$(PY) -m uvicorn api:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
+	CATER_HOST=$(HOST) CATER_PORT=$(PORT) CATER_WORKERS=$(WORKERS) $(PY) api.py
 
 mlflow-ui: $(READY)  ## browse runs in the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port $(MLFLOW_PORT)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
+import ipaddress
 import itertools
 import logging
 import os
@@ -28,27 +30,29 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Security, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from batcher import MicroBatcher, Overloaded, WorkerDown
 from checkpoint import CheckpointError
 from config import ConfigError
 from middleware import (AUTH_MESSAGE, BodyLimitMiddleware, GateMiddleware, Metrics, MetricsMiddleware,
-                        StartupErrorMiddleware, key_matches)
+                        SecurityHeadersMiddleware, StartupErrorMiddleware, key_matches)
 from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor, load_predictor
 from registry import RegistryError, fetch_checkpoint
 from runtime import available_cores, pick_device
-from serve_config import ServeConfig
-from upload import UploadError, preprocess_upload, upload_bytes
+from serve_config import MAX_BATCH_IMAGES, ServeConfig
+from upload import UploadError, check_request_pixels, decode_upload, open_upload, preprocess_upload, upload_bytes
 
 log = logging.getLogger("uvicorn.error")
 
 MAX_TOP_K = 1000
+MAX_ERRORS = 5  # validation errors listed in a 422
 UI = Path(__file__).resolve().parent / "ui"  # the prediction page (GET /) and its files, served as they are
 # A 2x2 PNG, so the OpenAPI examples can be sent as they are.
 EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8ISfHwMDAxMDAwMDAAAANBAEIfXHKZgAAAABJRU5ErkJggg=="
@@ -58,7 +62,23 @@ EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8ISfHw
 # Request and response bodies
 
 
-class PredictRequest(BaseModel):
+class StrictBody(BaseModel):
+    """A request body whose unknown keys are refused with one error (extra="forbid" alone makes one per key: a body
+    of half a million keys would keep the event loop busy for seconds building them)."""
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def no_unknown_keys(cls, data):
+        if isinstance(data, dict):
+            unknown = [key for key in itertools.islice(data, 1000) if key not in cls.model_fields]
+            if unknown or len(data) > len(cls.model_fields):
+                names = ", ".join(repr(str(key)[:40]) for key in unknown[:3]) or "too many"
+                raise ValueError(f"unknown field(s): {names}; the fields are {', '.join(cls.model_fields)}")
+        return data
+
+
+class PredictRequest(StrictBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"image_base64": EXAMPLE_PNG, "top_k": 3}]})
 
     image_base64: str = Field(min_length=1, description="the image file (PNG, JPEG, BMP, GIF or WebP), base64-encoded; "
@@ -67,11 +87,12 @@ class PredictRequest(BaseModel):
                               description="how many classes to return (default: the server's CATER_TOP_K)")
 
 
-class BatchRequest(BaseModel):
+class BatchRequest(StrictBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"images": [EXAMPLE_PNG, EXAMPLE_PNG], "top_k": 2}]})
 
     images: list[Annotated[str, Field(min_length=1)]] = Field(
-        min_length=1, description="base64-encoded image files (as image_base64 in /predict); at most CATER_MAX_BATCH_IMAGES")
+        min_length=1, max_length=MAX_BATCH_IMAGES,  # checked before the items: a long list costs one error, not one each
+        description="base64-encoded image files (as image_base64 in /predict); at most CATER_MAX_BATCH_IMAGES")
     top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)
 
 
@@ -137,10 +158,13 @@ class ModelInfo(BaseModel):
 
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in (
     (400, "invalid base64, empty or undecodable image"), (401, "missing or wrong API key (only when one is configured)"),
-    (409, "reload failed: the served model stays"),
+    (403, "reload from another machine without CATER_API_KEY set"),
+    (408, "the request body did not arrive within CATER_BODY_TIMEOUT_S"),
+    (409, "reload failed, or another reload is running: the served model stays"),
     (413, "body, image dimensions or image count over the limit"), (415, "image format not accepted"),
     (503, "not ready (starting, or inference down), or at capacity: retry after the Retry-After header's seconds"),
     (504, "no answer within CATER_TIMEOUT_S"))}
+PREDICT_ERRORS = {code: answer for code, answer in ERRORS.items() if code != 403}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,6 +200,13 @@ async def require_api_key(request: Request, key: Annotated[str | None, Security(
 # The app
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "testclient", a Unix socket's empty host
+        return False
+
+
 @dataclass(frozen=True)
 class Served:
     """The model being served and what goes with it; replaced whole by /reload."""
@@ -197,8 +228,9 @@ class Served:
                 "image_size": str(info.image_size), "backend": info.backend, "device": info.device, "tta": str(info.tta)}
 
     def describe(self) -> str:
+        """The registered model and version, or the file's name (not its folder: answers go to clients)."""
         version = f" version {self.info.model_version}" if self.info.model_version else ""
-        return f"{self.info.registered_model or self.info.checkpoint}{version}"
+        return f"{self.info.registered_model or Path(self.info.checkpoint).name}{version}"
 
 
 def load_model(cfg: ServeConfig, threads: int) -> tuple[TorchPredictor | OnnxPredictor, dict]:
@@ -324,14 +356,29 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
     served: Served = state.served  # this request stays with this model, even if /reload swaps in another
     meta, classes = served.meta, served.meta["classes"]
 
+    stop = threading.Event()  # set when the request's time is up: decoding stops before the next image
+
     def prepare_all() -> list[torch.Tensor]:
-        out = []
+        """Every image opened and checked from its header, the request's pixels summed, and only then decoded."""
+        where = (lambda i: f"images[{i}]: ") if len(data_list) > 1 else (lambda i: "")
+        opened = []
         for i, data in enumerate(data_list):
             try:
-                out.append(preprocess_upload(decode(data), meta, config.max_pixels))
+                opened.append(open_upload(decode(data), config.max_pixels))
             except UploadError as e:
-                where = f"images[{i}]: " if len(data_list) > 1 else ""
-                raise HTTPException(e.status, f"{where}{e}") from None
+                raise HTTPException(e.status, f"{where(i)}{e}") from None
+        try:
+            check_request_pixels(opened, config.max_request_pixels)
+        except UploadError as e:
+            raise HTTPException(e.status, str(e)) from None
+        out = []
+        for i, image in enumerate(opened):
+            if stop.is_set():
+                raise TimeoutError
+            try:
+                out.append(decode_upload(image, meta))
+            except UploadError as e:
+                raise HTTPException(e.status, f"{where(i)}{e}") from None
         return out
 
     batcher: MicroBatcher = state.batcher
@@ -344,17 +391,31 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
             raise HTTPException(503, str(e), headers=e.headers) from None
         except WorkerDown as e:
             raise HTTPException(503, f"inference is down: {e}") from None
+    decoding = asyncio.get_running_loop().run_in_executor(state.decode_pool, prepare_all)
     try:
         async with asyncio.timeout(config.timeout_s):
-            images = await asyncio.get_running_loop().run_in_executor(state.decode_pool, prepare_all)
+            images = await asyncio.shield(decoding)
             probs = await asyncio.gather(*(batcher.submit((served.predictor, x)) for x in images))
     except TimeoutError:
+        # A thread cannot be killed: tell it to stop, and keep the request's queue places until it has (one
+        # image's decode at most, bounded by the pixel limits), so admission never counts work that still runs.
+        stop.set()
+        with contextlib.suppress(Exception):
+            await decoding
         raise HTTPException(504, f"no answer within {config.timeout_s:g} s (CATER_TIMEOUT_S)") from None
     except WorkerDown as e:
         raise HTTPException(503, f"inference is down: {e}") from None
     finally:
         batcher.release(extra)
     return [postprocess(p, classes, k or config.top_k, config.tta) for p in probs]
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 in FastAPI's shape, bounded: the first few errors, short messages, and never the input echoed back (it
+    can be megabytes of base64, or what a client should not see again)."""
+    errors = [{"loc": list(e.get("loc", ()))[:5], "msg": str(e.get("msg", ""))[:200], "type": str(e.get("type", ""))}
+              for e in itertools.islice(exc.errors(), MAX_ERRORS)]
+    return JSONResponse({"detail": errors}, status_code=422)
 
 
 async def health(request: Request):
@@ -386,14 +447,22 @@ async def model_info(request: Request = Depends(ready_state)):
 
 async def reload(request: Request = Depends(ready_state)):
     """Load CATER_MODEL_PATH again (for models:/<name>@champion: the current champion) and swap it in. Requests in
-    flight finish on the model they started with; a load that fails keeps the served model (409, with why)."""
+    flight finish on the model they started with; a load that fails keeps the served model (409; why is in the
+    server's log, since the error can name paths or a tracking URI with its credentials). One reload at a time: a
+    second one meanwhile gets 409 at once. Without CATER_API_KEY only this machine (loopback) may reload."""
     state = request.app.state
+    client = request.client.host if request.client else ""
+    if not state.config.api_key and not is_loopback(client):
+        raise HTTPException(403, "reloading from another machine needs an API key: set CATER_API_KEY on the server")
+    if state.reload_lock.locked():
+        raise HTTPException(409, "a reload is already running: the served model stays until it ends")
     async with state.reload_lock:
         try:
             served = await asyncio.to_thread(load_served, state.config, state.threads)
         except Exception as e:  # whatever went wrong, the served model stays
             log.warning("reload failed, still serving %s: %s", state.served.describe(), e)
-            raise HTTPException(409, f"reload failed, still serving {state.served.describe()}: {e}") from None
+            raise HTTPException(409, f"reload failed, still serving {state.served.describe()}; the reason is in "
+                                     "the server's log") from None
         log.info("reloaded: %s replaces %s", served.describe(), state.served.describe())
         state.served = served
         state.metrics.serving(served.labels)
@@ -441,7 +510,9 @@ async def metrics(request: Request):
 def create_app(config: ServeConfig | None = None) -> FastAPI:
     """The app, without loading anything: the checkpoint is read when the server starts (lifespan)."""
     config = config or ServeConfig.from_env()
-    app = FastAPI(title="CIFAR-10 image classifier", version="1.0", lifespan=lifespan,
+    # With a key, the interactive docs are off: swagger-ui's scripts come from a CDN, on the origin that holds the key.
+    docs = {"docs_url": None, "redoc_url": None} if config.api_key else {}
+    app = FastAPI(title="CIFAR-10 image classifier", version="1.0", lifespan=lifespan, **docs,
                   description="Classifies an image (any size or mode; PNG, JPEG, BMP, GIF or WebP) with the CNN "
                               "trained by train.py. Concurrent requests are batched into one forward pass.")
     app.state.config = config
@@ -455,8 +526,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in config.cors_origins.split(",")],
                            allow_methods=["GET", "POST"], allow_headers=["Content-Type", "X-API-Key", "Authorization"])
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(StartupErrorMiddleware)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     add_routes(app)
     return app
 
@@ -472,13 +545,13 @@ def add_routes(app: FastAPI) -> None:
             responses={503: ERRORS[503]})(model_info)
     app.post("/reload", response_model=ModelInfo, response_model_by_alias=True, tags=["status"],
              dependencies=[Depends(require_api_key)],
-             responses={401: ERRORS[401], 409: ERRORS[409], 503: ERRORS[503]})(reload)
+             responses={401: ERRORS[401], 403: ERRORS[403], 409: ERRORS[409], 503: ERRORS[503]})(reload)
     app.post("/predict", response_model=PredictResponse, tags=["predict"], dependencies=predict_deps,
-             responses=ERRORS)(predict)
+             responses=PREDICT_ERRORS)(predict)
     app.post("/predict/file", response_model=PredictResponse, tags=["predict"], dependencies=predict_deps,
-             responses=ERRORS)(predict_file)
+             responses=PREDICT_ERRORS)(predict_file)
     app.post("/predict/batch", response_model=list[PredictResponse], tags=["predict"], dependencies=predict_deps,
-             responses=ERRORS)(predict_batch)
+             responses=PREDICT_ERRORS)(predict_batch)
     app.get("/", include_in_schema=False)(page)
     app.mount("/ui", StaticFiles(directory=UI), name="ui")
     app.get("/metrics", tags=["status"], response_class=Response, responses={
@@ -486,6 +559,8 @@ def add_routes(app: FastAPI) -> None:
 
 
 def main() -> int:
+    """`python api.py` (make serve, the container): uvicorn with the request-header deadline (protocol.py) and the
+    connection bound, CATER_WORKERS processes adding up their metrics."""
     import uvicorn
 
     try:
@@ -493,7 +568,11 @@ def main() -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(config), host=config.host, port=config.port, access_log=config.access_log)
+    if config.workers > 1:
+        os.environ["WEB_CONCURRENCY"] = str(config.workers)  # lifespan splits the cores among the processes
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="cater-metrics-"))
+    uvicorn.run("api:app", host=config.host, port=config.port, workers=config.workers, access_log=config.access_log,
+                http="protocol:HeaderDeadlineProtocol", limit_concurrency=config.max_connections)
     return 0
 
 

@@ -3,6 +3,7 @@ admission before a request's body is read) and quiet startup errors. api.py stac
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import time
@@ -38,7 +39,8 @@ class Metrics:
                                    buckets=ms, registry=self.registry)
         self.model: Gauge | None = None  # made by serving(), with the label names api.Served.labels gives
         self.rejected = Counter("cater_rejected_requests", "requests refused before any work: overload (503 with "
-                                "Retry-After), unavailable (not ready or worker down: 503), unauthorized (401)",
+                                "Retry-After), unavailable (not ready or worker down: 503), unauthorized (401), "
+                                "slow (body late: 408), too_large (body over the limit: 413)",
                                 ["reason"], registry=self.registry)
         self.admitted = Gauge("cater_admitted_images", "images admitted and not answered yet",
                               multiprocess_mode="livesum", registry=self.registry)
@@ -126,6 +128,33 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+# The page and its files: nothing from other origins, no inline code, never inside another site's frame.
+PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
+            "frame-ancestors 'none'")
+
+
+class SecurityHeadersMiddleware:
+    """nosniff on every response (a JSON or text answer is never run as a script or page); the page's CSP on / and
+    /ui/, and frame-ancestors 'none' on everything else, /docs included."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        csp = PAGE_CSP if path == "/" or path.startswith("/ui/") else "frame-ancestors 'none'"
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff"),
+                                                  (b"content-security-policy", csp.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 class StartupErrorMiddleware:
     """A startup failure the log already explains (no or a bad checkpoint) is not repeated as a traceback."""
 
@@ -155,13 +184,59 @@ def given_key(headers: dict[bytes, bytes]) -> str:
     return key or (token.strip() if scheme.lower() == "bearer" else "")
 
 
+class BodyRefused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def read_body(scope, receive, max_bytes: int, timeout_s: float) -> bytes | None:
+    """The whole request body, within timeout_s (BodyRefused 408) and max_bytes (413, from Content-Length up front
+    or as soon as the count passes it); None when the client went away."""
+    length = dict(scope["headers"]).get(b"content-length", b"")
+    if length.isdigit() and int(length) > max_bytes:
+        raise BodyRefused(413, f"request body over the limit of {max_bytes} bytes")
+    chunks, received = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                event = await receive()
+                if event["type"] == "http.disconnect":
+                    return None
+                chunk = event.get("body", b"")
+                received += len(chunk)
+                if received > max_bytes:
+                    raise BodyRefused(413, f"request body over the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+                if not event.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise BodyRefused(408, f"the request body did not arrive within {timeout_s:g} s (CATER_BODY_TIMEOUT_S)") from None
+
+
+def replay(body: bytes, receive):
+    """A receive that hands the app the body already read, then waits on the connection as usual."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
+
+
 class GateMiddleware:
-    """Refuses what the server should not start on, before the body is read or anything is decoded.
+    """Refuses what the server should not start on: before the body is read, and before anything is decoded.
 
     Routes in `guarded` need the API key when one is set (401). Routes in `admitted` also need a ready server
-    (503 while starting or with its batching task down) and room in the batcher's queue: when admitting
-    one more request would make the wait exceed the queue budget, 503 with Retry-After at once. The admitted
-    request is counted until its response is sent; routes that carry several images admit the rest themselves.
+    (503 while starting or with its batching task down); then their body is read whole, within the body deadline
+    (408, the connection closed) and the body limit (413), and only then do they ask for room in the batcher's
+    queue: a client that stalls mid-upload holds a connection, never a queue place. When admitting one more
+    request would make the wait exceed the queue budget, 503 with Retry-After at once. The admitted request is
+    counted until its response is sent; routes that carry several images admit the rest themselves.
     """
 
     def __init__(self, app, guarded: set[str], admitted: set[str]):
@@ -182,6 +257,15 @@ class GateMiddleware:
         if not state.ready:  # while draining it still serves: /ready alone tells the load balancer to stop
             metrics.rejected.labels("unavailable").inc()
             return await JSONResponse({"detail": "the model is not loaded yet"}, 503)(scope, receive, send)
+        config = state.config
+        try:
+            body = await read_body(scope, receive, config.max_body_bytes, config.body_timeout_s)
+        except BodyRefused as e:
+            metrics.rejected.labels("slow" if e.status == 408 else "too_large").inc()
+            return await JSONResponse({"detail": str(e)}, e.status, {"Connection": "close"})(scope, receive, send)
+        if body is None:  # the client went away mid-upload: nothing to answer
+            return
+        receive = replay(body, receive)
         batcher = state.batcher
         try:
             batcher.admit(1)

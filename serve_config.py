@@ -9,6 +9,9 @@ from typing import get_type_hints
 from config import ConfigError, check
 
 
+MAX_BATCH_IMAGES = 1024  # the schema's cap on a batch request's list, whatever CATER_MAX_BATCH_IMAGES says
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Serving settings (api.py), read from the environment by from_env(): each field F from CATER_<F>, e.g. CATER_PORT."""
@@ -22,8 +25,13 @@ class ServeConfig:
     max_batch_size: int = 0  # images per forward pass; 0 = device default (CPU 32, CUDA 128)
     max_wait_ms: float = 0.0  # extra wait for a fuller batch; 0 = take what is queued (batches still form under load)
     max_body_bytes: int = 4 * 1024 * 1024  # request body limit, enforced while reading (413 above it)
-    max_pixels: int = 16_000_000  # width x height limit, checked before decoding (413 above it)
+    max_pixels: int = 16_000_000  # width x height of one image, checked from its header before decoding (413 above it)
+    max_request_pixels: int = 32_000_000  # the same summed over one request's images: bounds the decoding a request costs
     max_batch_images: int = 64  # images per /predict/batch request
+    header_timeout_s: float = 10.0  # the request line and headers must arrive within this (else 408, connection closed)
+    body_timeout_s: float = 30.0  # and then the body (else 408); a request takes a queue place only once it has arrived
+    max_connections: int = 1000  # connections and requests at once (uvicorn's limit_concurrency): 503 above it
+    workers: int = 1  # server processes (python api.py): they share the cores and add up their metrics
     queue_budget_ms: float = 500.0  # admit work only while the measured throughput answers it within this; else 503
     max_queue: int = 4096  # images admitted at once, at most (memory bound whatever the throughput)
     timeout_s: float = 30.0  # a request not answered by then gets 504; a forward pass running longer marks the server down
@@ -44,7 +52,11 @@ class ServeConfig:
         check(self.max_wait_ms >= 0, "CATER_MAX_WAIT_MS must be >= 0")
         check(self.max_body_bytes >= 1024, "CATER_MAX_BODY_BYTES must be >= 1024")
         check(self.max_pixels >= 1, "CATER_MAX_PIXELS must be >= 1")
-        check(self.max_batch_images >= 1, "CATER_MAX_BATCH_IMAGES must be >= 1")
+        check(self.max_request_pixels >= self.max_pixels, "CATER_MAX_REQUEST_PIXELS must be >= CATER_MAX_PIXELS")
+        check(1 <= self.max_batch_images <= MAX_BATCH_IMAGES, f"CATER_MAX_BATCH_IMAGES must be in [1, {MAX_BATCH_IMAGES}]")
+        check(self.header_timeout_s > 0 and self.body_timeout_s > 0, "CATER_HEADER_TIMEOUT_S and CATER_BODY_TIMEOUT_S must be > 0")
+        check(self.max_connections >= 1, "CATER_MAX_CONNECTIONS must be >= 1")
+        check(self.workers >= 1, "CATER_WORKERS must be >= 1")
         check(self.threads >= 0, "CATER_THREADS must be >= 0")
         check(self.queue_budget_ms > 0, "CATER_QUEUE_BUDGET_MS must be > 0")
         check(self.max_queue >= 1, "CATER_MAX_QUEUE must be >= 1")

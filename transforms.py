@@ -15,9 +15,19 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
+REDUCIBLE_MODES = ("L", "RGB", "CMYK", "YCbCr", "I", "F")  # box-averaging their values is right (no palette, no alpha)
+
+
+def shrink(image: Image.Image, size: int) -> Image.Image:
+    """A large image box-reduced by a whole factor while its short side stays at least twice `size`, before any colour
+    work: converting and compositing a 16-megapixel photo costs far more than the final resize needs."""
+    factor = min(image.size) // (2 * size)
+    return image.reduce(factor) if factor >= 2 and image.mode in REDUCIBLE_MODES else image
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode (16-bit, CMYK, palette, alpha, grayscale) as 8-bit RGB, EXIF orientation applied."""
-    image = ImageOps.exif_transpose(image)
+    image = ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
     if image.mode.startswith("I") or image.mode == "F":
         # 16/32-bit grayscale: scale to 8 bits instead of letting convert() clip at 255. In numpy, because
         # Image.point refuses I;16B/I;16L/I;16N. 16-bit spans 0..65535; I and F have no fixed range, so their own
@@ -54,7 +64,7 @@ def fit_square(image: Image.Image, size: int, resize: str = "squash") -> Image.I
 def pil_to_uint8(image: Image.Image, size: int, channels: int = 3, resize: str = "squash") -> torch.Tensor:
     """RGB (or grayscale when channels is 1), fitted to size x size by the resize policy, as a CxHxW uint8 tensor:
     what the datasets store and the server feeds."""
-    image = to_rgb(image)
+    image = to_rgb(shrink(image, size))
     if channels == 1:
         image = image.convert("L")
     image = fit_square(image, size, resize)

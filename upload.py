@@ -26,11 +26,13 @@ class UploadError(ValueError):
 
 
 def upload_bytes(text: str) -> bytes:
-    """The image file in a base64 string (a data:image/...;base64, prefix is fine)."""
+    """The image file in a base64 string (a data:image/...;base64, prefix is fine; line breaks and spaces, as
+    `base64 FILE` writes them, too)."""
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if not header.endswith(";base64"):
             raise UploadError(400, "a data URL must be base64-encoded: data:image/<type>;base64,<data>")
+    text = "".join(text.split())
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -45,7 +47,8 @@ def _upload_error(e: Exception, what: str) -> UploadError:
 
 
 def open_upload(data: bytes, max_pixels: int) -> Image.Image:
-    """An uploaded file, decoded; its format and pixel count checked from the header before any pixel is decoded."""
+    """An uploaded file opened, its format and pixel count checked from the header; no pixel is decoded yet
+    (decode_upload does that)."""
     if not data:
         raise UploadError(400, "the image is empty")
     try:
@@ -59,18 +62,30 @@ def open_upload(data: bytes, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width * height > max_pixels:
         raise UploadError(413, f"image too large: {width}x{height} is over the limit of {max_pixels} pixels")
+    return image
+
+
+def check_request_pixels(images: list[Image.Image], budget: int) -> None:
+    """All of one request's images together, from their headers: the decoding a request may cost is bounded."""
+    total = sum(image.size[0] * image.size[1] for image in images)
+    if total > budget:
+        raise UploadError(413, f"the request's images hold {total} pixels in all, over the limit of {budget} "
+                               "(CATER_MAX_REQUEST_PIXELS): send fewer or smaller images per request")
+
+
+def decode_upload(image: Image.Image, meta: dict) -> torch.Tensor:
+    """An opened upload -> CxHxW uint8 tensor, by the shared evaluation pipeline (transforms.pil_to_uint8) with the
+    checkpoint's size, channels and resize policy; UploadError (with its HTTP status) for an image it refuses."""
     try:
         image.load()  # GIF and WebP: the first frame
     except Exception as e:  # truncated or corrupt pixel data
         raise _upload_error(e, f"cannot decode the {image.format} image") from None
-    return image
-
-
-def preprocess_upload(data: bytes, meta: dict, max_pixels: int) -> torch.Tensor:
-    """An uploaded file -> CxHxW uint8 tensor, by the shared evaluation pipeline (transforms.pil_to_uint8) with the
-    checkpoint's size, channels and resize policy; UploadError (with its HTTP status) for an image it refuses."""
-    image = open_upload(data, max_pixels)
     try:
         return pil_to_uint8(image, meta["image_size"], meta["channels"], meta["resize"])
     except Exception as e:  # broken EXIF or an unusual mode that cannot be converted
         raise UploadError(400, f"cannot convert the image to RGB: {e or type(e).__name__}") from None
+
+
+def preprocess_upload(data: bytes, meta: dict, max_pixels: int) -> torch.Tensor:
+    """An uploaded file -> CxHxW uint8 tensor (open_upload, then decode_upload)."""
+    return decode_upload(open_upload(data, max_pixels), meta)

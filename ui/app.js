@@ -40,7 +40,8 @@ function showBars(result, ms) {
     const pct = (100 * c.confidence).toFixed(1);
     const li = document.createElement("li");
     li.innerHTML = `<div class="label"><span class="name"></span><span class="pct">${pct}%</span></div>` +
-      `<div class="track" aria-hidden="true"><div class="fill" style="width:${pct}%"></div></div>`;
+      `<div class="track" aria-hidden="true"><div class="fill"></div></div>`;
+    li.querySelector(".fill").style.width = `${pct}%`; // set through the CSSOM: the page's CSP refuses inline styles
     li.querySelector(".name").textContent = c.class_name;
     li.setAttribute("aria-label", `${c.class_name}: ${pct} percent`);
     return li;
