@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
+from PIL import Image
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -350,39 +351,50 @@ async def ready_state(request: Request) -> Request:
     return request
 
 
+def label(i: int, n: int) -> str:
+    return f"images[{i}]: " if n > 1 else ""
+
+
+def open_all(data_list: list, decode: Callable[[Any], bytes], config: ServeConfig) -> list[Image.Image]:
+    """Every image of a request opened and checked from its header, and the request's pixels summed: no pixel is
+    decoded yet, so a request refused here cost next to nothing."""
+    opened = []
+    for i, data in enumerate(data_list):
+        try:
+            opened.append(open_upload(decode(data), config.max_pixels))
+        except UploadError as e:
+            raise HTTPException(e.status, f"{label(i, len(data_list))}{e}") from None
+    try:
+        check_request_pixels(opened, config.max_request_pixels)
+    except UploadError as e:
+        raise HTTPException(e.status, str(e)) from None
+    return opened
+
+
+def decode_all(opened: list[Image.Image], meta: dict, stop: threading.Event) -> list[torch.Tensor]:
+    """The opened images decoded and preprocessed, one by one until `stop` is set (the request's time is up)."""
+    out = []
+    for i, image in enumerate(opened):
+        if stop.is_set():
+            raise TimeoutError
+        try:
+            out.append(decode_upload(image, meta))
+        except UploadError as e:
+            raise HTTPException(e.status, f"{label(i, len(opened))}{e}") from None
+    return out
+
+
 async def classify(request: Request, data_list: list, k: int | None, decode: Callable[[Any], bytes]) -> list[PredictResponse]:
     state = request.app.state
     config: ServeConfig = state.config
     served: Served = state.served  # this request stays with this model, even if /reload swaps in another
     meta, classes = served.meta, served.meta["classes"]
-
-    stop = threading.Event()  # set when the request's time is up: decoding stops before the next image
-
-    def prepare_all() -> list[torch.Tensor]:
-        """Every image opened and checked from its header, the request's pixels summed, and only then decoded."""
-        where = (lambda i: f"images[{i}]: ") if len(data_list) > 1 else (lambda i: "")
-        opened = []
-        for i, data in enumerate(data_list):
-            try:
-                opened.append(open_upload(decode(data), config.max_pixels))
-            except UploadError as e:
-                raise HTTPException(e.status, f"{where(i)}{e}") from None
-        try:
-            check_request_pixels(opened, config.max_request_pixels)
-        except UploadError as e:
-            raise HTTPException(e.status, str(e)) from None
-        out = []
-        for i, image in enumerate(opened):
-            if stop.is_set():
-                raise TimeoutError
-            try:
-                out.append(decode_upload(image, meta))
-            except UploadError as e:
-                raise HTTPException(e.status, f"{where(i)}{e}") from None
-        return out
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + config.timeout_s
+    opened = await loop.run_in_executor(state.decode_pool, open_all, data_list, decode, config)
 
     batcher: MicroBatcher = state.batcher
-    extra = len(data_list) - 1  # GateMiddleware admitted one image; a batch request admits the rest here
+    extra = len(opened) - 1  # GateMiddleware admitted one image; a batch that passed the checks admits the rest here
     if extra:
         try:
             batcher.admit(extra, held=1)
@@ -391,9 +403,10 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
             raise HTTPException(503, str(e), headers=e.headers) from None
         except WorkerDown as e:
             raise HTTPException(503, f"inference is down: {e}") from None
-    decoding = asyncio.get_running_loop().run_in_executor(state.decode_pool, prepare_all)
+    stop = threading.Event()
+    decoding = loop.run_in_executor(state.decode_pool, decode_all, opened, meta, stop)
     try:
-        async with asyncio.timeout(config.timeout_s):
+        async with asyncio.timeout_at(deadline):
             images = await asyncio.shield(decoding)
             probs = await asyncio.gather(*(batcher.submit((served.predictor, x)) for x in images))
     except TimeoutError:
