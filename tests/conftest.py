@@ -1,6 +1,7 @@
 """Tiny datasets the tests make themselves: a CIFAR-10 binary folder and an image-folder dataset."""
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -51,6 +52,17 @@ def write_cifar_folder(root: Path) -> Path:
 def cifar_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CIFAR_BATCH_RECORDS", RECORDS_PER_BATCH)
     return write_cifar_folder(tmp_path)
+
+
+@contextmanager
+def many_files(n: int = 8192):
+    """Room for over a thousand sockets in this process and the servers and clients it starts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n)), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @contextmanager

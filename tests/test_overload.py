@@ -12,7 +12,6 @@ import base64
 import io
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -38,7 +37,7 @@ from batcher import MicroBatcher, Overloaded, WorkerDown
 from checkpoint import save_checkpoint
 from config import ModelConfig
 from serve_config import ServeConfig
-from conftest import free_port, server_process
+from conftest import free_port, many_files, server_process
 from model import CnnClassifier
 from transforms import CIFAR10_MEAN, CIFAR10_STD
 
@@ -62,17 +61,6 @@ def png_body(seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG")
     return b'{"image_base64": "%s"}' % base64.b64encode(buf.getvalue())
-
-
-@contextmanager
-def many_files():
-    """Room for over a thousand sockets in this process and the servers and clients it starts."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @contextmanager
