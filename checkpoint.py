@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +19,17 @@ REQUIRED = ("state_dict", "model_config", "classes", "mean", "std", "image_size"
 
 class CheckpointError(RuntimeError):
     """The checkpoint is missing, unreadable, or not one of ours; the message says how to get a good one."""
+
+
+def check_writable(path: str | Path, flag: str = "--out") -> None:
+    """The checkpoint's folder exists (made if need be) and takes files: checked before training, not after it."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {folder}: {e.strerror or e}") from None
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: ModelConfig, classes, mean, std,

@@ -12,7 +12,6 @@ import functools
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
-from checkpoint import save_checkpoint
+from checkpoint import check_writable, save_checkpoint
 from config import ConfigError, DataConfig, ModelConfig, TrainConfig, flat_params
 from data import DataError, Dataset, eval_batches, load_dataset, total_steps, train_loader
 from evaluate import eval_batch_size, evaluate, final_report
@@ -35,12 +34,9 @@ from scores import class_weights
 from settings import decide
 from tracking import Tracker, check_tracking_server, git_commit, log_missing_epochs
 
-REPO = Path(__file__).resolve().parent
 LOOKAHEAD_START_EPOCH = 3  # let the weights move freely first; averaging early only slows learning
 LOOKAHEAD_EVERY = 5
 
-
-# ---------------------------------------------------------------- the loop
 
 @dataclass
 class FitState:
@@ -293,22 +289,6 @@ def restore(saved: dict, model, optimizer, scheduler, state: FitState, loader, d
     return saved["epoch"]
 
 
-# ---------------------------------------------------------------- main
-
-def preflight(cfg: TrainConfig) -> None:
-    """What would otherwise fail after the training, checked before it: the output folder takes files, and a
-    tracking server named by MLFLOW_TRACKING_URI answers."""
-    folder = Path(cfg.out).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ConfigError(f"--out {cfg.out}: cannot write in {folder}: {e.strerror or e}") from None
-    if cfg.mlflow:
-        check_tracking_server()
-
-
 @dataclass
 class Run:
     """What main sets up before training: the settings, this process's place and device, the data, the model, and
@@ -336,8 +316,10 @@ def prepare(argv: list[str] | None) -> Run:
     if not ranks.main:  # rank 0 speaks for all; the others still print their errors
         sys.stdout = open(os.devnull, "w")
         tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
-    else:
-        preflight(cfg)
+    else:  # what would otherwise fail after the training, checked before it
+        check_writable(cfg.out)
+        if cfg.mlflow:
+            check_tracking_server()
     rt = runtime(cfg, ranks)
     if reasons:
         print("settings chosen for this data and device (a flag overrides any of them):\n  " + "\n  ".join(reasons))
