@@ -44,9 +44,10 @@ from checkpoint import CheckpointError
 from config import ConfigError
 from middleware import (AUTH_MESSAGE, BodyLimitMiddleware, GateMiddleware, Metrics, MetricsMiddleware,
                         SecurityHeadersMiddleware, StartupErrorMiddleware, key_matches)
-from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor, load_predictor
-from registry import RegistryError, fetch_checkpoint
-from runtime import available_cores, pick_device
+from loading import load_model
+from predictor import OnnxPredictor, TorchPredictor
+from registry import RegistryError
+from runtime import available_cores
 from serve_config import MAX_BATCH_IMAGES, ServeConfig
 from upload import UploadError, check_request_pixels, decode_upload, open_upload, preprocess_upload, upload_bytes
 
@@ -234,24 +235,10 @@ class Served:
         return f"{self.info.registered_model or Path(self.info.checkpoint).name}{version}"
 
 
-def load_model(cfg: ServeConfig, threads: int) -> tuple[TorchPredictor | OnnxPredictor, dict]:
-    """What CATER_MODEL_PATH names, loaded: a checkpoint, an ONNX file, or a registered model (models:/<name>@<alias>,
-    fetched from MLFLOW_TRACKING_URI); returns (predictor, registry info, empty for files)."""
-    if cfg.model_path.lower().endswith(ONNX_SUFFIX) and cfg.device.startswith("cuda"):
-        raise ConfigError(f"CATER_DEVICE={cfg.device}: an ONNX model runs on the CPU (onnxruntime); "
-                          "serve the .pt checkpoint for CUDA")
-    device = pick_device(cfg.device, "CATER_DEVICE")
-    if not cfg.model_path.startswith("models:/"):
-        return load_predictor(cfg.model_path, device, threads), {}
-    with tempfile.TemporaryDirectory(prefix="cater-model-") as tmp:  # the checkpoint is read whole: no need to keep it
-        path, registered = fetch_checkpoint(cfg.model_path, tmp)
-        return load_predictor(path, device, threads), registered
-
-
 def load_served(cfg: ServeConfig, threads: int) -> Served:
     """Load, warm up batch sizes 1, 2, 4 ... max and describe the model; blocking (run it in a thread)."""
     start = time.perf_counter()
-    predictor, registered = load_model(cfg, threads)
+    predictor, registered = load_model(cfg.model_path, cfg.device, threads, "CATER_DEVICE")
     meta, device = predictor.meta, predictor.device
     max_batch = cfg.max_batch_size or (128 if device.type == "cuda" else 32)
     blank = torch.zeros(meta["channels"], meta["image_size"], meta["image_size"], dtype=torch.uint8)

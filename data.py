@@ -230,20 +230,33 @@ def read_folder(cfg: DataConfig):
 
 # ---------------------------------------------------------------- splitting and loading
 
+def held_count(n: int, fraction: float) -> int:
+    """How many of a class's n images stratified_split holds out: round(fraction * n), at least 1 of 2 or more."""
+    n_held = int(round(fraction * n))
+    return 1 if n_held == 0 and fraction > 0 and n >= 2 else n_held
+
+
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep, held_out) indices: round(fraction * n_c) of each class c (at least 1 of 2 or more) held out, chosen
-    by a seeded shuffle."""
+    """(keep, held_out) indices: held_count of each class held out, chosen by a seeded shuffle."""
     generator = torch.Generator().manual_seed(seed)
     keep, held = [], []
     for c in torch.unique(labels).tolist():
         members = torch.nonzero(labels == c).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        n_held = int(round(fraction * len(members)))
-        if n_held == 0 and fraction > 0 and len(members) >= 2:  # every class keeps one validation example
-            n_held = 1
+        n_held = held_count(len(members), fraction)
         held.append(members[:n_held])
         keep.append(members[n_held:])
     return torch.cat(keep).sort().values, torch.cat(held).sort().values
+
+
+def training_count(class_counts: tuple[int, ...], limit: int, val_fraction: float, has_val: bool) -> int:
+    """The size of the training split load_dataset will draw from a training pool with these class counts."""
+    total = sum(class_counts)
+    if limit and limit < total:
+        class_counts = tuple(held_count(n, limit / total) for n in class_counts)
+    if has_val:
+        return sum(class_counts)
+    return sum(n - held_count(n, val_fraction) for n in class_counts)
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

@@ -81,7 +81,7 @@ class MetricsMiddleware:
             return await self.app(scope, receive, send)
         if self.paths is None:
             self.paths = frozenset(r.path for r in scope["app"].routes)
-        start, status = time.perf_counter(), 500
+        start, status = time.perf_counter(), 499  # no response at all: the client went away (nginx's 499)
 
         async def send_status(message):
             nonlocal status
@@ -91,6 +91,10 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except BaseException:
+            if status == 499:
+                status = 500
+            raise
         finally:
             route = scope.get("route")
             if route is not None:
@@ -251,12 +255,15 @@ class GateMiddleware:
         expected = state.config.api_key
         if expected and not key_matches(given_key(dict(scope["headers"])), expected):
             metrics.rejected.labels("unauthorized").inc()
-            return await JSONResponse({"detail": AUTH_MESSAGE}, 401, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            # Connection: close whenever the body is left unread: the client may still be sending it
+            return await JSONResponse({"detail": AUTH_MESSAGE}, 401, {"WWW-Authenticate": "Bearer", "Connection": "close"})(
+                scope, receive, send)
         if path not in self.admitted:
             return await self.app(scope, receive, send)
         if not state.ready:  # while draining it still serves: /ready alone tells the load balancer to stop
             metrics.rejected.labels("unavailable").inc()
-            return await JSONResponse({"detail": "the model is not loaded yet"}, 503)(scope, receive, send)
+            return await JSONResponse({"detail": "the model is not loaded yet"}, 503, {"Connection": "close"})(
+                scope, receive, send)
         config = state.config
         try:
             body = await read_body(scope, receive, config.max_body_bytes, config.body_timeout_s)

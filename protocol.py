@@ -3,7 +3,9 @@
 uvicorn times an idle keep-alive connection only after a first response: a client that opens connections and sends
 half a request line holds each socket for ever. Here every request's headers must be complete within
 `header_timeout`, counted from the connection (or from the request's first byte on a kept-alive one); otherwise the
-server answers 408 and closes. api.py's `python api.py` runs uvicorn with it (--http protocol:HeaderDeadlineProtocol).
+server answers 408 and closes. A response sent before its request's body has all arrived (a 404, a 401, /health
+with a body that never ends) closes the connection too: uvicorn would otherwise keep it open with no timer at all.
+`python api.py` runs uvicorn with it (--http protocol:HeaderDeadlineProtocol).
 """
 
 from __future__ import annotations
@@ -31,11 +33,17 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.arm()  # the next request on a kept-alive connection
+        if self.header_deadline is None:  # the next request on a kept-alive connection (the first is timed already)
+            self.arm()
 
     def on_headers_complete(self) -> None:
         self.disarm()
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+            self.transport.close()  # the body never finished: nothing would time this connection out
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm()
@@ -52,6 +60,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def headers_late(self) -> None:
         self.header_deadline = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # a pipelined request is late, the one before still runs: close after it
+            return
         if not self.transport.is_closing():
             self.transport.write(TIMEOUT_408)
             self.transport.close()

@@ -3,8 +3,9 @@
     decide(argv) -> Settings(data, model, train, reasons)
 
 The layers, each over the one before: config.py's defaults -> the preset -> what the data is like (for a folder
-without --preset: autoconfig.choose) -> the device (autoconfig.device_batch) -> the flags given. Every value not
-given comes with its reason, which train.py prints and logs; nothing downstream changes a setting.
+without --preset: autoconfig.choose) -> the device (autoconfig.device_batch; then a batch larger than the training
+split is cut to fit it) -> the flags given. Every value not given comes with its reason, which train.py prints and
+logs; nothing downstream changes a setting.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 
 import autoconfig
 from config import PRESETS, ConfigError, DataConfig, ModelConfig, TrainConfig
-from data import summarize_folder
+from data import scan_training, summarize_folder, training_count
 from model import SCRATCH_ARCHS
 
 SECTIONS = (DataConfig, ModelConfig, TrainConfig)
 DEFAULTS = {f.name: f.default for section in SECTIONS for f in fields(section)}
 # --smoke: a few batches through every stage. It must not replace a user's trained models/cnn.pt.
-SMOKE = {"epochs": 1.0, "max_steps": 3, "limit": 512, "batch_size": 128, "register": False, "out": "models/smoke.pt"}
+SMOKE = {"epochs": 1.0, "max_steps": 3, "limit": 512, "register": False, "out": "models/smoke.pt"}
+CIFAR10_COUNTS = (5000,) * 10  # the official training set's classes
 
 
 class Settings(NamedTuple):
@@ -81,10 +83,10 @@ def layer(explicit: dict, cuda: bool) -> tuple[dict, list[str]]:
     preset = explicit.get("preset", TrainConfig.preset)
     if preset != "auto" and preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {['auto', *sorted(PRESETS)]}")
-    chosen, reasons = {}, []
+    chosen, reasons, stats = {}, [], None
     if preset == "auto" and explicit.get("dataset") == "folder":
-        chosen, reasons = autoconfig.choose(summarize_folder(Path(explicit.get("data_dir", DataConfig.data_dir))),
-                                            explicit, cuda=cuda)
+        stats = summarize_folder(Path(explicit.get("data_dir", DataConfig.data_dir)))
+        chosen, reasons = autoconfig.choose(stats, explicit, cuda=cuda)
     if preset == "auto" and not chosen:
         preset = "fast"  # CIFAR-10, or a folder whose settings were all given
     # auto on a folder builds on the preset of the network asked for (the baseline CNN has its own recipe)
@@ -92,7 +94,33 @@ def layer(explicit: dict, cuda: bool) -> tuple[dict, list[str]]:
     values = {**DEFAULTS, **base, **chosen, **explicit, "preset": preset}
     on_device, why = autoconfig.device_batch(values["arch"], values["optimizer"], values["batch_size"],
                                              {**chosen, **explicit}, cuda)
-    return {**values, **on_device}, reasons + why
+    values = {**values, **on_device}
+    build(values)  # a value that cannot work is refused before the training folder is read
+    if "batch_size" not in explicit:  # the batch the preset, the data or the device chose fits the training split
+        counts, has_val = pool_counts(values, stats)
+        n_train = training_count(counts, values["limit"], values["val_fraction"], has_val)
+        if 0 < n_train < values["batch_size"]:
+            values["batch_size"] = 2 ** (n_train.bit_length() - 1)
+            why = why + [f"batch_size={values['batch_size']}: the training split holds only {n_train} images"]
+    return values, reasons + why
+
+
+def pool_counts(values: dict, stats) -> tuple[tuple[int, ...], bool]:
+    """The training pool's class counts, and whether a val/ folder comes with it."""
+    if values["dataset"] == "cifar10":
+        return CIFAR10_COUNTS, False
+    if stats is not None:
+        return stats.class_counts, stats.has_val
+    root = Path(values["data_dir"])
+    _, _, labels, classes = scan_training(root)
+    return tuple(torch.bincount(labels, minlength=len(classes)).tolist()), (root / "val").is_dir()
+
+
+def build(values: dict) -> list:
+    """The three configs from every setting's value; ConfigError for a value that cannot work, alone or together."""
+    configs = [section(**{f.name: values[f.name] for f in fields(section)}) for section in SECTIONS]
+    check_together(*configs[1:])
+    return configs
 
 
 def check_together(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
@@ -111,8 +139,7 @@ def decide(argv: list[str] | None = None, values: dict | None = None) -> Setting
     cuda = torch.cuda.is_available() and explicit.get("device", "auto") != "cpu"
     try:
         merged, reasons = layer(explicit, cuda)
-        configs = [section(**{f.name: merged[f.name] for f in fields(section)}) for section in SECTIONS]
-        check_together(*configs[1:])
+        configs = build(merged)
     except ConfigError as e:
         if parser is None:
             raise

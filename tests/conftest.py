@@ -54,6 +54,24 @@ def cifar_dir(tmp_path, monkeypatch):
     return write_cifar_folder(tmp_path)
 
 
+def tiny_checkpoint(path: Path, classes: list[str]) -> Path:
+    """A small seeded airbench checkpoint with a random whitening layer (so predictions differ from image to image)."""
+    import torch
+
+    from checkpoint import save_checkpoint
+    from config import ModelConfig
+    from model import CnnClassifier
+    from transforms import CIFAR10_MEAN, CIFAR10_STD
+
+    torch.manual_seed(0)
+    model = CnnClassifier(ModelConfig(arch="airbench", widths=(8, 16, 16)), num_classes=len(classes)).eval()
+    with torch.no_grad():
+        model.whiten.weight.normal_()
+    save_checkpoint(path, model, model_config=model.cfg, classes=classes, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                    image_size=32, metrics={"val_acc": 0.5}, mlflow_run_id="run123")
+    return path
+
+
 @contextmanager
 def many_files(n: int = 8192):
     """Room for over a thousand sockets in this process and the servers and clients it starts."""

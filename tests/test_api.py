@@ -32,12 +32,12 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
 import api
 import upload
 from batcher import MicroBatcher
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
 from config import ConfigError, ModelConfig
-from conftest import free_port
+from conftest import free_port, tiny_checkpoint
 from serve_config import ServeConfig
 from model import CnnClassifier, predict_logits
-from transforms import CIFAR10_MEAN, CIFAR10_STD, eval_transform, normalize, pil_to_uint8
+from transforms import eval_transform, normalize, pil_to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "frog"]
@@ -49,14 +49,7 @@ CLASSES = ["cat", "dog", "frog"]
 
 @pytest.fixture(scope="session")
 def checkpoint_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = CnnClassifier(ModelConfig(arch="airbench", widths=(8, 16, 16)), num_classes=len(CLASSES)).eval()
-    with torch.no_grad():  # a non-trivial whitening layer, so predictions differ from image to image
-        model.whiten.weight.normal_()
-    path = tmp_path_factory.mktemp("ckpt") / "cnn.pt"
-    save_checkpoint(path, model, model_config=model.cfg, classes=CLASSES, mean=CIFAR10_MEAN, std=CIFAR10_STD, image_size=32,
-                    metrics={"val_acc": 0.5}, mlflow_run_id="run123")
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "cnn.pt", CLASSES)
 
 
 @pytest.fixture(scope="session")

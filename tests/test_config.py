@@ -65,11 +65,12 @@ def test_serve_config_reads_environment_and_refuses_bad_values():
         ServeConfig.from_env({"CATER_PORT": "eighty"})
 
 
-def test_cifar_refuses_other_image_sizes(capsys):
+def test_cifar_refuses_other_image_sizes(capsys, folder_dir):
     with pytest.raises(SystemExit):
         parse_args(["--image-size", "64"])
     assert "--image-size 32" in capsys.readouterr().err
-    parse_args(["--dataset", "folder", "--preset", "fast", "--image-size", "64"])  # a preset: no folder read
+    assert parse_args(["--dataset", "folder", "--data-dir", str(folder_dir), "--preset", "fast",
+                       "--image-size", "64"])[0].image_size == 64
 
 
 def test_available_cores_without_affinity(monkeypatch):

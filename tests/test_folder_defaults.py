@@ -96,9 +96,24 @@ def test_train_cli_applies_chosen_settings_and_flags_override_them(tmp_path):
     # a named preset turns the choosing off; CIFAR-10 keeps its fast preset
     data_cfg, _, train_cfg, reasons = settings.decide(
         ["--dataset", "folder", "--data-dir", str(folder), "--preset", "fast", "--device", "cpu"])
-    assert data_cfg.channels == 3 and train_cfg.preset == "fast" and train_cfg.batch_size == autoconfig.CPU_BATCH_SIZE
-    assert len(reasons) == 1 and reasons[0].startswith(f"batch_size={autoconfig.CPU_BATCH_SIZE}: on a CPU")  # a preset's CPU batch
+    assert data_cfg.channels == 3 and train_cfg.preset == "fast"
+    assert reasons[0].startswith(f"batch_size={autoconfig.CPU_BATCH_SIZE}: on a CPU")  # a preset's CPU batch ...
+    # ... cut to the 27 + 5 training images (10% of each class held out), so every epoch has a step
+    assert train_cfg.batch_size == 32 and reasons[1:] == ["batch_size=32: the training split holds only 32 images"]
     assert settings.decide([]).train.preset == "fast"
+
+
+def test_a_chosen_batch_fits_a_small_training_split(tmp_path, capsys):
+    folder = write_folder(tmp_path / "tiny", (15, 15), (28, 28), "L")  # 30 images: 15% held out, 26 left
+    _, _, cfg, reasons = settings.decide(["--dataset", "folder", "--data-dir", str(folder)])
+    assert cfg.batch_size == 16 and "batch_size=16: the training split holds only 26 images" in reasons
+    _, _, cfg, _ = settings.decide(["--dataset", "folder", "--data-dir", str(folder), "--batch-size", "64"])
+    assert cfg.batch_size == 64  # given: kept, and train.py refuses it, naming the flag
+    assert train.main(["--dataset", "folder", "--data-dir", str(folder), "--batch-size", "64", "--no-mlflow",
+                       "--out", str(tmp_path / "cnn.pt")]) == 2
+    assert "--batch-size 64 is more than the 26 training images" in capsys.readouterr().err
+    _, _, cfg, _ = settings.decide(["--smoke", "--device", "cpu"])  # 512 CIFAR-10 images: 461 to train on
+    assert cfg.batch_size == 256
 
 
 def test_the_from_scratch_net_takes_a_smaller_batch_on_a_cpu_unless_told(monkeypatch):

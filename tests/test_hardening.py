@@ -37,12 +37,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import api
-from checkpoint import save_checkpoint
-from config import ModelConfig
-from conftest import free_port, many_files, server_process
-from model import CnnClassifier
+from conftest import free_port, many_files, server_process, tiny_checkpoint
 from serve_config import ServeConfig
-from transforms import CIFAR10_MEAN, CIFAR10_STD
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "frog"]
@@ -60,12 +56,7 @@ SMALL_422 = 2048  # a 422 body stays under this, whatever the input
 
 @pytest.fixture(scope="module")
 def checkpoint_path(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = CnnClassifier(ModelConfig(arch="airbench", widths=(8, 16, 16)), num_classes=len(CLASSES)).eval()
-    path = tmp_path_factory.mktemp("hardening-ckpt") / "cnn.pt"
-    save_checkpoint(path, model, model_config=model.cfg, classes=CLASSES, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                    image_size=32, metrics={})
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("hardening-ckpt") / "cnn.pt", CLASSES)
 
 
 def app_for(checkpoint: Path, **settings):
@@ -331,7 +322,11 @@ def test_base64_with_line_breaks_is_accepted(client):
         assert r.status_code == 200, (repr(text[-10:]), r.text)
         assert r.json() == want
     r = client.post("/predict/batch", json={"images": [wrapped, crlf]})
-    assert r.status_code == 200 and r.json() == [want, want], r.text
+    # a batch of two runs in one forward pass: the same answer up to float rounding
+    assert r.status_code == 200 and len(r.json()) == 2, r.text
+    for got in r.json():
+        assert [c["class_index"] for c in got["top_k"]] == [c["class_index"] for c in want["top_k"]]
+        assert [c["confidence"] for c in got["top_k"]] == pytest.approx([c["confidence"] for c in want["top_k"]], rel=1e-5)
 
 
 @pytest.mark.parametrize("text", ["!!!", "abc$def=", "aGVsbG8=\x00", "aGVs bG8=é", "-_-_"],
@@ -591,6 +586,39 @@ def test_half_sent_request_lines_and_headers_are_closed_after_the_header_deadlin
         stop.set()
         for s in socks:
             s.close()
+
+
+@pytest.mark.full
+def test_the_header_deadline_counts_from_the_connection_spares_pipelined_answers_and_unread_bodies_close(server):
+    """The review's three cases: a first byte late in the deadline does not restart it; a late pipelined request
+    does not cut off the answer before it; an answer sent before its body has arrived closes the connection."""
+    socks: list[socket.socket] = []
+    try:
+        start = time.monotonic()
+        late = server.connect()  # waits most of the deadline, then sends one byte: closed at the deadline all the same
+        socks.append(late)
+        time.sleep(HEADER_TIMEOUT_S * 0.6)
+        late.sendall(b"G")
+        unread = server.connect()  # a body that never ends, on a route that does not read it
+        unread.sendall(b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\nab")
+        socks.append(unread)
+        pipelined = server.connect()  # a whole /predict, then half of the next request's headers
+        body = b'{"image_base64": "%s"}' % base64.b64encode(noise_png(1))
+        pipelined.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body + b"GET /hea")
+        socks.append(pipelined)
+        answered = raw_response(pipelined, time.monotonic() + 10)
+        assert answered.startswith(b"HTTP/1.1 200"), answered[:200]
+        results = read_all([late, unread], start + HEADER_TIMEOUT_S + 4)
+        data, closed = results[late]
+        assert closed is not None and closed - start < HEADER_TIMEOUT_S + 0.8, f"closed after {closed and closed - start}"
+        assert_408_or_closed(data)
+        data, closed = results[unread]
+        assert data.startswith(b"HTTP/1.1 405") or data.startswith(b"HTTP/1.1 200"), data[:100]
+        assert closed is not None, "an answer sent before its body arrived left the connection open"
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def poll_while(thread: threading.Thread, call, every: float, limit_s: float) -> list[float]:

@@ -1,0 +1,148 @@
+"""Use a model on a folder: every file under it (any depth) classified by the served model, one CSV row each.
+
+    python predict.py --data-dir DIR [--model models/cnn.pt | model.onnx | models:/<name>@champion]
+                      [--out predictions.csv] [--review-below 0.6]
+
+Files are streamed in batches (memory stays bounded whatever the folder's size), decoded in threads and preprocessed
+as training evaluated them (decode.open_image, transforms.pil_to_uint8), and run through the server's predictor with
+its TTA level. A file that is not a readable image gets a row with the reason in `error` and the run goes on; the
+exit status is 1 only when no image at all could be read. The CSV is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from atomic import atomic_path
+from checkpoint import CheckpointError
+from config import ConfigError
+from decode import DataError, open_image
+from loading import load_model
+from registry import RegistryError
+from runtime import available_cores
+from serve_config import ServeConfig
+from transforms import pil_to_uint8
+
+BATCH = 64  # images decoded and classified together
+
+
+def walk_files(folder: Path) -> Iterator[str]:
+    """Every file under folder, in sorted order, lazily; hidden files and folders (and macOS zip junk) skipped."""
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield os.path.join(parent, name)
+
+
+def preprocess(path: str, meta: dict) -> torch.Tensor | str:
+    """The file as the model's input, or why it cannot be (a readable message, for the error column)."""
+    try:
+        return pil_to_uint8(open_image(path), meta["image_size"], meta["channels"], meta["resize"])
+    except DataError as e:
+        return str(e).removeprefix(f"cannot read image {path}: ")
+    except Exception as e:  # an image that opens but does not convert (broken EXIF, an unusual mode)
+        return f"cannot convert the image: {e or type(e).__name__}"
+
+
+def header(classes: list[str], top_k: int) -> list[str]:
+    tops = [f"top{i}_{what}" for i in range(1, top_k + 1) for what in ("class", "confidence")]
+    return ["path", "class_name", "class_index", "confidence", "review", "error", *tops, *(f"p_{c}" for c in classes)]
+
+
+def row(path: str, probs: torch.Tensor | None, error: str, classes: list[str], top_k: int, review_below: float) -> list:
+    if probs is None:
+        return [path, "", "", "", "", error] + [""] * (2 * top_k + len(classes))
+    values, indices = probs.topk(top_k)
+    tops = [x for v, i in zip(values.tolist(), indices.tolist()) for x in (classes[i], f"{v:.6f}")]
+    best, index = float(values[0]), int(indices[0])
+    return [path, classes[index], index, f"{best:.6f}", str(best < review_below).lower(), "", *tops,
+            *(f"{p:.6f}" for p in probs.tolist())]
+
+
+def predict_folder(folder: Path, predictor, out: Path, tta: int, top_k: int, review_below: float,
+                   threads: int) -> tuple[int, int]:
+    """Classify every file under folder into the CSV at out; returns (images classified, files that failed)."""
+    meta, classes = predictor.meta, predictor.meta["classes"]
+    top_k = min(top_k, len(classes))
+    total = sum(1 for _ in walk_files(folder))  # a first pass that only counts: the progress bar's total
+    done = failed = 0
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f, ThreadPoolExecutor(threads) as pool, \
+            tqdm(total=total, unit="img", desc="predict", dynamic_ncols=True) as bar:
+        writer = csv.writer(f)
+        writer.writerow(header(classes, top_k))
+        files = walk_files(folder)
+        while chunk := list(itertools.islice(files, BATCH)):
+            inputs = list(pool.map(preprocess, chunk, itertools.repeat(meta)))
+            good = [x for x in inputs if isinstance(x, torch.Tensor)]
+            probs = iter(predictor.probabilities(torch.stack(good), tta) if good else [])
+            for path, x in zip(chunk, inputs):
+                ok = isinstance(x, torch.Tensor)
+                writer.writerow(row(os.path.relpath(path, folder), next(probs) if ok else None, "" if ok else x,
+                                    classes, top_k, review_below))
+            done, failed = done + len(good), failed + len(chunk) - len(good)
+            bar.update(len(chunk))
+            bar.set_postfix(failed=failed)
+    return done, failed
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    serve = ServeConfig()
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True, help="the folder of images (searched at any depth)")
+    parser.add_argument("--model", default=os.environ.get("CATER_MODEL_PATH", serve.model_path),
+                        help="a checkpoint, an ONNX export or models:/<name>@<alias> (default: what make serve serves, "
+                             "CATER_MODEL_PATH or %(default)s)")
+    parser.add_argument("--out", default="predictions.csv", help="the CSV written (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=serve.top_k, help="classes listed per image (default: %(default)s)")
+    parser.add_argument("--review-below", type=float, default=0.0,
+                        help="mark answers whose confidence is below this with review=true (default: none)")
+    parser.add_argument("--tta", type=int, choices=(0, 1, 2), default=serve.tta, help="test-time augmentation level")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top-k must be >= 1")
+    if not 0.0 <= args.review_below <= 1.0:
+        parser.error("--review-below must be in [0, 1]")
+    if not Path(args.data_dir).is_dir():
+        parser.error(f"--data-dir {args.data_dir}: not a folder")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = available_cores()
+    torch.set_num_threads(threads)
+    try:
+        predictor, _ = load_model(args.model, args.device, threads, "--device")
+    except (CheckpointError, ConfigError, RegistryError) as e:
+        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+        return 2
+    try:
+        done, failed = predict_folder(Path(args.data_dir), predictor, Path(args.out), args.tta, args.top_k,
+                                      args.review_below, threads)
+    except OSError as e:
+        print(f"error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} was not written", file=sys.stderr)
+        return 130
+    print(f"{done} images classified, {failed} files could not be read: {args.out}")
+    if not done:
+        print(f"error: no image under {args.data_dir} could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
