@@ -83,29 +83,27 @@ class Tracker:
         return self.run.info.run_id if self.run else None
 
     # The calls train.py and sweep.py make, each a no-op without an open run.
-    def log_params(self, params: dict) -> None:
+    def _call(self, name: str, *args, **kwargs) -> None:
         if self.run is not None:
-            self.mlflow.log_params(params)
+            getattr(self.mlflow, name)(*args, **kwargs)
+
+    def log_params(self, params: dict) -> None:
+        self._call("log_params", params)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        if self.run is not None:
-            self.mlflow.log_metrics(metrics, step=step)
+        self._call("log_metrics", metrics, step=step)
 
     def set_tags(self, tags: dict) -> None:
-        if self.run is not None:
-            self.mlflow.set_tags(tags)
+        self._call("set_tags", tags)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        if self.run is not None:
-            self.mlflow.log_artifact(path, artifact_path=artifact_path)
+        self._call("log_artifact", path, artifact_path=artifact_path)
 
     def log_table(self, data: dict, artifact_file: str) -> None:
-        if self.run is not None:
-            self.mlflow.log_table(data, artifact_file=artifact_file)
+        self._call("log_table", data, artifact_file=artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        if self.run is not None:
-            self.mlflow.log_text(text, artifact_file)
+        self._call("log_text", text, artifact_file)
 
     def logged_epochs(self, metric: str = "val_acc") -> set[int]:
         """The steps (epochs) at which this run has the metric logged."""
