@@ -249,7 +249,7 @@ def test_api_serves_the_champion_and_reloads_a_new_one_without_failing_requests(
         client_ml.set_registered_model_alias("cater-cifar10", registry.CHAMPION, broken)
         r = client.post("/reload", headers={"X-API-Key": "k"})
         assert r.status_code == 409 and f"still serving cater-cifar10 version {better.version}" in r.json()["detail"]
-        assert "holds no checkpoint" in r.json()["detail"]
+        assert "holds no checkpoint" not in r.json()["detail"]  # why goes to the server's log only
         assert client.get("/model").json()["model_version"] == better.version
         assert client.post("/predict", json={"image_base64": image}, headers={"X-API-Key": "k"}).status_code == 200
     client_ml.set_registered_model_alias("cater-cifar10", registry.CHAMPION, better.version)  # for any later test

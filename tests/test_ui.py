@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
+from playwright.sync_api import expect
 
 from checkpoint import save_checkpoint
 from config import ModelConfig
@@ -58,7 +59,7 @@ def browser():
 def page(browser, base_url):
     page = browser.new_page(viewport={"width": 1000, "height": 800})
     page.goto(base_url + "/")
-    page.wait_for_function("document.getElementById('model-info').textContent.includes('10 classes')")
+    expect(page.locator("#model-info")).to_contain_text("10 classes")
     yield page
     page.close()
 
@@ -77,7 +78,7 @@ def test_upload_shows_the_top_classes_and_errors_in_plain_words(page, base_url, 
     page.fill("#api-key", KEY)
     page.set_input_files("#file-input", [])
     page.set_input_files("#file-input", str(image))
-    page.wait_for_function("document.querySelectorAll('#bars li').length === 5")
+    expect(page.locator("#bars li")).to_have_count(5)
     names = page.locator("#bars .name").all_inner_texts()
     assert names == [c["class_name"] for c in expected["top_k"]]
     assert f"Most likely: {expected['class_name']}" in page.inner_text("#status") and " ms." in page.inner_text("#status")
@@ -98,13 +99,13 @@ def test_keyboard_alone_reaches_a_sample_and_classifies_it(page, base_url):
     page.fill("#api-key", KEY)
     page.locator("#api-key").dispatch_event("change")  # kept for the tab: the reload below starts with it
     page.reload()
-    page.wait_for_function("document.querySelectorAll('#samples button').length > 0")
+    page.locator("#samples button").first.wait_for()
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "file-input"  # the file chooser comes first
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Try the sample image of a airplane"
     page.keyboard.press("Enter")
-    page.wait_for_function("document.querySelectorAll('#bars li').length === 5")
+    expect(page.locator("#bars li")).to_have_count(5)
     assert page.inner_text("#preview-name") == "sample: airplane"
     assert len(page.locator("#samples button").all()) == 10  # every CIFAR-10 class the served model knows
 
@@ -114,7 +115,7 @@ def test_the_page_fits_a_phone_and_needs_nothing_from_the_internet(browser, base
     outside = []
     page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(base_url) else None)
     page.goto(base_url + "/")
-    page.wait_for_function("document.getElementById('model-info').textContent.includes('10 classes')")
+    expect(page.locator("#model-info")).to_contain_text("10 classes")
     assert page.evaluate("document.documentElement.scrollWidth") <= 360  # no sideways scrolling
     assert outside == []
     labelled = page.evaluate("[...document.querySelectorAll('input')].every(i => i.labels.length > 0)")
