@@ -346,14 +346,14 @@ class InMemoryLoader:
 
 
 class _FileImages(torch.utils.data.Dataset):
-    def __init__(self, paths: list[str], labels: torch.Tensor, transform):
-        self.paths, self.labels, self.transform = paths, labels, transform
+    def __init__(self, paths: list[str], labels: torch.Tensor, transform, size: int):
+        self.paths, self.labels, self.transform, self.size = paths, labels, transform, size
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(open_image(self.paths[i])), self.labels[i]
+        return self.transform(open_image(self.paths[i], self.size)), self.labels[i]
 
 
 def train_loader(split: ImageSet, cfg: DataConfig, batch_size: int, seed: int, mean, std, device: torch.device,
@@ -368,7 +368,7 @@ def train_loader(split: ImageSet, cfg: DataConfig, batch_size: int, seed: int, m
     transform = train_transform(cfg.image_size, mean, std, cfg.translate, cfg.flip != "none", cfg.channels,
                                 cfg.resize, cfg.crop_scale, cfg.rotate90)
     workers = cfg.workers
-    images = _FileImages(split.paths, split.labels, transform)
+    images = _FileImages(split.paths, split.labels, transform, cfg.image_size)
     rank, world = shard
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(images, world, rank, shuffle=True, seed=seed, drop_last=True)
@@ -388,7 +388,7 @@ def eval_batches(split: ImageSet, mean, std, batch_size: int, cfg: DataConfig, d
             yield normalize(x, mean, std), split.labels[start:start + batch_size].to(device)
         return
     transform = eval_transform(cfg.image_size, mean, std, cfg.channels, cfg.resize)
-    loader = torch.utils.data.DataLoader(_FileImages(split.paths, split.labels, transform), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(_FileImages(split.paths, split.labels, transform, cfg.image_size), batch_size=batch_size,
                                          num_workers=cfg.workers if workers is None else workers)
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from transforms import pil_to_uint8
+from transforms import draft, pil_to_uint8
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Files per worker item. A worker sends back one pickled numpy array per chunk: a torch tensor per image would
@@ -46,11 +46,14 @@ def bombs_refused():
         yield
 
 
-def open_image(path: str) -> Image.Image:
-    """Open and fully load one file; raises DataError naming the file for any failure (bombs, truncation, zero bytes...)."""
+def open_image(path: str, size: int | None = None) -> Image.Image:
+    """Open and fully load one file (a large JPEG decoded at a reduced scale when the model's `size` is given: see
+    transforms.draft); raises DataError naming the file for any failure (bombs, truncation, zero bytes...)."""
     try:
         with bombs_refused():
             with Image.open(path) as image:
+                if size:
+                    draft(image, size)
                 image.load()
                 return image
     except Exception as e:  # anything a decoder raises, including DecompressionBombError (not an OSError)
@@ -80,7 +83,7 @@ class _Chunks(torch.utils.data.Dataset):
         errors = []
         for j, path in enumerate(paths):
             try:
-                array[j] = pil_to_uint8(open_image(path), self.size, self.channels, self.resize).numpy()
+                array[j] = pil_to_uint8(open_image(path, self.size), self.size, self.channels, self.resize).numpy()
             except DataError as e:
                 errors.append(str(e))
             except Exception as e:  # a mode that cannot be converted, a resize that fails

@@ -48,7 +48,7 @@ def walk_files(folder: Path) -> Iterator[str]:
 def preprocess(path: str, meta: dict) -> torch.Tensor | str:
     """The file as the model's input, or why it cannot be (a readable message, for the error column)."""
     try:
-        return pil_to_uint8(open_image(path), meta["image_size"], meta["channels"], meta["resize"])
+        return pil_to_uint8(open_image(path, meta["image_size"]), meta["image_size"], meta["channels"], meta["resize"])
     except DataError as e:
         return str(e).removeprefix(f"cannot read image {path}: ")
     except Exception as e:  # an image that opens but does not convert (broken EXIF, an unusual mode)

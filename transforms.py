@@ -18,6 +18,16 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 REDUCIBLE_MODES = ("L", "RGB", "CMYK", "YCbCr", "I", "F")  # box-averaging their values is right (no palette, no alpha)
 
 
+def draft(image: Image.Image, size: int) -> Image.Image:
+    """A JPEG not yet decoded set to decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, far cheaper than a full
+    decode) while its short side stays at least twice `size`. A no-op for other formats and for a loaded image, so
+    every path that opens a file (training folders, uploads, predict) gets the same pixels whether or not it
+    drafted first."""
+    if min(image.size) >= 4 * size:
+        image.draft(None, (2 * size, 2 * size))
+    return image
+
+
 def shrink(image: Image.Image, size: int) -> Image.Image:
     """A large image box-reduced by a whole factor while its short side stays at least twice `size`, before any colour
     work: converting and compositing a 16-megapixel photo costs far more than the final resize needs."""
@@ -64,7 +74,7 @@ def fit_square(image: Image.Image, size: int, resize: str = "squash") -> Image.I
 def pil_to_uint8(image: Image.Image, size: int, channels: int = 3, resize: str = "squash") -> torch.Tensor:
     """RGB (or grayscale when channels is 1), fitted to size x size by the resize policy, as a CxHxW uint8 tensor:
     what the datasets store and the server feeds."""
-    image = to_rgb(shrink(image, size))
+    image = to_rgb(shrink(draft(image, size), size))
     if channels == 1:
         image = image.convert("L")
     image = fit_square(image, size, resize)

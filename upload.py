@@ -9,7 +9,7 @@ import io
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from transforms import pil_to_uint8
+from transforms import draft, pil_to_uint8
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP")  # what the servers decode; MPO: many cameras' JPEG
 
@@ -77,6 +77,7 @@ def decode_upload(image: Image.Image, meta: dict) -> torch.Tensor:
     """An opened upload -> CxHxW uint8 tensor, by the shared evaluation pipeline (transforms.pil_to_uint8) with the
     checkpoint's size, channels and resize policy; UploadError (with its HTTP status) for an image it refuses."""
     try:
+        draft(image, meta["image_size"])
         image.load()  # GIF and WebP: the first frame
     except Exception as e:  # truncated or corrupt pixel data
         raise _upload_error(e, f"cannot decode the {image.format} image") from None

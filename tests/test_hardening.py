@@ -39,6 +39,7 @@ from PIL import Image
 import api
 from conftest import free_port, many_files, server_process, tiny_checkpoint
 from serve_config import ServeConfig
+from transforms import pil_to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "frog"]
@@ -227,6 +228,39 @@ def test_a_batch_of_palette_bombs_is_refused_from_the_headers(checkpoint_path):
         elapsed = time.perf_counter() - start
         assert r.status_code == 413 and "pixel" in r.json()["detail"].lower(), r.text
         assert elapsed < 3, f"{elapsed:.1f} s to refuse 64 palette bombs: they were decoded"
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_the_same_everywhere(tmp_path):
+    """A 12-megapixel photo is decoded by libjpeg at 1/8 scale (short side still >= 2x the model's size), and the
+    training folder, predict and the server all get the same pixels from it."""
+    import predict
+    from decode import decode_files, open_image
+    from upload import preprocess_upload
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).resize((4000, 3000))  # smooth, as photos are
+    path = tmp_path / "photo.jpg"
+    photo.save(path, quality=90)
+    data = path.read_bytes()
+    meta = {"image_size": 32, "channels": 3, "resize": "squash"}
+
+    assert open_image(str(path), 32).size == (500, 375)  # drafted: scale 1/8
+    assert open_image(str(path)).size == (4000, 3000)  # no size given: the whole image (thumbnails)
+    served = preprocess_upload(data, meta, 16_000_000)
+    assert torch.equal(served, decode_files([str(path)], 32, workers=0)[0])
+    assert torch.equal(served, predict.preprocess(str(path), meta))
+
+    def seconds(drafted):
+        start = time.perf_counter()
+        with Image.open(path) as image:
+            if not drafted:
+                image.load()  # decoded whole: transforms.draft is then a no-op
+            pil_to_uint8(image, 32)
+        return time.perf_counter() - start
+
+    full, drafted = min(seconds(False) for _ in range(3)), min(seconds(True) for _ in range(3))
+    print(f"12 MP JPEG to the model's input: {full * 1000:.0f} ms decoded whole, {drafted * 1000:.0f} ms drafted")
+    assert drafted < full / 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
