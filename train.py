@@ -24,7 +24,8 @@ import distributed
 from checkpoint import check_writable, save_checkpoint
 from config import ConfigError, DataConfig, ModelConfig, TrainConfig, flat_params
 from data import DataError, Dataset, eval_batches, load_dataset, total_steps, train_loader
-from evaluate import eval_batch_size, evaluate, final_report
+from evaluate import eval_batch_size, evaluate
+from finish import final_report
 from model import SCRATCH_ARCHS, build_model, freeze_body, init_whitening, whitening_layer
 from optim import Lookahead, lr_factor, make_optimizer
 from pretrained import WeightsError, load_pretrained, normalization

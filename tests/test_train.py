@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import evaluate
+import finish
 import resume
 import train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -337,7 +338,7 @@ def test_failed_model_logging_keeps_the_run_and_checkpoint(cifar_dir, tmp_path, 
     def broken(*args, **kwargs):
         raise RuntimeError("artifact store unreachable")
 
-    monkeypatch.setattr(evaluate, "log_model", broken)
+    monkeypatch.setattr(finish, "log_model", broken)
     out = tmp_path / "cnn.pt"
     assert train.main(["--data-dir", str(cifar_dir), "--epochs", "1", "--batch-size", "64", "--out", str(out),
                        "--experiment", "test-exp", "--precision", "fp32"]) == 0

@@ -1,0 +1,74 @@
+"""Confidence that means what it says: temperature scaling fitted on held-out logits, and how calibrated answers are
+(expected calibration error, reliability bins, accuracy against coverage when low-confidence answers go to review).
+
+Temperature scaling (Guo et al. 2017) divides every logit by one scalar T fitted to minimize the negative
+log-likelihood on the validation split: the predicted class never changes, only how sure the model says it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BINS = 15  # equal-width confidence bins, as in Guo et al.
+REVIEW_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+T_RANGE = (0.05, 20.0)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T > 0 that minimizes the mean cross-entropy of softmax(logits / T) against labels (1.0 for no logits)."""
+    if len(logits) == 0:
+        return 1.0
+    logits, labels = logits.detach().double().cpu(), labels.detach().long().cpu()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # T = exp(log_t): positive by construction
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return float(log_t.detach().exp().clamp(*T_RANGE))
+
+
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T): the served probabilities."""
+    return torch.softmax(logits.float() / temperature, dim=1)
+
+
+def reliability(confidence: torch.Tensor, correct: torch.Tensor, bins: int = BINS) -> list[dict]:
+    """Per equal-width confidence bin: its range, how many answers fell in it, their mean confidence and accuracy."""
+    confidence, correct = confidence.double().cpu(), correct.double().cpu()
+    index = (confidence * bins).long().clamp(0, bins - 1)  # a confidence of exactly 1 joins the top bin
+    rows = []
+    for b in range(bins):
+        mask = index == b
+        n = int(mask.sum())
+        rows.append({"low": b / bins, "high": (b + 1) / bins, "n": n,
+                     "confidence": float(confidence[mask].mean()) if n else 0.0,
+                     "accuracy": float(correct[mask].mean()) if n else 0.0})
+    return rows
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = BINS) -> float:
+    """Sum over bins of (share of answers) x |accuracy - mean confidence|: 0 when confidence matches accuracy."""
+    total = len(confidence)
+    if not total:
+        return 0.0
+    return sum(row["n"] / total * abs(row["accuracy"] - row["confidence"]) for row in reliability(confidence, correct, bins))
+
+
+def coverage(confidence: torch.Tensor, correct: torch.Tensor, thresholds=REVIEW_THRESHOLDS) -> list[dict]:
+    """For each review threshold p: the share of answers at or above p (answered automatically) and their accuracy;
+    the rest would go to a person. How to pick CATER_REVIEW_BELOW / --review-below."""
+    confidence, correct = confidence.double().cpu(), correct.double().cpu()
+    rows = []
+    for p in thresholds:
+        kept = confidence >= p
+        n = int(kept.sum())
+        rows.append({"review_below": p, "coverage": n / max(len(confidence), 1),
+                     "accuracy": float(correct[kept].mean()) if n else float("nan"), "reviewed": len(confidence) - n})
+    return rows

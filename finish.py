@@ -1,0 +1,118 @@
+"""The end of a training run: the best weights scored on validation (and test), calibrated, saved, and logged to MLflow
+with their plots, model and registration."""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from checkpoint import save_checkpoint
+from config import DataConfig, TrainConfig
+from data import Dataset, ImageSet, eval_batches
+from decode import open_image
+from evaluate import eval_batch_size, evaluate
+from report import plot_class_scores, plot_confusion, plot_curves, plot_mistakes
+from runtime import Runtime
+from tracking import Tracker, log_model, metric_names, register
+
+
+def confident_mistakes(val: dict, split: ImageSet, classes: list[str], count: int = 16):
+    """The validation images predicted wrong with the highest confidence: (images as HxW(xC) uint8 arrays at most
+    128 px, true names, predicted names, confidences), for report.plot_mistakes."""
+    wrong = (val["predicted"] != split.labels).nonzero().squeeze(1)
+    picked = wrong[val["confidence"][wrong].argsort(descending=True)][:count].tolist()
+    images = []
+    for i in picked:
+        if split.images is not None:
+            image = split.images[i].permute(1, 2, 0).numpy()
+        else:
+            thumbnail = open_image(split.paths[i])
+            thumbnail.thumbnail((128, 128))
+            image = np.asarray(thumbnail.convert("RGB"))
+        images.append(image[..., 0] if image.shape[-1] == 1 else image)
+    return (images, [classes[int(split.labels[i])] for i in picked], [classes[int(val["predicted"][i])] for i in picked],
+            [float(val["confidence"][i]) for i in picked])
+
+
+def final_scores(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, best_epoch: int,
+                 train_seconds: float) -> tuple[dict, dict]:
+    """The best weights scored on validation (per image too, and with TTA when cfg.tta) and on test when there is
+    one; printed with a per-class table. Returns (the validation result, the final metrics)."""
+    size = eval_batch_size(model, data_cfg.image_size)
+
+    def batches(split, name: str):
+        return tqdm(eval_batches(split, data.mean, data.std, size, data_cfg, rt.device), desc=f"evaluate {name}",
+                    unit="batch", total=math.ceil(len(split) / size), leave=False)
+
+    val = evaluate(model, batches(data.val, "val"), len(data.classes), rt, per_image=True)
+    final = {"best_epoch": best_epoch, "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
+             "val_loss": val["loss"], "train_seconds": train_seconds}
+    line = f"best epoch {best_epoch} (by {cfg.select_metric}): val acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}"
+    if cfg.tta:
+        tta = evaluate(model, batches(data.val, "val with TTA"), len(data.classes), rt, tta=cfg.tta)
+        final.update(val_acc_tta=tta["acc"], val_macro_f1_tta=tta["macro_f1"])
+        line += f"  with TTA level {cfg.tta}: {tta['acc']:.4f}"
+    if data.test is not None:  # reported, never used to choose anything; served without TTA, so measured without
+        test = evaluate(model, batches(data.test, "test"), len(data.classes), rt)
+        final.update(test_acc=test["acc"], test_macro_f1=test["macro_f1"], test_loss=test["loss"])
+        line += f"  test acc {test['acc']:.4f} macro-F1 {test['macro_f1']:.4f}"
+    print(line + f"  ({train_seconds:.0f}s training)")
+    print(f"{'class':<24} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>7}")
+    for i, name in enumerate(data.classes):
+        print(f"{name[:24]:<24} {val['precision'][i]:>9.3f} {val['recall'][i]:>7.3f} {val['f1'][i]:>6.3f} {val['support'][i]:>7}")
+    return val, final
+
+
+def log_final(tracker: Tracker, checkpoint: Path, val: dict, final: dict, data: Dataset, data_cfg: DataConfig,
+              cfg: TrainConfig, history: list[dict]) -> None:
+    """The run's end in MLflow: final and per-class metrics, the pictures, the checkpoint, the pyfunc model and its
+    registration (champion or not)."""
+    best_epoch = final["best_epoch"]
+    # End-of-run values under their own names (per-epoch val_acc etc. keep their curves), at the best epoch's step.
+    tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=best_epoch)
+    if tracker.run is None:
+        return
+    tracker.log_metrics({f"val_{kind}_{name}": val[kind][i] for i, name in enumerate(metric_names(data.classes))
+                         for kind in ("precision", "recall", "f1")}, step=best_epoch)
+    tracker.log_table({"class": data.classes, "precision": [round(v, 4) for v in val["precision"]],
+                       "recall": [round(v, 4) for v in val["recall"]], "f1": [round(v, 4) for v in val["f1"]],
+                       "support": val["support"]}, artifact_file="per_class_metrics.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_confusion(val["confusion"], data.classes, Path(tmp) / "confusion_matrix.png")
+        plot_confusion(val["confusion"], data.classes, Path(tmp) / "confusion_matrix_normalized.png", normalized=True)
+        plot_curves(history, Path(tmp) / "curves.png")
+        plot_class_scores(data.classes, val["precision"], val["recall"], Path(tmp) / "per_class.png")
+        plot_mistakes(*confident_mistakes(val, data.val, data.classes), Path(tmp) / "mistakes.png")
+        for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png", "per_class.png", "mistakes.png"):
+            tracker.log_artifact(str(Path(tmp) / name))
+    tracker.log_artifact(str(checkpoint), artifact_path="checkpoint")
+    print("logging the model to MLflow (pyfunc with its code and checkpoint)...", flush=True)
+    try:
+        logged = log_model(tracker, checkpoint, {"channels": data_cfg.channels, "image_size": data_cfg.image_size})
+    except Exception as e:  # the checkpoint and everything above are saved and logged; the run stays a success
+        print(f"warning: could not log the MLflow model (the checkpoint {checkpoint} is saved and logged): "
+              f"{e.__class__.__name__}: {str(e)[:300]}", file=sys.stderr)
+        tracker.set_tags({"model_logging_error": str(e)[:500]})
+        logged = None
+    if cfg.register and logged is not None:
+        register(tracker, logged.model_uri, data, data_cfg, cfg, final[f"val_{cfg.select_metric}"])
+    print(f"mlflow run {tracker.run_id} ({tracker.mlflow.get_tracking_uri()})")
+
+
+def final_report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, tracker: Tracker,
+                 ckpt_info: dict, train_seconds: float, best_epoch: int, history: list[dict], interrupted: bool) -> None:
+    """The end of a training run: the best weights (in model) scored, saved to cfg.out with the history, and,
+    unless the run was interrupted (then a --resume logs it once, when it finishes), logged to MLflow."""
+    val, final = final_scores(model, data, data_cfg, cfg, rt, best_epoch, train_seconds)
+    history = [{k: float(v) for k, v in h.items()} for h in history]
+    path = save_checkpoint(cfg.out, model, metrics=final, **{**ckpt_info, "extra": {**ckpt_info["extra"], "history": history}})
+    print(f"saved {path}")
+    if interrupted:
+        print("stopped early: the plots, the MLflow model and its registration are logged when the run finishes")
+        return
+    log_final(tracker, path, val, final, data, data_cfg, cfg, history)
