@@ -101,12 +101,12 @@ class BatchRequest(StrictBody):
 class ClassScore(BaseModel):
     class_index: int
     class_name: str
-    confidence: float = Field(description="softmax probability")
+    confidence: float = Field(description="probability, calibrated on validation (softmax of logits / temperature)")
 
 
 class PredictResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "class_index": 5, "class_name": "dog", "confidence": 0.45, "tta": 0,
+        "class_index": 5, "class_name": "dog", "confidence": 0.45, "review": False, "tta": 0,
         "top_k": [{"class_index": 5, "class_name": "dog", "confidence": 0.45},
                   {"class_index": 3, "class_name": "cat", "confidence": 0.31},
                   {"class_index": 2, "class_name": "bird", "confidence": 0.08}]}]})
@@ -114,6 +114,7 @@ class PredictResponse(BaseModel):
     class_index: int
     class_name: str
     confidence: float
+    review: bool = Field(description="true when confidence is below CATER_REVIEW_BELOW: send it to a person")
     top_k: list[ClassScore]
     tta: int = Field(description="test-time augmentation level used (0 = off)")
 
@@ -143,6 +144,7 @@ class ModelInfo(BaseModel):
     image_size: int
     channels: int
     resize: str
+    temperature: float = Field(description="calibration: probabilities are softmax(logits / temperature)")
     mean: list[float]
     std: list[float]
     model_config_: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config")
@@ -153,6 +155,7 @@ class ModelInfo(BaseModel):
     backend: str = Field(description="torch (a .pt checkpoint) or onnxruntime (an exported .onnx file)")
     device: str
     tta: int
+    review_below: float
     max_batch_size: int
     max_wait_ms: float
     torch_threads: int
@@ -173,11 +176,11 @@ PREDICT_ERRORS = {code: answer for code, answer in ERRORS.items() if code != 403
 # Preprocess -> predict -> postprocess
 
 
-def postprocess(probs: torch.Tensor, classes: list[str], k: int, tta: int) -> PredictResponse:
+def postprocess(probs: torch.Tensor, classes: list[str], k: int, tta: int, review_below: float = 0.0) -> PredictResponse:
     values, indices = probs.topk(min(k, len(classes)))
     top = [ClassScore(class_index=i, class_name=classes[i], confidence=v) for v, i in zip(values.tolist(), indices.tolist())]
-    return PredictResponse(class_index=top[0].class_index, class_name=top[0].class_name,
-                           confidence=top[0].confidence, top_k=top, tta=tta)
+    return PredictResponse(class_index=top[0].class_index, class_name=top[0].class_name, confidence=top[0].confidence,
+                           review=top[0].confidence < review_below, top_k=top, tta=tta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,11 +250,12 @@ def load_served(cfg: ServeConfig, threads: int) -> Served:
     preprocess_upload(base64.b64decode(EXAMPLE_PNG), meta, cfg.max_pixels)
     info = ModelInfo(
         checkpoint=str(cfg.model_path), mlflow_run_id=meta.get("mlflow_run_id"), classes=meta["classes"],
-        image_size=meta["image_size"], channels=meta["channels"], resize=meta["resize"], mean=meta["mean"],
+        image_size=meta["image_size"], channels=meta["channels"], resize=meta["resize"],
+        temperature=meta.get("temperature", 1.0), mean=meta["mean"],
         std=meta["std"], model_config=meta["model_config"], metrics=meta.get("metrics", {}),
         registered_model=registered.get("registered_model"), model_version=registered.get("model_version"),
         model_alias=registered.get("model_alias"), backend=predictor.backend, device=str(device), tta=cfg.tta,
-        max_batch_size=max_batch, max_wait_ms=cfg.max_wait_ms, torch_threads=threads)
+        review_below=cfg.review_below, max_batch_size=max_batch, max_wait_ms=cfg.max_wait_ms, torch_threads=threads)
     log.info("loaded %s (%s, %d classes) on %s, %d torch threads, batches up to %d, in %.0f ms",
              cfg.model_path + (f" = version {info.model_version}" if info.model_version else ""),
              meta["model_config"].get("arch"), len(meta["classes"]), device, threads, max_batch,
@@ -407,7 +411,7 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
         raise HTTPException(503, f"inference is down: {e}") from None
     finally:
         batcher.release(extra)
-    return [postprocess(p, classes, k or config.top_k, config.tta) for p in probs]
+    return [postprocess(p, classes, k or config.top_k, config.tta, config.review_below) for p in probs]
 
 
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -33,7 +33,7 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: ModelConfig, classes, mean, std,
-                    image_size: int, channels: int = 3, resize: str = "squash", metrics: dict,
+                    image_size: int, channels: int = 3, resize: str = "squash", metrics: dict, temperature: float = 1.0,
                     mlflow_run_id: str | None = None, extra: dict | None = None) -> Path:
     """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
     path = Path(path)
@@ -47,6 +47,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: M
         "image_size": int(image_size),
         "channels": int(channels),
         "resize": str(resize),
+        "temperature": float(temperature),  # calibration: served probabilities are softmax(logits / temperature)
         "metrics": {k: float(v) for k, v in metrics.items()},
         "mlflow_run_id": mlflow_run_id,
         "torch_version": str(torch.__version__),
@@ -75,6 +76,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
                               f"{', '.join(map(str, READABLE_VERSIONS))}. Re-create it: {hint}")
     meta.setdefault("channels", 3)
     meta.setdefault("resize", "squash")
+    meta.setdefault("temperature", 1.0)  # written before calibration: probabilities as the model gives them
     try:
         cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
         model = build_model(cfg, num_classes=len(meta["classes"]), image_size=meta["image_size"], in_chans=meta["channels"])

@@ -26,7 +26,7 @@ def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0, across
              per_image: bool = False) -> dict:
     """Loss, confusion matrix (rows: true class, columns: predicted) and the scores.class_scores over batches;
     across_ranks: each rank holds a shard of the split, and the counts are summed over all ranks first;
-    per_image: also each image's predicted class and its probability ("predicted", "confidence")."""
+    per_image: also each image's logits, predicted class and its probability ("logits", "predicted", "confidence")."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, n = 0.0, 0
@@ -38,12 +38,12 @@ def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0, across
         n += len(y)
         confusion += torch.bincount((y * num_classes + logits.argmax(1)).cpu(), minlength=num_classes ** 2).view(num_classes, num_classes)
         if per_image:
-            kept.append(logits.float().softmax(1).max(1))
+            kept.append(logits.float().cpu())
     if across_ranks:
         distributed.sum_across(confusion)
         loss_sum, n = distributed.sum_across(torch.tensor([loss_sum, n], dtype=torch.float64)).tolist()
     result = {"loss": loss_sum / max(n, 1), "confusion": confusion, **class_scores(confusion)}
     if per_image:
-        result["confidence"] = torch.cat([k.values for k in kept]).cpu() if kept else torch.zeros(0)
-        result["predicted"] = torch.cat([k.indices for k in kept]).cpu() if kept else torch.zeros(0, dtype=torch.long)
+        result["logits"] = torch.cat(kept) if kept else torch.zeros(0, num_classes)
+        result["confidence"], result["predicted"] = result["logits"].softmax(1).max(1)
     return result

@@ -1,9 +1,9 @@
 """Export a checkpoint (models/cnn.pt) to TorchScript and ONNX files beside it, for serving without this code.
 
 Both take uint8 images, N x C x H x W as transforms.pil_to_uint8 makes them (C, H and W from the checkpoint), and return
-logits: the checkpoint's normalization is inside the graph, test-time augmentation is not. Both carry the checkpoint's
-metadata as JSON (classes, image_size, channels, resize, mean, std, model_config, format_version, metrics,
-mlflow_run_id): ONNX in
+logits: the checkpoint's normalization is inside the graph, test-time augmentation is not; calibrated probabilities
+are softmax(logits / temperature). Both carry the checkpoint's metadata as JSON (classes, image_size, channels,
+resize, mean, std, temperature, model_config, format_version, metrics, mlflow_run_id): ONNX in
 its metadata_props under "cater", TorchScript as the extra file "cater.json". Files are written atomically.
 
     python export.py                              # models/cnn.pt -> models/cnn.torchscript.pt, models/cnn.onnx
@@ -29,7 +29,8 @@ from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 from predictor import METADATA_KEY
 
 FORMATS = ("torchscript", "onnx")
-META_FIELDS = ("classes", "image_size", "channels", "resize", "mean", "std", "model_config", "metrics", "mlflow_run_id")
+META_FIELDS = ("classes", "image_size", "channels", "resize", "mean", "std", "temperature", "model_config", "metrics",
+               "mlflow_run_id")
 
 
 class Uint8Classifier(nn.Module):
@@ -48,7 +49,8 @@ class Uint8Classifier(nn.Module):
 def metadata(meta: dict) -> str:
     """What a server needs besides the graph, as JSON; the input layout is spelled out for other tools."""
     info = {k: meta.get(k) for k in META_FIELDS}
-    info.update(format_version=meta.get("format_version", FORMAT_VERSION), input="uint8 NxCxHxW", output="logits")
+    info.update(format_version=meta.get("format_version", FORMAT_VERSION), input="uint8 NxCxHxW",
+                output="logits; probabilities = softmax(logits / temperature)")
     return json.dumps(info)
 
 

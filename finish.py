@@ -9,8 +9,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from calibration import expected_calibration_error, fit_temperature, probabilities
 from checkpoint import save_checkpoint
 from config import DataConfig, TrainConfig
 from data import Dataset, ImageSet, eval_batches
@@ -58,10 +60,12 @@ def final_scores(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, r
         final.update(val_acc_tta=tta["acc"], val_macro_f1_tta=tta["macro_f1"])
         line += f"  with TTA level {cfg.tta}: {tta['acc']:.4f}"
     if data.test is not None:  # reported, never used to choose anything; served without TTA, so measured without
-        test = evaluate(model, batches(data.test, "test"), len(data.classes), rt)
+        test = evaluate(model, batches(data.test, "test"), len(data.classes), rt, per_image=True)
         final.update(test_acc=test["acc"], test_macro_f1=test["macro_f1"], test_loss=test["loss"])
         line += f"  test acc {test['acc']:.4f} macro-F1 {test['macro_f1']:.4f}"
     print(line + f"  ({train_seconds:.0f}s training)")
+    final.update(calibrate(val, data.val.labels, test if data.test is not None else None,
+                           data.test.labels if data.test is not None else None))
     print(f"{'class':<24} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>7}")
     for i, name in enumerate(data.classes):
         print(f"{name[:24]:<24} {val['precision'][i]:>9.3f} {val['recall'][i]:>7.3f} {val['f1'][i]:>6.3f} {val['support'][i]:>7}")
@@ -104,13 +108,33 @@ def log_final(tracker: Tracker, checkpoint: Path, val: dict, final: dict, data: 
     print(f"mlflow run {tracker.run_id} ({tracker.mlflow.get_tracking_uri()})")
 
 
+def calibrate(val: dict, val_labels: torch.Tensor, test: dict | None, test_labels: torch.Tensor | None) -> dict:
+    """Temperature scaling fitted on the validation logits (what the checkpoint's temperature will be), with the
+    calibration error before and after on validation and, held out from the fit, on test. val's "confidence" becomes
+    the calibrated one, as served."""
+    temperature = fit_temperature(val["logits"], val_labels)
+    metrics = {"temperature": temperature}
+    line = f"calibration: temperature {temperature:.3f}; ECE"
+    for name, result, labels in (("val", val, val_labels), ("test", test, test_labels)):
+        if result is None:
+            continue
+        correct = result["predicted"] == labels
+        before = expected_calibration_error(result["confidence"], correct)
+        result["confidence"] = probabilities(result["logits"], temperature).max(1).values
+        after = expected_calibration_error(result["confidence"], correct)
+        metrics.update({f"{name}_ece_uncalibrated": before, f"{name}_ece": after})
+        line += f" on {name} {before:.4f} -> {after:.4f}" + (" (fitted there)" if name == "val" else "")
+    print(line)
+    return metrics
+
+
 def final_report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, tracker: Tracker,
                  ckpt_info: dict, train_seconds: float, best_epoch: int, history: list[dict], interrupted: bool) -> None:
     """The end of a training run: the best weights (in model) scored, saved to cfg.out with the history, and,
     unless the run was interrupted (then a --resume logs it once, when it finishes), logged to MLflow."""
     val, final = final_scores(model, data, data_cfg, cfg, rt, best_epoch, train_seconds)
     history = [{k: float(v) for k, v in h.items()} for h in history]
-    path = save_checkpoint(cfg.out, model, metrics=final, **{**ckpt_info, "extra": {**ckpt_info["extra"], "history": history}})
+    path = save_checkpoint(cfg.out, model, metrics=final, temperature=final["temperature"], **{**ckpt_info, "extra": {**ckpt_info["extra"], "history": history}})
     print(f"saved {path}")
     if interrupted:
         print("stopped early: the plots, the MLflow model and its registration are logged when the run finishes")

@@ -1,7 +1,8 @@
 """Run the served model on batches of uint8 images: a PyTorch checkpoint (models/cnn.pt) or its ONNX export.
 
 Both backends take what transforms.pil_to_uint8 makes (N x C x H x W uint8, size and channels from the model's
-metadata) and return class probabilities, with the same test-time augmentation (transforms.tta_views): its flips and
+metadata) and return class probabilities, calibrated by the model's temperature (calibration.py), with the same
+test-time augmentation (transforms.tta_views): its flips and
 reflect-padded shifts commute with the per-channel normalization, so the ONNX file (normalization inside) gets the
 views as uint8 images and matches the checkpoint run by PyTorch.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from calibration import probabilities
 from checkpoint import READABLE_VERSIONS, CheckpointError, load_checkpoint
 from model import predict_logits
 from transforms import normalize, tta_views
@@ -40,7 +42,7 @@ class TorchPredictor:
         with torch.inference_mode():
             x = normalize(images.to(self.device, non_blocking=True), self.meta["mean"], self.meta["std"])
             x = x.contiguous(memory_format=torch.channels_last)
-            return torch.softmax(predict_logits(self.model, x, tta), dim=1).cpu()
+            return probabilities(predict_logits(self.model, x, tta), self.meta["temperature"]).cpu()
 
 
 def frozen_graph(model: torch.nn.Module, meta: dict, device: torch.device) -> torch.nn.Module:
@@ -96,7 +98,7 @@ class OnnxPredictor:
         views = tta_views(images.float(), tta)  # exact integer pixels: flips and shifts move them, nothing mixes
         logits = sum(weight * torch.from_numpy(self.session.run(["logits"], {"images": view.to(torch.uint8).numpy()})[0])
                      for weight, view in views)
-        return torch.softmax(logits, dim=1)
+        return probabilities(logits, self.meta.get("temperature", 1.0))
 
 
 def load_predictor(path: str | Path, device: torch.device, threads: int) -> TorchPredictor | OnnxPredictor:

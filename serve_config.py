@@ -22,6 +22,7 @@ class ServeConfig:
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     tta: int = 0  # test-time augmentation level at serving: 0 off, 1 flip, 2 flip + shifts (see transforms.tta_views)
     top_k: int = 3  # classes returned when the request does not say
+    review_below: float = 0.0  # an answer whose confidence is below this says "review": true (0 = never)
     max_batch_size: int = 0  # images per forward pass; 0 = device default (CPU 32, CUDA 128)
     max_wait_ms: float = 0.0  # extra wait for a fuller batch; 0 = take what is queued (batches still form under load)
     max_body_bytes: int = 4 * 1024 * 1024  # request body limit, enforced while reading (413 above it)
@@ -48,6 +49,7 @@ class ServeConfig:
                "CATER_DEVICE must be auto, cpu, cuda or cuda:N")
         check(self.tta in (0, 1, 2), "CATER_TTA must be 0, 1 or 2")
         check(self.top_k >= 1, "CATER_TOP_K must be >= 1")
+        check(0.0 <= self.review_below <= 1.0, "CATER_REVIEW_BELOW must be in [0, 1]")
         check(self.max_batch_size >= 0, "CATER_MAX_BATCH_SIZE must be >= 0")
         check(self.max_wait_ms >= 0, "CATER_MAX_WAIT_MS must be >= 0")
         check(self.max_body_bytes >= 1024, "CATER_MAX_BODY_BYTES must be >= 1024")

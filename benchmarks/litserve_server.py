@@ -55,7 +55,8 @@ class ClassifierAPI(ls.LitAPI):
         return list(output)
 
     def encode_response(self, output):
-        return postprocess(output, self.meta["classes"], self.serve.top_k, self.serve.tta).model_dump()
+        return postprocess(output, self.meta["classes"], self.serve.top_k, self.serve.tta,
+                           self.serve.review_below).model_dump()
 
 
 def main() -> None:

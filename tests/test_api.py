@@ -146,7 +146,8 @@ def test_predict(client, reference):
     r = client.post("/predict", json={"image_base64": b64(data)})
     assert r.status_code == 200
     body = r.json()
-    assert set(body) == {"class_index", "class_name", "confidence", "top_k", "tta"} and body["tta"] == 0
+    assert set(body) == {"class_index", "class_name", "confidence", "review", "top_k", "tta"} and body["tta"] == 0
+    assert body["review"] is False  # CATER_REVIEW_BELOW unset: never
     assert_matches(body, expected_probs(reference, data))
     # a data URL prefix; top_k larger than the number of classes is capped
     r = client.post("/predict", json={"image_base64": "data:image/png;base64," + b64(data), "top_k": 50})

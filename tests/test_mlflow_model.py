@@ -49,11 +49,13 @@ def png_b64(seed: int, size=(32, 32)) -> str:
 
 
 def checkpoint_probs(path: Path, images_b64: list[str]) -> torch.Tensor:
+    """What the checkpoint answers, calibrated by its temperature (fitted at the end of training: not 1)."""
     model, meta = load_checkpoint(path)
+    assert meta["temperature"] != 1.0
     x = torch.stack([pil_to_uint8(Image.open(io.BytesIO(base64.b64decode(b))), meta["image_size"], meta["channels"],
                                   meta["resize"]) for b in images_b64])
     with torch.no_grad():
-        return torch.softmax(model(normalize(x, meta["mean"], meta["std"])), dim=1)
+        return torch.softmax(model(normalize(x, meta["mean"], meta["std"])) / meta["temperature"], dim=1)
 
 
 def test_logged_model_takes_base64_images(trained, monkeypatch):

@@ -46,7 +46,8 @@ def test_train_logs_run_and_writes_loadable_checkpoint(cifar_dir, tmp_path, trac
     assert code == 0
     model, meta = load_checkpoint(out)
     assert meta["classes"][0] == "airplane" and meta["image_size"] == 32
-    assert {"val_acc", "val_acc_tta", "best_epoch", "train_seconds"} <= set(meta["metrics"])
+    assert {"val_acc", "val_acc_tta", "best_epoch", "train_seconds", "val_ece", "val_ece_uncalibrated"} <= set(meta["metrics"])
+    assert meta["temperature"] == meta["metrics"]["temperature"] > 0  # fitted on validation, served from the checkpoint
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
     run = tracking.get_run(meta["mlflow_run_id"])
@@ -56,7 +57,7 @@ def test_train_logs_run_and_writes_loadable_checkpoint(cifar_dir, tmp_path, trac
     history = tracking.get_metric_history(run.info.run_id, "val_acc")
     assert [m.step for m in history[:2]] == [1, 2]
     for name in ("train_loss", "learning_rate", "epoch_seconds", "images_per_s", "val_loss", "val_macro_f1", "final_val_acc",
-                 "final_val_macro_f1", "val_f1_airplane", "val_precision_truck", "val_recall_ship"):
+                 "final_val_macro_f1", "final_temperature", "final_val_ece", "final_val_ece_uncalibrated", "val_f1_airplane", "val_precision_truck", "val_recall_ship"):
         assert name in run.data.metrics
     assert tracking.get_metric_history(run.info.run_id, "final_val_acc")[0].step == meta["metrics"]["best_epoch"]
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
