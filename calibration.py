@@ -72,3 +72,16 @@ def coverage(confidence: torch.Tensor, correct: torch.Tensor, thresholds=REVIEW_
         rows.append({"review_below": p, "coverage": n / max(len(confidence), 1),
                      "accuracy": float(correct[kept].mean()) if n else float("nan"), "reviewed": len(confidence) - n})
     return rows
+
+
+def held_out_ece(logits: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
+    """The calibration error a fitted temperature leaves on images it was not fitted on: the split is halved at
+    random, a temperature fitted on each half is scored on the other, and the two errors are averaged. Scoring the
+    temperature on the split it was fitted on flatters it."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    halves = order[: len(order) // 2], order[len(order) // 2:]
+    errors = []
+    for fit, score in (halves, halves[::-1]):
+        confidence, predicted = probabilities(logits[score], fit_temperature(logits[fit], labels[fit])).max(1)
+        errors.append(expected_calibration_error(confidence, predicted == labels[score]))
+    return sum(errors) / 2

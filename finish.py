@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration import expected_calibration_error, fit_temperature, probabilities
+from calibration import expected_calibration_error, fit_temperature, held_out_ece, probabilities
 from checkpoint import save_checkpoint
 from config import DataConfig, TrainConfig
 from data import Dataset, ImageSet, eval_batches
@@ -124,7 +124,8 @@ def calibrate(val: dict, val_labels: torch.Tensor, test: dict | None, test_label
         after = expected_calibration_error(result["confidence"], correct)
         metrics.update({f"{name}_ece_uncalibrated": before, f"{name}_ece": after})
         line += f" on {name} {before:.4f} -> {after:.4f}" + (" (fitted there)" if name == "val" else "")
-    print(line)
+    metrics["val_ece_held_out"] = held_out_ece(val["logits"], val_labels)
+    print(line + f"; held out (fitted on half of val, scored on the other) {metrics['val_ece_held_out']:.4f}")
     return metrics
 
 

@@ -43,6 +43,13 @@ def test_temperature_undoes_over_and_under_confidence(scale):
         assert calibration.expected_calibration_error(before.values, predicted == labels) > 2 * ece
 
 
+def test_the_held_out_error_is_what_a_fitted_temperature_leaves_on_new_images():
+    logits, labels = calibrated_logits(n=2000)
+    held_out = calibration.held_out_ece(logits * 3, labels)
+    confidence, predicted = calibration.probabilities(logits * 3).max(1)
+    assert held_out < 0.05 < calibration.expected_calibration_error(confidence, predicted == labels)
+
+
 def test_expected_calibration_error_by_hand():
     confidence = torch.tensor([0.95, 0.95, 0.95, 0.95, 0.55, 0.55])
     correct = torch.tensor([True, True, True, False, True, False])

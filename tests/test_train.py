@@ -46,7 +46,8 @@ def test_train_logs_run_and_writes_loadable_checkpoint(cifar_dir, tmp_path, trac
     assert code == 0
     model, meta = load_checkpoint(out)
     assert meta["classes"][0] == "airplane" and meta["image_size"] == 32
-    assert {"val_acc", "val_acc_tta", "best_epoch", "train_seconds", "val_ece", "val_ece_uncalibrated"} <= set(meta["metrics"])
+    assert {"val_acc", "val_acc_tta", "best_epoch", "train_seconds", "val_ece", "val_ece_uncalibrated",
+            "val_ece_held_out"} <= set(meta["metrics"])
     assert meta["temperature"] == meta["metrics"]["temperature"] > 0  # fitted on validation, served from the checkpoint
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
