@@ -118,6 +118,16 @@ def read_cifar10_torchvision(root: Path, download: bool):
     return images, torch.tensor(train.targets), test, list(train.classes)
 
 
+def holds_cifar10(data_dir: Path) -> bool:
+    return ((data_dir / "data_batch_1.bin").is_file() or (data_dir / "cifar-10-batches-bin").is_dir()
+            or (data_dir / "cifar-10-batches-py").is_dir())
+
+
+def looks_like_folder(data_dir: Path) -> bool:
+    """A folder of class folders (or train/) and no CIFAR-10 files: what --dataset folder reads."""
+    return data_dir.is_dir() and not holds_cifar10(data_dir) and bool(class_folders(data_dir))
+
+
 def find_cifar10(data_dir: Path, download: bool):
     for folder in (data_dir, data_dir / "cifar-10-batches-bin"):
         if (folder / "data_batch_1.bin").is_file():

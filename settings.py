@@ -19,7 +19,7 @@ import torch
 
 import autoconfig
 from config import PRESETS, ConfigError, DataConfig, ModelConfig, TrainConfig
-from data import scan_training, summarize_folder, training_count
+from data import looks_like_folder, scan_training, summarize_folder, training_count
 from model import SCRATCH_ARCHS
 
 SECTIONS = (DataConfig, ModelConfig, TrainConfig)
@@ -84,9 +84,13 @@ def layer(explicit: dict, cuda: bool) -> tuple[dict, list[str]]:
     if preset != "auto" and preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {['auto', *sorted(PRESETS)]}")
     chosen, reasons, stats = {}, [], None
+    if "dataset" not in explicit and "data_dir" in explicit and looks_like_folder(Path(explicit["data_dir"])):
+        explicit = {**explicit, "dataset": "folder"}
+        reasons.append(f"dataset=folder: {explicit['data_dir']} holds class folders, not CIFAR-10")
     if preset == "auto" and explicit.get("dataset") == "folder":
         stats = summarize_folder(Path(explicit.get("data_dir", DataConfig.data_dir)))
-        chosen, reasons = autoconfig.choose(stats, explicit, cuda=cuda)
+        chosen, why_data = autoconfig.choose(stats, explicit, cuda=cuda)
+        reasons += why_data
     if preset == "auto" and not chosen:
         preset = "fast"  # CIFAR-10, or a folder whose settings were all given
     # auto on a folder builds on the preset of the network asked for (the baseline CNN has its own recipe)

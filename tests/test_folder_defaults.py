@@ -180,3 +180,12 @@ def test_weights_without_a_pretrained_backbone_is_refused(tmp_path, capsys):
         train.main(["--dataset", "folder", "--data-dir", str(folder), "--weights", "w.pth", "--no-mlflow"])
     assert exit_info.value.code == 2
     assert "--weights" in capsys.readouterr().err
+
+
+def test_a_data_dir_of_class_folders_is_read_as_a_folder_without_the_flag(tmp_path, cifar_dir):
+    folder = write_folder(tmp_path / "own", (15, 15), (28, 28), "L")
+    data_cfg, _, _, reasons = settings.decide(["--data-dir", str(folder)])
+    assert data_cfg.dataset == "folder" and reasons[0] == f"dataset=folder: {folder} holds class folders, not CIFAR-10"
+    assert data_cfg.channels == 1  # and the folder's own settings are chosen, as with --dataset folder
+    assert settings.decide(["--data-dir", str(cifar_dir)]).data.dataset == "cifar10"
+    assert settings.decide(["--data-dir", str(tmp_path / "absent")]).data.dataset == "cifar10"  # downloaded there
