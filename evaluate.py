@@ -1,14 +1,46 @@
-"""Score a model on labelled images: loss, confusion matrix and per-class scores over batches."""
+"""Score a model on labelled images: loss, confusion matrix and per-class scores over batches (training's validation
+and test splits), and `make evaluate`: the served model scored on a labelled folder, with a report and an MLflow run.
+
+    python evaluate.py --data-dir D [--model models/cnn.pt | model.onnx | models:/<name>@champion]
+                       [--out-dir reports/evaluate-<D's name>] [--tta 1] [--experiment cater-evaluate] [--no-mlflow]
+
+D holds one folder per class, named as the model names its classes (any depth of images below each), or a test/
+folder laid out that way. Images go through predict.classify, the server's preprocessing, batching and calibrated
+probabilities, so the scores are those of the served answers: accuracy, macro-F1, per-class precision / recall / F1,
+confusion matrices, calibration (ECE, reliability diagram), accuracy against coverage when answers below a confidence
+go to review, and the most confidently wrong images. Unreadable files are listed and left out of the scores.
+"""
 
 from __future__ import annotations
 
+import argparse
+import csv
+import html
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import distributed
+import report
+from atomic import atomic_path
+from calibration import REVIEW_THRESHOLDS, coverage, expected_calibration_error, reliability
+from checkpoint import CheckpointError
+from config import ConfigError
+from decode import DataError, list_images, open_image
+from loading import load_model
 from model import CnnClassifier, predict_logits
-from runtime import Runtime
+from predict import classify
+from registry import RegistryError
+from runtime import Runtime, available_cores
 from scores import class_scores
+from serve_config import ServeConfig
 
 
 EVAL_PIXELS = 1000 * 32 * 32  # pixels per evaluation batch for our nets: 1000 CIFAR-sized images
@@ -47,3 +79,324 @@ def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0, across
         result["logits"] = torch.cat(kept) if kept else torch.zeros(0, num_classes)
         result["confidence"], result["predicted"] = result["logits"].softmax(1).max(1)
     return result
+
+
+# ---------------------------------------------------------------- make evaluate: the served model on a labelled folder
+
+MISTAKES = 16  # the most confidently wrong images shown
+LISTED = 10  # unreadable files printed (the page lists up to PAGE_LISTED)
+PAGE_LISTED = 200
+
+
+def labelled_files(data_dir: Path, classes: list[str]) -> tuple[Path, list[str], list[int]]:
+    """The folder scored (data_dir, or data_dir/test when there is one), its image files and each one's index in the
+    model's classes, matched by folder NAME; a DataError names class folders the model does not know, or no images."""
+    root = data_dir / "test" if (data_dir / "test").is_dir() and "test" not in classes else data_dir
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+    unknown = [d.name for d in folders if d.name not in classes]
+    if unknown:
+        raise DataError(f"{root}: {len(unknown)} class folder(s) the model does not know: {', '.join(unknown)}. "
+                        f"The model's classes: {', '.join(classes)}")
+    paths, labels = [], []
+    for folder in folders:
+        files = list_images(folder)
+        paths += files
+        labels += [classes.index(folder.name)] * len(files)
+    if not paths:
+        raise DataError(f"{root}: no images in class folders; expected {root}/<class>/<image files>, with <class> one "
+                        f"of the model's classes: {', '.join(classes)}")
+    return root, paths, labels
+
+
+def score(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Everything evaluate reports about N answers (probs N x K, labels N indices into classes), no I/O: accuracy,
+    scores.class_scores over the K x K confusion matrix (rows true, columns predicted), ECE, reliability bins, accuracy
+    against coverage (from p = 0, everything answered), and per image the predicted class, its confidence, the label."""
+    k = len(classes)
+    labels = labels.long().cpu()
+    confidence, predicted = probs.float().cpu().max(1)
+    correct = predicted == labels
+    confusion = torch.bincount(labels * k + predicted, minlength=k * k).view(k, k)
+    result = class_scores(confusion)
+    result["accuracy"] = result.pop("acc")
+    result.update(classes=list(classes), n=len(labels), confusion=confusion,
+                  ece=expected_calibration_error(confidence, correct), reliability=reliability(confidence, correct),
+                  coverage=coverage(confidence, correct, (0.0, *REVIEW_THRESHOLDS)),
+                  labels=labels, predicted=predicted, confidence=confidence)
+    return result
+
+
+def score_files(paths: list[str], labels: list[int], predictor, tta: int,
+                threads: int) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]]]:
+    """The files through predict.classify, as the server answers them: (probabilities of the readable ones, their
+    labels, their paths, (path, why) for each unreadable one)."""
+    probs, scored, kept, unreadable = [], [], [], []
+    for (path, p, error), label in zip(classify(paths, predictor, tta, threads, len(paths), "evaluate"), labels):
+        if p is None:
+            unreadable.append((path, error))
+        else:
+            probs.append(p)
+            scored.append(label)
+            kept.append(path)
+    probs = torch.stack(probs) if probs else torch.zeros(0, len(predictor.meta["classes"]))
+    return probs, torch.tensor(scored, dtype=torch.long), kept, unreadable
+
+
+def metrics_json(result: dict) -> dict:
+    """The JSON-able part of a score() result: headline numbers, per class, coverage rows (NaN as null), bins."""
+    per_class = {name: {kind: result[kind][i] for kind in ("precision", "recall", "f1", "support")}
+                 for i, name in enumerate(result["classes"])}
+    rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+            for r in result["coverage"]]
+    headline = {k: result[k] for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "ece", "n")}
+    return {**headline, "per_class": per_class, "coverage": rows, "reliability": result["reliability"],
+            "classes": result["classes"], "confusion": result["confusion"].tolist()}
+
+
+def worst_mistakes(result: dict, count: int = MISTAKES) -> list[int]:
+    """Indices of the wrong answers with the highest confidence, most confident first."""
+    wrong = (result["predicted"] != result["labels"]).nonzero().squeeze(1)
+    return wrong[result["confidence"][wrong].argsort(descending=True, stable=True)][:count].tolist()
+
+
+def mistakes_from_files(result: dict, paths: list[str], root: Path, count: int = MISTAKES) -> list[dict]:
+    """The worst mistakes as write_report takes them: path (under root), 128 px thumbnail (HxWx3 uint8), true and
+    predicted class names, confidence."""
+    classes, found = result["classes"], []
+    for i in worst_mistakes(result, count):
+        try:
+            thumbnail = open_image(paths[i])
+        except DataError:  # decoded a moment ago; gone or changed since: shown without it
+            continue
+        thumbnail.thumbnail((128, 128))
+        found.append({"path": os.path.relpath(paths[i], root), "image": np.asarray(thumbnail.convert("RGB")),
+                      "true": classes[int(result["labels"][i])], "predicted": classes[int(result["predicted"][i])],
+                      "confidence": float(result["confidence"][i])})
+    return found
+
+
+def write_predictions(result: dict, paths: list[str], root: Path, out: Path) -> None:
+    """One CSV row per scored image: its path under root, true and predicted class, confidence, correct or not."""
+    classes = result["classes"]
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "true", "predicted", "confidence", "correct"])
+        for path, label, predicted, confidence in zip(paths, result["labels"].tolist(), result["predicted"].tolist(),
+                                                      result["confidence"].tolist()):
+            writer.writerow([os.path.relpath(path, root), classes[label], classes[predicted], f"{confidence:.6f}",
+                             str(label == predicted).lower()])
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_report(result: dict, out_dir: Path, title: str, details: list[tuple[str, str]] = (),
+                 mistakes: list[dict] = (), unreadable: list[tuple[str, str]] = (), split: str = "labelled") -> Path:
+    """out_dir/index.html and metrics.json for a score() result, with the pictures the page shows (confusion matrices,
+    reliability diagram, coverage plot, worst mistakes). details: (name, value) rows at the top (model, data...);
+    mistakes: dicts as mistakes_from_files makes them; unreadable: (path, reason); split names the images in the
+    mistakes picture. Every file is replaced whole."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes, esc = result["classes"], html.escape
+    # Plotted beside the report, then each renamed into place: matplotlib picks the format from the file's suffix,
+    # which atomic_path's temporary name does not have.
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".plots-") as tmp:
+        tmp = Path(tmp)
+        report.plot_confusion(result["confusion"], classes, tmp / "confusion_matrix.png")
+        report.plot_confusion(result["confusion"], classes, tmp / "confusion_matrix_normalized.png", normalized=True)
+        report.plot_reliability(result["reliability"], result["ece"], tmp / "reliability.png")
+        report.plot_coverage(result["coverage"], tmp / "coverage.png")
+        report.plot_mistakes([m["image"] for m in mistakes], [m["true"] for m in mistakes],
+                             [m["predicted"] for m in mistakes], [m["confidence"] for m in mistakes],
+                             tmp / "mistakes.png", split=split)
+        for picture in tmp.iterdir():
+            os.replace(picture, out_dir / picture.name)
+    metrics = {**metrics_json(result), "unreadable": len(unreadable)}
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+    def table(header: list[str], rows: list[list]) -> str:
+        cells = "".join("<tr>" + "".join(f"<td>{esc(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+        return "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" + cells + "</table>"
+
+    missing = [name for name, support in zip(classes, result["support"]) if not support]
+    parts = [f"<h1>{esc(title)}</h1>",
+             "<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in details) + "</table>",
+             "<h2>Result</h2>", table(["accuracy", "macro-F1", "ECE", "images scored", "unreadable files"],
+                                     [[f"{result['accuracy']:.4f}", f"{result['macro_f1']:.4f}", f"{result['ece']:.4f}",
+                                       result["n"], len(unreadable)]])]
+    if missing:
+        parts.append(f"<p>Macro means are over the model's {len(classes)} classes; {len(missing)} of them have no "
+                     f"images here and count as F1 0: {esc(', '.join(missing))}.</p>")
+    parts += ["<h2>Per class</h2>",
+              table(["class", "precision", "recall", "F1", "support"],
+                    [[name, f"{result['precision'][i]:.3f}", f"{result['recall'][i]:.3f}", f"{result['f1'][i]:.3f}",
+                      result["support"][i]] for i, name in enumerate(classes)]),
+              "<h2>Confusion matrix (counts)</h2><img src=\"confusion_matrix.png\" alt=\"confusion matrix, counts\">",
+              "<h2>Confusion matrix (share of each true class)</h2>"
+              "<img src=\"confusion_matrix_normalized.png\" alt=\"confusion matrix, normalized\">",
+              f"<h2>Calibration: ECE {result['ece']:.4f}</h2>"
+              "<p>Answers grouped by confidence: a calibrated model is right as often as it says (the diagonal). "
+              "ECE is the answer-weighted mean gap.</p><img src=\"reliability.png\" alt=\"reliability diagram\">",
+              "<h2>Review: accuracy against coverage</h2>",
+              table(["send answers below p to review", "coverage", "accuracy of the rest", "reviewed"],
+                    [[f"{r['review_below']:g}", f"{r['coverage']:.3f}",
+                      "-" if math.isnan(r["accuracy"]) else f"{r['accuracy']:.4f}", r["reviewed"]]
+                     for r in result["coverage"]]),
+              "<img src=\"coverage.png\" alt=\"accuracy against coverage\">",
+              f"<h2>Worst mistakes ({len(mistakes)})</h2>"
+              "<p>The wrong answers given with the highest confidence.</p>"
+              "<img src=\"mistakes.png\" alt=\"worst mistakes\">"]
+    if mistakes:
+        parts.append(table(["file", "true", "predicted", "confidence"],
+                           [[m.get("path", ""), m["true"], m["predicted"], f"{m['confidence']:.3f}"]
+                            for m in mistakes]))
+    parts.append(f"<h2>Unreadable files ({len(unreadable)})</h2>")
+    if unreadable:
+        more = len(unreadable) - PAGE_LISTED
+        parts.append(table(["file", "why"], [list(u) for u in unreadable[:PAGE_LISTED]])
+                     + (f"<p>... and {more} more</p>" if more > 0 else ""))
+    else:
+        parts.append("<p>None: every image was scored.</p>")
+    page = out_dir / "index.html"
+    write_text(page, report.PAGE.format(title=esc(title), body="\n".join(parts)))
+    return page
+
+
+def summary(result: dict) -> str:
+    """The headline numbers and the per-class table, for the terminal."""
+    lines = [f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  ECE {result['ece']:.4f}  "
+             f"n {result['n']}",
+             f"{'class':<24} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>7}"]
+    lines += [f"{name[:24]:<24} {result['precision'][i]:>9.3f} {result['recall'][i]:>7.3f} {result['f1'][i]:>6.3f} "
+              f"{result['support'][i]:>7}" for i, name in enumerate(result["classes"])]
+    missing = [name for name, support in zip(result["classes"], result["support"]) if not support]
+    if missing:
+        lines.append(f"macro means are over the model's {len(result['classes'])} classes; no images here of "
+                     f"{len(missing)} (F1 0): {', '.join(missing)}")
+    return "\n".join(lines)
+
+
+def log_to_mlflow(result: dict, out_dir: Path, experiment: str, run_name: str, tags: dict,
+                  unreadable: int = 0) -> tuple[str, dict]:
+    """One MLflow run in `experiment` (MLFLOW_TRACKING_URI, else the repo's mlflow.db, as training): the tags, MLflow's
+    own classifier evaluation of the answers (mlflow.models.evaluate on true and predicted class names), our metrics
+    and per-class F1, and the report files as artifacts. Returns (run id, MLflow's computed metrics)."""
+    import mlflow.models
+    import pandas as pd
+
+    from tracking import Tracker, check_tracking_server, metric_names
+
+    check_tracking_server()  # an unreachable server fails now, not after minutes of retries
+    tracker = Tracker(True, experiment, run_name)
+    status = "FAILED"
+    try:
+        tracker.set_tags({k: str(v) for k, v in tags.items() if v not in (None, "")})
+        classes = result["classes"]
+        answers = pd.DataFrame({"label": [classes[i] for i in result["labels"].tolist()],
+                                "prediction": [classes[i] for i in result["predicted"].tolist()]})
+        # No model is given, only its answers: nothing to explain (SHAP) or to run; all the model's classes count.
+        found = mlflow.models.evaluate(data=answers, targets="label", predictions="prediction", model_type="classifier",
+                                       evaluators="default",
+                                       evaluator_config={"log_model_explainability": False, "label_list": classes,
+                                                         "average": "macro"})
+        tracker.log_metrics({"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "ece": result["ece"],
+                             "n": result["n"], "unreadable": unreadable,
+                             **{f"f1_{name}": result["f1"][i] for i, name in enumerate(metric_names(classes))}})
+        for path in sorted(out_dir.iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                tracker.log_artifact(str(path), artifact_path="report")
+        status = "FINISHED"
+        return tracker.run_id, dict(found.metrics)
+    finally:
+        tracker.end(status)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    serve = ServeConfig()
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True,
+                        help="the labelled folder: <class>/ subfolders of images, or a test/ subfolder laid out so")
+    parser.add_argument("--model", default=os.environ.get("CATER_MODEL_PATH", serve.model_path),
+                        help="a checkpoint, an ONNX export or models:/<name>@<alias> (default: what make serve serves, "
+                             "CATER_MODEL_PATH or %(default)s)")
+    parser.add_argument("--out-dir", default="", help="where the report goes (default: reports/evaluate-<data folder>)")
+    parser.add_argument("--tta", type=int, choices=(0, 1, 2), default=serve.tta, help="test-time augmentation level")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--experiment", default="cater-evaluate", help="MLflow experiment (default: %(default)s)")
+    parser.add_argument("--no-mlflow", action="store_true", help="write the report only, no MLflow run")
+    args = parser.parse_args(argv)
+    if not Path(args.data_dir).is_dir():
+        parser.error(f"--data-dir {args.data_dir}: not a folder")
+    args.out_dir = Path(args.out_dir or Path("reports") / f"evaluate-{Path(args.data_dir).resolve().name}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = available_cores()
+    torch.set_num_threads(threads)
+    try:
+        predictor, registered = load_model(args.model, args.device, threads, "--device")
+    except (CheckpointError, ConfigError, RegistryError) as e:
+        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+        return 2
+    meta, data_dir = predictor.meta, Path(args.data_dir)
+    try:
+        root, paths, labels = labelled_files(data_dir, meta["classes"])
+    except DataError as e:
+        print(f"error: --data-dir {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be listed
+        print(f"error: --data-dir {args.data_dir}: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    if root != data_dir:
+        print(f"scoring {root}: the test split of {data_dir}")
+    try:
+        probs, labels, kept, unreadable = score_files(paths, labels, predictor, args.tta, threads)
+    except KeyboardInterrupt:
+        print("interrupted: no report written", file=sys.stderr)
+        return 130
+    unreadable = [(os.path.relpath(path, root), why) for path, why in unreadable]
+    for path, why in unreadable[:LISTED]:
+        print(f"unreadable: {path}: {why}", file=sys.stderr)
+    if len(unreadable) > LISTED:
+        print(f"... and {len(unreadable) - LISTED} more unreadable files", file=sys.stderr)
+    if not len(probs):
+        print(f"error: no image under {root} could be read ({len(unreadable)} files tried)", file=sys.stderr)
+        return 1
+    result = score(probs, labels, meta["classes"])
+    details = [("model", args.model), ("data", str(root)), ("images scored", str(result["n"])),
+               ("unreadable files", str(len(unreadable))), ("test-time augmentation", str(args.tta)),
+               ("temperature", f"{meta['temperature']:.3f}" if meta.get("temperature") else "none"),
+               ("training run", meta.get("mlflow_run_id") or "unknown")]
+    details += [(k.replace("_", " "), str(v)) for k, v in registered.items() if v]
+    try:
+        write_predictions(result, kept, root, args.out_dir / "predictions.csv")
+        page = write_report(result, args.out_dir, f"{Path(args.model).name} on {root.name}", details,
+                            mistakes_from_files(result, kept, root), unreadable)
+    except OSError as e:
+        print(f"error: --out-dir {args.out_dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(summary(result))
+    if unreadable:
+        print(f"{len(unreadable)} unreadable file(s) left out of the scores (listed in the report)")
+    if not args.no_mlflow:
+        tags = {"model": args.model, "model_run_id": meta.get("mlflow_run_id") or registered.get("run_id"),
+                "data_dir": str(root.resolve()), "tta": args.tta,
+                **{k: v for k, v in registered.items() if k in ("registered_model", "model_version", "model_alias")}}
+        try:
+            run_id, theirs = log_to_mlflow(result, args.out_dir, args.experiment, f"evaluate-{root.resolve().name}",
+                                           tags, len(unreadable))
+            print(f"mlflow run {run_id} in experiment {args.experiment} (MLflow's accuracy_score "
+                  f"{theirs.get('accuracy_score', float('nan')):.4f})")
+        except Exception as e:  # the report stands without its MLflow run
+            print(f"warning: no MLflow run logged ({e.__class__.__name__}: {str(e)[:300]}); the report is written",
+                  file=sys.stderr)
+    print(f"report: {page}  (open it in a browser: file://{page.resolve()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,14 +17,14 @@ from checkpoint import save_checkpoint
 from config import DataConfig, TrainConfig
 from data import Dataset, ImageSet, eval_batches
 from decode import open_image
-from evaluate import eval_batch_size, evaluate
+from evaluate import eval_batch_size, evaluate, score, write_report
 from report import plot_class_scores, plot_confusion, plot_curves, plot_mistakes
 from runtime import Runtime
 from tracking import Tracker, log_model, metric_names, register
 
 
 def confident_mistakes(val: dict, split: ImageSet, classes: list[str], count: int = 16):
-    """The validation images predicted wrong with the highest confidence: (images as HxW(xC) uint8 arrays at most
+    """The images of a split (validation, test) predicted wrong with the highest confidence: (images as HxW(xC) uint8 arrays at most
     128 px, true names, predicted names, confidences), for report.plot_mistakes."""
     wrong = (val["predicted"] != split.labels).nonzero().squeeze(1)
     picked = wrong[val["confidence"][wrong].argsort(descending=True)][:count].tolist()
@@ -42,9 +42,10 @@ def confident_mistakes(val: dict, split: ImageSet, classes: list[str], count: in
 
 
 def final_scores(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, best_epoch: int,
-                 train_seconds: float) -> tuple[dict, dict]:
+                 train_seconds: float) -> tuple[dict, dict | None, dict]:
     """The best weights scored on validation (per image too, and with TTA when cfg.tta) and on test when there is
-    one; printed with a per-class table. Returns (the validation result, the final metrics)."""
+    one; calibrated; printed with a per-class table. Returns (the validation result, the test result or None, the
+    final metrics)."""
     size = eval_batch_size(model, data_cfg.image_size)
 
     def batches(split, name: str):
@@ -59,23 +60,23 @@ def final_scores(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, r
         tta = evaluate(model, batches(data.val, "val with TTA"), len(data.classes), rt, tta=cfg.tta)
         final.update(val_acc_tta=tta["acc"], val_macro_f1_tta=tta["macro_f1"])
         line += f"  with TTA level {cfg.tta}: {tta['acc']:.4f}"
+    test = None
     if data.test is not None:  # reported, never used to choose anything; served without TTA, so measured without
         test = evaluate(model, batches(data.test, "test"), len(data.classes), rt, per_image=True)
         final.update(test_acc=test["acc"], test_macro_f1=test["macro_f1"], test_loss=test["loss"])
         line += f"  test acc {test['acc']:.4f} macro-F1 {test['macro_f1']:.4f}"
     print(line + f"  ({train_seconds:.0f}s training)")
-    final.update(calibrate(val, data.val.labels, test if data.test is not None else None,
-                           data.test.labels if data.test is not None else None))
+    final.update(calibrate(val, data.val.labels, test, data.test.labels if test is not None else None))
     print(f"{'class':<24} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>7}")
     for i, name in enumerate(data.classes):
         print(f"{name[:24]:<24} {val['precision'][i]:>9.3f} {val['recall'][i]:>7.3f} {val['f1'][i]:>6.3f} {val['support'][i]:>7}")
-    return val, final
+    return val, test, final
 
 
-def log_final(tracker: Tracker, checkpoint: Path, val: dict, final: dict, data: Dataset, data_cfg: DataConfig,
-              cfg: TrainConfig, history: list[dict]) -> None:
-    """The run's end in MLflow: final and per-class metrics, the pictures, the checkpoint, the pyfunc model and its
-    registration (champion or not)."""
+def log_final(tracker: Tracker, checkpoint: Path, val: dict, test: dict | None, final: dict, data: Dataset,
+              data_cfg: DataConfig, cfg: TrainConfig, history: list[dict]) -> None:
+    """The run's end in MLflow: final and per-class metrics, the pictures, the test split's report (make evaluate's:
+    test/index.html), the checkpoint, the pyfunc model and its registration (champion or not)."""
     best_epoch = final["best_epoch"]
     # End-of-run values under their own names (per-epoch val_acc etc. keep their curves), at the best epoch's step.
     tracker.log_metrics({f"final_{k}": v for k, v in final.items()}, step=best_epoch)
@@ -94,6 +95,9 @@ def log_final(tracker: Tracker, checkpoint: Path, val: dict, final: dict, data: 
         plot_mistakes(*confident_mistakes(val, data.val, data.classes), Path(tmp) / "mistakes.png")
         for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png", "per_class.png", "mistakes.png"):
             tracker.log_artifact(str(Path(tmp) / name))
+        if test is not None:
+            for path in test_report(test, data, final["temperature"], Path(tmp) / "test").iterdir():
+                tracker.log_artifact(str(path), artifact_path="test")
     tracker.log_artifact(str(checkpoint), artifact_path="checkpoint")
     print("logging the model to MLflow (pyfunc with its code and checkpoint)...", flush=True)
     try:
@@ -106,6 +110,18 @@ def log_final(tracker: Tracker, checkpoint: Path, val: dict, final: dict, data: 
     if cfg.register and logged is not None:
         register(tracker, logged.model_uri, data, data_cfg, cfg, final[f"val_{cfg.select_metric}"])
     print(f"mlflow run {tracker.run_id} ({tracker.mlflow.get_tracking_uri()})")
+
+
+def test_report(test: dict, data: Dataset, temperature: float, folder: Path) -> Path:
+    """The test split's answers, as served (calibrated), scored and written up by make evaluate's code: confusion
+    matrices, calibration, coverage, the worst mistakes. Returns the folder."""
+    result = score(probabilities(test["logits"], temperature), data.test.labels, data.classes)
+    images, true, predicted, confidence = confident_mistakes(test, data.test, data.classes)
+    mistakes = [{"image": i, "true": t, "predicted": p, "confidence": c}
+                for i, t, p, c in zip(images, true, predicted, confidence)]
+    write_report(result, folder, "The test split, scored once at the end of training",
+                 [("images", str(result["n"])), ("temperature", f"{temperature:.3f}")], mistakes, split="test")
+    return folder
 
 
 def calibrate(val: dict, val_labels: torch.Tensor, test: dict | None, test_labels: torch.Tensor | None) -> dict:
@@ -133,11 +149,11 @@ def final_report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, r
                  ckpt_info: dict, train_seconds: float, best_epoch: int, history: list[dict], interrupted: bool) -> None:
     """The end of a training run: the best weights (in model) scored, saved to cfg.out with the history, and,
     unless the run was interrupted (then a --resume logs it once, when it finishes), logged to MLflow."""
-    val, final = final_scores(model, data, data_cfg, cfg, rt, best_epoch, train_seconds)
+    val, test, final = final_scores(model, data, data_cfg, cfg, rt, best_epoch, train_seconds)
     history = [{k: float(v) for k, v in h.items()} for h in history]
     path = save_checkpoint(cfg.out, model, metrics=final, temperature=final["temperature"], **{**ckpt_info, "extra": {**ckpt_info["extra"], "history": history}})
     print(f"saved {path}")
     if interrupted:
         print("stopped early: the plots, the MLflow model and its registration are logged when the run finishes")
         return
-    log_final(tracker, path, val, final, data, data_cfg, cfg, history)
+    log_final(tracker, path, val, test, final, data, data_cfg, cfg, history)

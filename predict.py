@@ -5,8 +5,9 @@
 
 Files are streamed in batches (memory stays bounded whatever the folder's size), decoded in threads and preprocessed
 as training evaluated them (decode.open_image, transforms.pil_to_uint8), and run through the server's predictor with
-its TTA level. A file that is not a readable image gets a row with the reason in `error` and the run goes on; the
-exit status is 1 only when no image at all could be read. The CSV is written atomically.
+its TTA level (classify(), which evaluate.py uses too). A file that is not a readable image gets a row with the
+reason in `error` and the run goes on; the exit status is 1 only when no image at all could be read. The CSV is
+written atomically.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import csv
 import itertools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -70,29 +71,40 @@ def row(path: str, probs: torch.Tensor | None, error: str, classes: list[str], t
             *(f"{p:.6f}" for p in probs.tolist())]
 
 
-def predict_folder(folder: Path, predictor, out: Path, tta: int, top_k: int, review_below: float,
-                   threads: int) -> tuple[int, int]:
-    """Classify every file under folder into the CSV at out; returns (images classified, files that failed)."""
-    meta, classes = predictor.meta, predictor.meta["classes"]
-    top_k = min(top_k, len(classes))
-    total = sum(1 for _ in walk_files(folder))  # a first pass that only counts: the progress bar's total
-    done = failed = 0
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f, ThreadPoolExecutor(threads) as pool, \
-            tqdm(total=total, unit="img", desc="predict", dynamic_ncols=True) as bar:
-        writer = csv.writer(f)
-        writer.writerow(header(classes, top_k))
-        files = walk_files(folder)
+def classify(paths: Iterable[str], predictor, tta: int, threads: int, total: int | None = None,
+             desc: str = "predict") -> Iterator[tuple[str, torch.Tensor | None, str]]:
+    """(path, its K probabilities or None, why not) for every path, in order, as the server answers: BATCH files at a
+    time decoded in `threads` threads and classified together, so memory stays bounded whatever the number of files.
+    The progress bar (images/s, files failed) runs while the caller consumes the results."""
+    meta = predictor.meta
+    failed = 0
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True) as bar:
+        files = iter(paths)
         while chunk := list(itertools.islice(files, BATCH)):
             inputs = list(pool.map(preprocess, chunk, itertools.repeat(meta)))
             good = [x for x in inputs if isinstance(x, torch.Tensor)]
             probs = iter(predictor.probabilities(torch.stack(good), tta) if good else [])
             for path, x in zip(chunk, inputs):
                 ok = isinstance(x, torch.Tensor)
-                writer.writerow(row(os.path.relpath(path, folder), next(probs) if ok else None, "" if ok else x,
-                                    classes, top_k, review_below))
-            done, failed = done + len(good), failed + len(chunk) - len(good)
+                yield path, next(probs) if ok else None, "" if ok else x
+            failed += len(chunk) - len(good)
             bar.update(len(chunk))
             bar.set_postfix(failed=failed)
+
+
+def predict_folder(folder: Path, predictor, out: Path, tta: int, top_k: int, review_below: float,
+                   threads: int) -> tuple[int, int]:
+    """Classify every file under folder into the CSV at out; returns (images classified, files that failed)."""
+    classes = predictor.meta["classes"]
+    top_k = min(top_k, len(classes))
+    total = sum(1 for _ in walk_files(folder))  # a first pass that only counts: the progress bar's total
+    done = failed = 0
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header(classes, top_k))
+        for path, probs, error in classify(walk_files(folder), predictor, tta, threads, total):
+            writer.writerow(row(os.path.relpath(path, folder), probs, error, classes, top_k, review_below))
+            done, failed = done + (probs is not None), failed + (probs is None)
     return done, failed
 
 

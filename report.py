@@ -89,7 +89,7 @@ def plot_class_scores(classes: list[str], precision: list[float], recall: list[f
 
 
 def plot_mistakes(images: list[np.ndarray], true: list[str], predicted: list[str], confidence: list[float],
-                  path: Path) -> None:
+                  path: Path, split: str = "validation") -> None:
     """A grid of HxW(xC) uint8 images, each titled with its true and (wrongly) predicted class."""
     plt = _pyplot()
     cols = min(4, max(1, len(images)))
@@ -101,8 +101,8 @@ def plot_mistakes(images: list[np.ndarray], true: list[str], predicted: list[str
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
         ax.set_title(f"true: {t}\npredicted: {p} ({100 * c:.0f}%)", fontsize=8)
     if not images:
-        axes[0, 0].text(0.5, 0.5, "no mistakes on validation", ha="center", va="center")
-    fig.suptitle("most confidently wrong validation images")
+        axes[0, 0].text(0.5, 0.5, f"no mistakes on {split}", ha="center", va="center")
+    fig.suptitle(f"most confidently wrong {split} images")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -123,6 +123,48 @@ def plot_comparison(runs: list[tuple[str, list[dict]]], path: Path) -> None:
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reliability(bins: list[dict], ece: float, path: Path) -> None:
+    """Reliability diagram from calibration.reliability's bins: accuracy against confidence per bin (a calibrated
+    model sits on the diagonal), with how many answers fell in each bin underneath."""
+    plt = _pyplot()
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    centers = [(b["low"] + b["high"]) / 2 for b in bins]
+    width = bins[0]["high"] - bins[0]["low"] if bins else 0.1
+    filled = [b["n"] > 0 for b in bins]
+    ax.bar([c for c, f in zip(centers, filled) if f], [b["accuracy"] for b in bins if b["n"]], width=width * 0.95,
+           color="C0", edgecolor="white", label="accuracy of the answers in the bin")
+    ax.plot([b["confidence"] for b in bins if b["n"]], [b["accuracy"] for b in bins if b["n"]], "o", color="C1",
+            label="at their mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"reliability (ECE {ece:.4f})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    counts.bar(centers, [b["n"] for b in bins], width=width * 0.95, color="C2")
+    counts.set(xlabel="confidence (top probability)", ylabel="answers")
+    counts.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_coverage(rows: list[dict], path: Path) -> None:
+    """Accuracy of the answers kept against the share kept, one point per review threshold (calibration.coverage):
+    the cost of sending answers below p to a person."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    kept = [r for r in rows if r["coverage"] > 0]
+    ax.plot([r["coverage"] for r in kept], [r["accuracy"] for r in kept], "o-")
+    for r in kept:
+        ax.annotate(f"p={r['review_below']:g}", (r["coverage"], r["accuracy"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    ax.set(xlim=(0, 1.05), xlabel="coverage (share answered automatically)", ylabel="accuracy of those answers",
+           title="accuracy against coverage")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,8 +1,10 @@
+import json
 import math
 import os
 import signal
 import stat
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
@@ -428,3 +430,19 @@ def test_an_unreadable_last_checkpoint_is_a_clear_error(cifar_dir, tmp_path, cap
     assert train.main(["--data-dir", str(cifar_dir), "--epochs", "1", "--out", str(out), "--no-mlflow", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "cannot read" in err and "delete it to start over" in err and "Traceback" not in err
+
+
+def test_the_test_split_gets_make_evaluates_report_in_the_run(folder_dir, tmp_path, tracking):
+    out = tmp_path / "cnn.pt"
+    assert train.main(["--dataset", "folder", "--data-dir", str(folder_dir), "--image-size", "24", "--epochs", "1",
+                       "--batch-size", "16", "--out", str(out), "--no-register"]) == 0
+    _, meta = load_checkpoint(out)
+    assert {"test_acc", "test_ece", "test_ece_uncalibrated"} <= set(meta["metrics"])
+    run_id = meta["mlflow_run_id"]
+    logged = {a.path for a in tracking.list_artifacts(run_id, "test")}
+    assert {f"test/{name}" for name in ("index.html", "metrics.json", "confusion_matrix.png", "reliability.png",
+                                        "coverage.png", "mistakes.png")} <= logged
+    metrics = json.loads(Path(tracking.download_artifacts(run_id, "test/metrics.json", str(tmp_path))).read_text())
+    assert metrics["accuracy"] == pytest.approx(meta["metrics"]["test_acc"])
+    assert metrics["ece"] == pytest.approx(meta["metrics"]["test_ece"])
+    assert metrics["n"] == sum(metrics["per_class"][c]["support"] for c in meta["classes"])
