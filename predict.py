@@ -17,6 +17,7 @@ import csv
 import itertools
 import os
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,14 +75,22 @@ def row(path: str, probs: torch.Tensor | None, error: str, classes: list[str], t
 def classify(paths: Iterable[str], predictor, tta: int, threads: int, total: int | None = None,
              desc: str = "predict") -> Iterator[tuple[str, torch.Tensor | None, str]]:
     """(path, its K probabilities or None, why not) for every path, in order, as the server answers: BATCH files at a
-    time decoded in `threads` threads and classified together, so memory stays bounded whatever the number of files.
+    time decoded in `threads` threads (the next chunk while this one is classified) and classified together, so memory
+    stays bounded (two chunks) whatever the number of files.
     The progress bar (images/s, files failed) runs while the caller consumes the results."""
     meta = predictor.meta
     failed = 0
     with ThreadPoolExecutor(threads) as pool, tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True) as bar:
         files = iter(paths)
-        while chunk := list(itertools.islice(files, BATCH)):
-            inputs = list(pool.map(preprocess, chunk, itertools.repeat(meta)))
+
+        def next_chunk():  # the next BATCH paths, their decoding started
+            chunk = list(itertools.islice(files, BATCH))
+            return chunk, [pool.submit(preprocess, path, meta) for path in chunk]
+
+        chunk, decoding = next_chunk()
+        while chunk:
+            inputs = [job.result() for job in decoding]
+            following, decoding = next_chunk()  # decoded while this chunk is classified
             good = [x for x in inputs if isinstance(x, torch.Tensor)]
             probs = iter(predictor.probabilities(torch.stack(good), tta) if good else [])
             for path, x in zip(chunk, inputs):
@@ -90,6 +99,7 @@ def classify(paths: Iterable[str], predictor, tta: int, threads: int, total: int
             failed += len(chunk) - len(good)
             bar.update(len(chunk))
             bar.set_postfix(failed=failed)
+            chunk = following
 
 
 def predict_folder(folder: Path, predictor, out: Path, tta: int, top_k: int, review_below: float,
@@ -140,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, RegistryError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2
+    start = time.perf_counter()
     try:
         done, failed = predict_folder(Path(args.data_dir), predictor, Path(args.out), args.tta, args.top_k,
                                       args.review_below, threads)
@@ -149,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: {args.out} was not written", file=sys.stderr)
         return 130
-    print(f"{done} images classified, {failed} files could not be read: {args.out}")
+    seconds = time.perf_counter() - start
+    print(f"{done} images classified in {seconds:.1f} s ({done / seconds:.0f} images/s), {failed} files could not "
+          f"be read: {args.out}")
     if not done:
         print(f"error: no image under {args.data_dir} could be read", file=sys.stderr)
         return 1
