@@ -101,3 +101,17 @@ def test_make_predict_runs_as_a_real_process_under_1024_open_files(checkpoint, f
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_rows(out)
     assert len(rows) == 1106 and sum(1 for r in rows.values() if r["error"]) == 3
+
+
+def test_an_onnx_export_predicts_as_its_checkpoint(checkpoint, folder, tmp_path):
+    import export
+
+    onnx_path = export.export(checkpoint, ["onnx"], tmp_path)["onnx"]
+    assert predict.main(["--data-dir", str(folder), "--model", str(checkpoint), "--out", str(tmp_path / "pt.csv")]) == 0
+    assert predict.main(["--data-dir", str(folder), "--model", str(onnx_path), "--out", str(tmp_path / "onnx.csv")]) == 0
+    from_pt, from_onnx = read_rows(tmp_path / "pt.csv"), read_rows(tmp_path / "onnx.csv")
+    assert from_pt.keys() == from_onnx.keys()
+    for name, row in from_pt.items():
+        assert from_onnx[name]["class_name"] == row["class_name"] and from_onnx[name]["error"] == row["error"]
+        if not row["error"]:
+            assert float(from_onnx[name]["confidence"]) == pytest.approx(float(row["confidence"]), abs=1e-4)
