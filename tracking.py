@@ -122,8 +122,8 @@ class Tracker:
 
 
 # What the logged pyfunc model (mlflow_model.py) imports, copied into the model so it loads without this repo.
-MODEL_CODE = ("mlflow_model.py", "predictor.py", "checkpoint.py", "atomic.py", "config.py", "model.py", "transforms.py",
-              "upload.py")
+MODEL_CODE = ("mlflow_model.py", "predictor.py", "calibration.py", "checkpoint.py", "atomic.py", "config.py", "model.py",
+              "transforms.py", "upload.py")
 
 
 def log_model(tracker: Tracker, checkpoint: Path, meta: dict):

@@ -255,3 +255,18 @@ def test_api_serves_the_champion_and_reloads_a_new_one_without_failing_requests(
         assert client.get("/model").json()["model_version"] == better.version
         assert client.post("/predict", json={"image_base64": image}, headers={"X-API-Key": "k"}).status_code == 200
     client_ml.set_registered_model_alias("cater-cifar10", registry.CHAMPION, better.version)  # for any later test
+
+
+def test_the_logged_code_is_all_the_model_needs(tmp_path):
+    """The modules logged with the model (tracking.MODEL_CODE) import on their own, without this repo on the path:
+    what `mlflow models serve` does on another machine."""
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in tracking.MODEL_CODE:
+        shutil.copy(repo / name, tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", "import mlflow_model"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

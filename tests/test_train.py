@@ -204,7 +204,7 @@ def test_interrupted_run_keeps_its_best_checkpoint(cifar_dir, tmp_path, tracking
 def test_ctrl_c_outside_an_epoch_ends_cleanly(phase, cifar_dir, tmp_path, tracking, monkeypatch, capsys):
     """A real SIGINT (the OS delivers it to this process) while the data loads, or while the model is logged."""
     out = tmp_path / "cnn.pt"
-    module = train if phase == "load_dataset" else evaluate  # where each is called from
+    module = train if phase == "load_dataset" else finish  # where each is called from
     real = getattr(module, phase)
 
     def interrupted(*args, **kwargs):
