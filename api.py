@@ -40,6 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from batcher import MicroBatcher, Overloaded, WorkerDown
+from calibration import temperature_for
 from checkpoint import CheckpointError
 from config import ConfigError
 from middleware import (AUTH_MESSAGE, BodyLimitMiddleware, GateMiddleware, Metrics, MetricsMiddleware,
@@ -144,7 +145,7 @@ class ModelInfo(BaseModel):
     image_size: int
     channels: int
     resize: str
-    temperature: float = Field(description="calibration: probabilities are softmax(logits / temperature)")
+    temperature: float = Field(description="calibration at the served TTA level: probabilities = softmax(logits / it)")
     mean: list[float]
     std: list[float]
     model_config_: dict[str, Any] = Field(alias="model_config", serialization_alias="model_config")
@@ -251,7 +252,7 @@ def load_served(cfg: ServeConfig, threads: int) -> Served:
     info = ModelInfo(
         checkpoint=str(cfg.model_path), mlflow_run_id=meta.get("mlflow_run_id"), classes=meta["classes"],
         image_size=meta["image_size"], channels=meta["channels"], resize=meta["resize"],
-        temperature=meta.get("temperature", 1.0), mean=meta["mean"],
+        temperature=temperature_for(meta, cfg.tta), mean=meta["mean"],
         std=meta["std"], model_config=meta["model_config"], metrics=meta.get("metrics", {}),
         registered_model=registered.get("registered_model"), model_version=registered.get("model_version"),
         model_alias=registered.get("model_alias"), backend=predictor.backend, device=str(device), tta=cfg.tta,

@@ -7,6 +7,8 @@ log-likelihood on the validation split: the predicted class never changes, only 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -15,11 +17,16 @@ REVIEW_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 T_RANGE = (0.05, 20.0)
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The T > 0 that minimizes the mean cross-entropy of softmax(logits / T) against labels (1.0 for no logits)."""
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, str]:
+    """(T, "") for the T > 0 that minimizes the mean cross-entropy of softmax(logits / T) against labels; (1.0, why)
+    when the data cannot tell: no images, no mistakes (the fit would run T to 0: every answer ~100% sure), or no
+    finite result. Rows with a non-finite logit are left out."""
+    finite = torch.isfinite(logits).all(1)
+    logits, labels = logits[finite].detach().double().cpu(), labels[finite].detach().long().cpu()
     if len(logits) == 0:
-        return 1.0
-    logits, labels = logits.detach().double().cpu(), labels.detach().long().cpu()
+        return 1.0, "no finite logits to fit on"
+    if bool((logits.argmax(1) == labels).all()):
+        return 1.0, "no mistakes on validation to fit on"
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # T = exp(log_t): positive by construction
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
@@ -31,7 +38,22 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(*T_RANGE))
+    temperature = float(log_t.detach().exp())
+    if not math.isfinite(temperature):
+        return 1.0, "the fit did not converge"
+    return min(max(temperature, T_RANGE[0]), T_RANGE[1]), ""
+
+
+def check_temperature(value) -> float:
+    """A stored temperature as a float; ValueError unless it is a finite number in T_RANGE."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not T_RANGE[0] <= value <= T_RANGE[1]:
+        raise ValueError(f"temperature {value!r} is not a number in [{T_RANGE[0]}, {T_RANGE[1]}]")
+    return float(value)
+
+
+def temperature_for(meta: dict, tta: int) -> float:
+    """The temperature a model's answers at a TTA level take: the one fitted at that level, else the plain one."""
+    return meta.get("tta_temperatures", {}).get(str(tta), meta.get("temperature", 1.0))
 
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -82,6 +104,6 @@ def held_out_ece(logits: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> f
     halves = order[: len(order) // 2], order[len(order) // 2:]
     errors = []
     for fit, score in (halves, halves[::-1]):
-        confidence, predicted = probabilities(logits[score], fit_temperature(logits[fit], labels[fit])).max(1)
+        confidence, predicted = probabilities(logits[score], fit_temperature(logits[fit], labels[fit])[0]).max(1)
         errors.append(expected_calibration_error(confidence, predicted == labels[score]))
     return sum(errors) / 2

@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 
 from atomic import atomic_path
+from calibration import check_temperature
 from config import ConfigError, ModelConfig
 from model import build_model
 
-FORMAT_VERSION = 2  # 2 added channels and resize (a version-1 file is RGB, squashed)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 added channels and resize (a version-1 file is RGB, squashed); 3 the calibration temperatures
+READABLE_VERSIONS = (1, 2, 3)
 REQUIRED = ("state_dict", "model_config", "classes", "mean", "std", "image_size")
 
 
@@ -34,6 +35,7 @@ def check_writable(path: str | Path, flag: str = "--out") -> None:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: ModelConfig, classes, mean, std,
                     image_size: int, channels: int = 3, resize: str = "squash", metrics: dict, temperature: float = 1.0,
+                    tta_temperatures: dict[str, float] | None = None,
                     mlflow_run_id: str | None = None, extra: dict | None = None) -> Path:
     """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
     path = Path(path)
@@ -48,6 +50,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, *, model_config: M
         "channels": int(channels),
         "resize": str(resize),
         "temperature": float(temperature),  # calibration: served probabilities are softmax(logits / temperature)
+        "tta_temperatures": {str(k): float(v) for k, v in (tta_temperatures or {}).items()},  # per TTA level, if fitted
         "metrics": {k: float(v) for k, v in metrics.items()},
         "mlflow_run_id": mlflow_run_id,
         "torch_version": str(torch.__version__),
@@ -77,6 +80,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     meta.setdefault("channels", 3)
     meta.setdefault("resize", "squash")
     meta.setdefault("temperature", 1.0)  # written before calibration: probabilities as the model gives them
+    meta.setdefault("tta_temperatures", {})
+    try:
+        check_temperature(meta["temperature"])
+        [check_temperature(t) for t in meta["tta_temperatures"].values()]
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: a bad calibration temperature ({e}). Re-create it: {hint}") from None
     try:
         cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
         model = build_model(cfg, num_classes=len(meta["classes"]), image_size=meta["image_size"], in_chans=meta["channels"])

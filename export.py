@@ -29,8 +29,8 @@ from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 from predictor import METADATA_KEY
 
 FORMATS = ("torchscript", "onnx")
-META_FIELDS = ("classes", "image_size", "channels", "resize", "mean", "std", "temperature", "model_config", "metrics",
-               "mlflow_run_id")
+META_FIELDS = ("classes", "image_size", "channels", "resize", "mean", "std", "temperature", "tta_temperatures",
+               "model_config", "metrics", "mlflow_run_id")
 
 
 class Uint8Classifier(nn.Module):

@@ -56,8 +56,9 @@ def final_scores(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, r
     final = {"best_epoch": best_epoch, "val_acc": val["acc"], "val_macro_f1": val["macro_f1"],
              "val_loss": val["loss"], "train_seconds": train_seconds}
     line = f"best epoch {best_epoch} (by {cfg.select_metric}): val acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}"
+    tta = None
     if cfg.tta:
-        tta = evaluate(model, batches(data.val, "val with TTA"), len(data.classes), rt, tta=cfg.tta)
+        tta = evaluate(model, batches(data.val, "val with TTA"), len(data.classes), rt, tta=cfg.tta, per_image=True)
         final.update(val_acc_tta=tta["acc"], val_macro_f1_tta=tta["macro_f1"])
         line += f"  with TTA level {cfg.tta}: {tta['acc']:.4f}"
     test = None
@@ -67,6 +68,9 @@ def final_scores(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, r
         line += f"  test acc {test['acc']:.4f} macro-F1 {test['macro_f1']:.4f}"
     print(line + f"  ({train_seconds:.0f}s training)")
     final.update(calibrate(val, data.val.labels, test, data.test.labels if test is not None else None))
+    if tta is not None:  # the server's CATER_TTA at this level gets its own temperature: averaged views are less sure
+        final["temperature_tta"], why = fit_temperature(tta["logits"], data.val.labels)
+        print(f"calibration at TTA level {cfg.tta}: temperature {final['temperature_tta']:.3f}" + (f" ({why})" if why else ""))
     print(f"{'class':<24} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>7}")
     for i, name in enumerate(data.classes):
         print(f"{name[:24]:<24} {val['precision'][i]:>9.3f} {val['recall'][i]:>7.3f} {val['f1'][i]:>6.3f} {val['support'][i]:>7}")
@@ -128,9 +132,9 @@ def calibrate(val: dict, val_labels: torch.Tensor, test: dict | None, test_label
     """Temperature scaling fitted on the validation logits (what the checkpoint's temperature will be), with the
     calibration error before and after on validation and, held out from the fit, on test. val's "confidence" becomes
     the calibrated one, as served."""
-    temperature = fit_temperature(val["logits"], val_labels)
+    temperature, why = fit_temperature(val["logits"], val_labels)
     metrics = {"temperature": temperature}
-    line = f"calibration: temperature {temperature:.3f}; ECE"
+    line = f"calibration: temperature {temperature:.3f}" + (f" (kept at 1: {why})" if why else "") + "; ECE"
     for name, result, labels in (("val", val, val_labels), ("test", test, test_labels)):
         if result is None:
             continue
@@ -151,7 +155,9 @@ def final_report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, r
     unless the run was interrupted (then a --resume logs it once, when it finishes), logged to MLflow."""
     val, test, final = final_scores(model, data, data_cfg, cfg, rt, best_epoch, train_seconds)
     history = [{k: float(v) for k, v in h.items()} for h in history]
-    path = save_checkpoint(cfg.out, model, metrics=final, temperature=final["temperature"], **{**ckpt_info, "extra": {**ckpt_info["extra"], "history": history}})
+    temperatures = {str(cfg.tta): final["temperature_tta"]} if "temperature_tta" in final else {}
+    path = save_checkpoint(cfg.out, model, metrics=final, temperature=final["temperature"],
+                           tta_temperatures=temperatures, **{**ckpt_info, "extra": {**ckpt_info["extra"], "history": history}})
     print(f"saved {path}")
     if interrupted:
         print("stopped early: the plots, the MLflow model and its registration are logged when the run finishes")

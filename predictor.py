@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from calibration import probabilities
+from calibration import probabilities, temperature_for
 from checkpoint import READABLE_VERSIONS, CheckpointError, load_checkpoint
 from model import predict_logits
 from transforms import normalize, tta_views
@@ -42,7 +42,7 @@ class TorchPredictor:
         with torch.inference_mode():
             x = normalize(images.to(self.device, non_blocking=True), self.meta["mean"], self.meta["std"])
             x = x.contiguous(memory_format=torch.channels_last)
-            return probabilities(predict_logits(self.model, x, tta), self.meta["temperature"]).cpu()
+            return probabilities(predict_logits(self.model, x, tta), temperature_for(self.meta, tta)).cpu()
 
 
 def frozen_graph(model: torch.nn.Module, meta: dict, device: torch.device) -> torch.nn.Module:
@@ -98,7 +98,7 @@ class OnnxPredictor:
         views = tta_views(images.float(), tta)  # exact integer pixels: flips and shifts move them, nothing mixes
         logits = sum(weight * torch.from_numpy(self.session.run(["logits"], {"images": view.to(torch.uint8).numpy()})[0])
                      for weight, view in views)
-        return probabilities(logits, self.meta.get("temperature", 1.0))
+        return probabilities(logits, temperature_for(self.meta, tta))
 
 
 def load_predictor(path: str | Path, device: torch.device, threads: int) -> TorchPredictor | OnnxPredictor:

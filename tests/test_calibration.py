@@ -32,8 +32,8 @@ def calibrated_logits(n: int = 4000, k: int = 10, seed: int = 0) -> tuple[torch.
 @pytest.mark.parametrize("scale", [0.5, 1.0, 3.0])
 def test_temperature_undoes_over_and_under_confidence(scale):
     logits, labels = calibrated_logits()
-    temperature = calibration.fit_temperature(logits * scale, labels)
-    assert temperature == pytest.approx(scale, rel=0.1)
+    temperature, why = calibration.fit_temperature(logits * scale, labels)
+    assert temperature == pytest.approx(scale, rel=0.1) and why == ""
     confidence, predicted = calibration.probabilities(logits * scale, temperature).max(1)
     before = calibration.probabilities(logits * scale).max(1)
     assert torch.equal(predicted, before.indices)  # the answer never changes, only how sure it is
@@ -48,6 +48,16 @@ def test_the_held_out_error_is_what_a_fitted_temperature_leaves_on_new_images():
     held_out = calibration.held_out_ece(logits * 3, labels)
     confidence, predicted = calibration.probabilities(logits * 3).max(1)
     assert held_out < 0.05 < calibration.expected_calibration_error(confidence, predicted == labels)
+
+
+def test_a_temperature_is_only_fitted_where_the_data_can_tell():
+    logits, labels = calibrated_logits(n=500)
+    assert calibration.fit_temperature(logits, logits.argmax(1)) == (1.0, "no mistakes on validation to fit on")
+    assert calibration.fit_temperature(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long))[0] == 1.0
+    broken = logits.clone()
+    broken[0, 0], broken[1, 1] = float("inf"), float("nan")  # an overflow on two images: left out, not NaN
+    temperature, why = calibration.fit_temperature(broken * 3, labels)
+    assert temperature == pytest.approx(calibration.fit_temperature(logits[2:] * 3, labels[2:])[0]) and why == ""
 
 
 def test_expected_calibration_error_by_hand():
@@ -70,12 +80,13 @@ def test_coverage_rises_in_accuracy_as_answers_go_to_review():
 
 @pytest.fixture(scope="module")
 def hot_checkpoint(tmp_path_factory):
-    """The tiny checkpoint with a temperature of 4: its served probabilities are much flatter."""
+    """The tiny checkpoint with a temperature of 4 (2 at TTA level 2): its served probabilities are much flatter."""
     path = tiny_checkpoint(tmp_path_factory.mktemp("calib") / "cnn.pt", CLASSES)
     model, meta = load_checkpoint(path)
     hot = path.with_name("hot.pt")
     save_checkpoint(hot, model, model_config=model.cfg, classes=meta["classes"], mean=meta["mean"], std=meta["std"],
-                    image_size=meta["image_size"], metrics={}, temperature=4.0)
+                    image_size=meta["image_size"], metrics={}, temperature=4.0,
+                    tta_temperatures={"2": 2.0})
     return path, hot
 
 
@@ -92,9 +103,13 @@ def test_the_checkpoint_temperature_is_applied_by_pytorch_and_onnx(hot_checkpoin
     x = images()
     logits = torch.log(plain.probabilities(x, 0))
     assert torch.allclose(hot.probabilities(x, 0), torch.softmax(logits / 4, 1), atol=1e-5)
+    assert torch.allclose(hot.probabilities(x, 2), torch.softmax(torch.log(plain.probabilities(x, 2)) / 2, 1), atol=1e-5)
+    assert torch.allclose(hot.probabilities(x, 1), torch.softmax(torch.log(plain.probabilities(x, 1)) / 4, 1), atol=1e-5)
     onnx_path = export.export(hot_path, ["onnx"], tmp_path)["onnx"]
     assert export.read_metadata(onnx_path)["temperature"] == 4.0
-    assert torch.allclose(OnnxPredictor(onnx_path, 1).probabilities(x, 0), hot.probabilities(x, 0), atol=1e-4)
+    onnx = OnnxPredictor(onnx_path, 1)
+    for tta in (0, 2):
+        assert torch.allclose(onnx.probabilities(x, tta), hot.probabilities(x, tta), atol=1e-4)
 
 
 def png(seed: int) -> str:

@@ -51,6 +51,7 @@ def test_train_logs_run_and_writes_loadable_checkpoint(cifar_dir, tmp_path, trac
     assert {"val_acc", "val_acc_tta", "best_epoch", "train_seconds", "val_ece", "val_ece_uncalibrated",
             "val_ece_held_out"} <= set(meta["metrics"])
     assert meta["temperature"] == meta["metrics"]["temperature"] > 0  # fitted on validation, served from the checkpoint
+    assert meta["tta_temperatures"] == {"1": meta["metrics"]["temperature_tta"]}  # and at the --tta level
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
     run = tracking.get_run(meta["mlflow_run_id"])
@@ -318,15 +319,20 @@ def test_checkpoint_of_an_unknown_format_version_is_refused(tmp_path):
     save_checkpoint(path, model, model_config=model.cfg, classes=[str(i) for i in range(10)], mean=(0.5,) * 3,
                     std=(0.2,) * 3, image_size=32, metrics={})
     meta = torch.load(path, weights_only=True)
-    assert meta["format_version"] == 2 and meta["channels"] == 3 and meta["resize"] == "squash"
+    assert meta["format_version"] == 3 and meta["channels"] == 3 and meta["resize"] == "squash"
+    assert meta["temperature"] == 1.0 and meta["tta_temperatures"] == {}
     meta["format_version"] = 99
     torch.save(meta, path)
     with pytest.raises(CheckpointError, match="format version 99"):
         load_checkpoint(path)
-    del meta["channels"], meta["resize"]  # a version-1 file: RGB, squashed
+    for bad in (float("nan"), 0.0, -1.0, "2"):  # a temperature that would make every answer NaN or nonsense
+        torch.save({**meta, "format_version": 3, "temperature": bad}, path)
+        with pytest.raises(CheckpointError, match="temperature"):
+            load_checkpoint(path)
+    del meta["channels"], meta["resize"], meta["temperature"], meta["tta_temperatures"]  # version 1: RGB, squashed
     meta["format_version"] = 1
     torch.save(meta, path)
-    assert load_checkpoint(path)[1]["channels"] == 3
+    assert load_checkpoint(path)[1]["channels"] == 3 and load_checkpoint(path)[1]["temperature"] == 1.0
 
 
 def test_class_metric_names_are_valid_in_mlflow_and_distinct():
