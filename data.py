@@ -124,8 +124,18 @@ def holds_cifar10(data_dir: Path) -> bool:
 
 
 def looks_like_folder(data_dir: Path) -> bool:
-    """A folder of class folders (or train/) and no CIFAR-10 files: what --dataset folder reads."""
-    return data_dir.is_dir() and not holds_cifar10(data_dir) and bool(class_folders(data_dir))
+    """No CIFAR-10 files, and train/ or a sub-folder holding image files: what --dataset folder reads."""
+    if not data_dir.is_dir() or holds_cifar10(data_dir):
+        return False
+    return (data_dir / "train").is_dir() or any(holds_images(data_dir / name) for name in class_folders(data_dir)[:8])
+
+
+def holds_images(folder: Path) -> bool:
+    """Whether an image file is under folder, at any depth (stops at the first)."""
+    for _, _, files in os.walk(folder):
+        if any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files):
+            return True
+    return False
 
 
 def find_cifar10(data_dir: Path, download: bool):

@@ -86,6 +86,8 @@ def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0, across
 MISTAKES = 16  # the most confidently wrong images shown
 LISTED = 10  # unreadable files printed (the page lists up to PAGE_LISTED)
 PAGE_LISTED = 200
+REPORT_FILES = ("index.html", "metrics.json", "predictions.csv", "confusion_matrix.png", "confusion_matrix_normalized.png",
+                "reliability.png", "coverage.png", "mistakes.png")
 
 
 def labelled_files(data_dir: Path, classes: list[str]) -> tuple[Path, list[str], list[int]]:
@@ -304,9 +306,9 @@ def log_to_mlflow(result: dict, out_dir: Path, experiment: str, run_name: str, t
         tracker.log_metrics({"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "ece": result["ece"],
                              "n": result["n"], "unreadable": unreadable,
                              **{f"f1_{name}": result["f1"][i] for i, name in enumerate(metric_names(classes))}})
-        for path in sorted(out_dir.iterdir()):
-            if path.is_file() and not path.name.startswith("."):
-                tracker.log_artifact(str(path), artifact_path="report")
+        for name in REPORT_FILES:  # what the report wrote, nothing else the folder may hold
+            if (out_dir / name).is_file():
+                tracker.log_artifact(str(out_dir / name), artifact_path="report")
         status = "FINISHED"
         return tracker.run_id, dict(found.metrics)
     finally:
@@ -314,16 +316,20 @@ def log_to_mlflow(result: dict, out_dir: Path, experiment: str, run_name: str, t
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    serve = ServeConfig()
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True,
                         help="the labelled folder: <class>/ subfolders of images, or a test/ subfolder laid out so")
-    parser.add_argument("--model", default=os.environ.get("CATER_MODEL_PATH", serve.model_path),
+    try:  # the defaults are what `make serve` would do: CATER_MODEL_PATH, CATER_TTA, CATER_TOP_K, CATER_REVIEW_BELOW
+        serve = ServeConfig.from_env()
+    except ConfigError as e:
+        parser.error(str(e))
+    parser.add_argument("--model", default=serve.model_path,
                         help="a checkpoint, an ONNX export or models:/<name>@<alias> (default: what make serve serves, "
                              "CATER_MODEL_PATH or %(default)s)")
     parser.add_argument("--out-dir", default="", help="where the report goes (default: reports/evaluate-<data folder>)")
     parser.add_argument("--tta", type=int, choices=(0, 1, 2), default=serve.tta, help="test-time augmentation level")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", default=serve.device,
+                        help="auto, cpu, cuda or cuda:N (default: CATER_DEVICE or %(default)s)")
     parser.add_argument("--experiment", default="cater-evaluate", help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the report only, no MLflow run")
     args = parser.parse_args(argv)

@@ -119,18 +119,23 @@ def predict_folder(folder: Path, predictor, out: Path, tta: int, top_k: int, rev
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    serve = ServeConfig()
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="the folder of images (searched at any depth)")
-    parser.add_argument("--model", default=os.environ.get("CATER_MODEL_PATH", serve.model_path),
+    try:  # the defaults are what `make serve` would do: CATER_MODEL_PATH, CATER_TTA, CATER_TOP_K, CATER_REVIEW_BELOW
+        serve = ServeConfig.from_env()
+    except ConfigError as e:
+        parser.error(str(e))
+    parser.add_argument("--model", default=serve.model_path,
                         help="a checkpoint, an ONNX export or models:/<name>@<alias> (default: what make serve serves, "
                              "CATER_MODEL_PATH or %(default)s)")
     parser.add_argument("--out", default="predictions.csv", help="the CSV written (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=serve.top_k, help="classes listed per image (default: %(default)s)")
-    parser.add_argument("--review-below", type=float, default=0.0,
-                        help="mark answers whose confidence is below this with review=true (default: none)")
+    parser.add_argument("--review-below", type=float, default=serve.review_below,
+                        help="mark answers whose confidence is below this with review=true (default: CATER_REVIEW_BELOW "
+                             "or %(default)s, none)")
     parser.add_argument("--tta", type=int, choices=(0, 1, 2), default=serve.tta, help="test-time augmentation level")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--device", default=serve.device,
+                        help="auto, cpu, cuda or cuda:N (default: CATER_DEVICE or %(default)s)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")

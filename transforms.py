@@ -20,9 +20,10 @@ REDUCIBLE_MODES = ("L", "RGB", "CMYK", "YCbCr", "I", "F")  # box-averaging their
 
 def draft(image: Image.Image, size: int) -> Image.Image:
     """A JPEG not yet decoded set to decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, far cheaper than a full
-    decode) while its short side stays at least twice `size`. A no-op for other formats and for a loaded image, so
-    every path that opens a file (training folders, uploads, predict) gets the same pixels whether or not it
-    drafted first."""
+    decode) while its short side stays at least twice `size`; a no-op for other formats and for a loaded image.
+    Every path of this repo that opens a file (training folders, uploads, predict, evaluate) drafts before loading,
+    and pil_to_uint8 drafts an image still unloaded, so they all see the same pixels. An image the caller has
+    already loaded (or converted) is decoded whole: close, but not the same pixels, for a large JPEG."""
     if min(image.size) >= 4 * size:
         image.draft(None, (2 * size, 2 * size))
     return image

@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     calib_after = calib_img_s()
     if served.errors:
         print(f"warning: {served.errors} server errors, the first: {served.first_error}", file=sys.stderr)
+    if served.errors == args.images:
+        print("error: the server answered no request (its log is in --logs)", file=sys.stderr)
+        return 1
     predict_rate = args.images / predict_s
     print(markdown_table([
         ["how", "images", "seconds", "images/s"],

@@ -189,3 +189,6 @@ def test_a_data_dir_of_class_folders_is_read_as_a_folder_without_the_flag(tmp_pa
     assert data_cfg.channels == 1  # and the folder's own settings are chosen, as with --dataset folder
     assert settings.decide(["--data-dir", str(cifar_dir)]).data.dataset == "cifar10"
     assert settings.decide(["--data-dir", str(tmp_path / "absent")]).data.dataset == "cifar10"  # downloaded there
+    (tmp_path / "shared" / "notes").mkdir(parents=True)  # a data root with other things in it: no image, no guess
+    (tmp_path / "shared" / "notes" / "README.txt").write_text("x")
+    assert settings.decide(["--data-dir", str(tmp_path / "shared")]).data.dataset == "cifar10"

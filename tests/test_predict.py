@@ -104,14 +104,32 @@ def test_make_predict_runs_as_a_real_process_under_1024_open_files(checkpoint, f
 
 
 def test_an_onnx_export_predicts_as_its_checkpoint(checkpoint, folder, tmp_path):
+    """With a calibration temperature (3), which both must apply."""
     import export
+    from checkpoint import load_checkpoint, save_checkpoint
 
-    onnx_path = export.export(checkpoint, ["onnx"], tmp_path)["onnx"]
-    assert predict.main(["--data-dir", str(folder), "--model", str(checkpoint), "--out", str(tmp_path / "pt.csv")]) == 0
-    assert predict.main(["--data-dir", str(folder), "--model", str(onnx_path), "--out", str(tmp_path / "onnx.csv")]) == 0
+    model, meta = load_checkpoint(checkpoint)
+    calibrated = save_checkpoint(tmp_path / "calibrated.pt", model, model_config=model.cfg, classes=meta["classes"],
+                                 mean=meta["mean"], std=meta["std"], image_size=32, metrics={}, temperature=3.0)
+    onnx_path = export.export(calibrated, ["onnx"], tmp_path)["onnx"]
+    for model_path, out in ((calibrated, "pt.csv"), (onnx_path, "onnx.csv")):
+        assert predict.main(["--data-dir", str(folder), "--model", str(model_path), "--out", str(tmp_path / out),
+                             "--device", "cpu"]) == 0
     from_pt, from_onnx = read_rows(tmp_path / "pt.csv"), read_rows(tmp_path / "onnx.csv")
     assert from_pt.keys() == from_onnx.keys()
     for name, row in from_pt.items():
         assert from_onnx[name]["class_name"] == row["class_name"] and from_onnx[name]["error"] == row["error"]
         if not row["error"]:
             assert float(from_onnx[name]["confidence"]) == pytest.approx(float(row["confidence"]), abs=1e-4)
+
+
+def test_the_defaults_are_what_make_serve_would_do(checkpoint, folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CATER_MODEL_PATH", str(checkpoint))
+    monkeypatch.setenv("CATER_REVIEW_BELOW", "1.0")
+    assert predict.main(["--data-dir", str(folder), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    rows = [r for r in read_rows(tmp_path / "p.csv").values() if not r["error"]]
+    assert len(rows) == 3 and all(r["review"] == "true" for r in rows)
+    monkeypatch.setenv("CATER_TTA", "7")
+    with pytest.raises(SystemExit):
+        predict.main(["--data-dir", str(folder)])
+    assert "CATER_TTA" in capsys.readouterr().err
