@@ -90,7 +90,7 @@ def test_transfer_through_training_checkpoint_and_predict(gray_folder, weights_f
     assert info["channels"] == 1 and info["resize"] == "pad"
     x = eval_transform(32, meta["mean"], meta["std"], 1, "pad")(image).unsqueeze(0)
     with torch.no_grad():
-        expected = torch.softmax(model(x), 1)[0]
+        expected = torch.softmax(model(x) / meta["temperature"], 1)[0]  # calibrated, as served
     top = answer.json()["top_k"]
     assert [t["class_name"] for t in top] == [meta["classes"][i] for i in expected.argsort(descending=True).tolist()]
     assert top[0]["confidence"] == pytest.approx(expected.max().item(), abs=1e-4)
