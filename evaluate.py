@@ -31,16 +31,11 @@ import distributed
 import report
 from atomic import atomic_path
 from calibration import REVIEW_THRESHOLDS, coverage, expected_calibration_error, reliability
-from checkpoint import CheckpointError
-from config import ConfigError
 from decode import DataError, list_images, open_image
-from loading import load_model
 from model import CnnClassifier, predict_logits
-from predict import classify
-from registry import RegistryError
-from runtime import Runtime, available_cores
+from predict import add_model_arguments, classify, open_model
+from runtime import Runtime
 from scores import class_scores
-from serve_config import ServeConfig
 
 
 EVAL_PIXELS = 1000 * 32 * 32  # pixels per evaluation batch for our nets: 1000 CIFAR-sized images
@@ -319,17 +314,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True,
                         help="the labelled folder: <class>/ subfolders of images, or a test/ subfolder laid out so")
-    try:  # the defaults are what `make serve` would do: CATER_MODEL_PATH, CATER_TTA, CATER_TOP_K, CATER_REVIEW_BELOW
-        serve = ServeConfig.from_env()
-    except ConfigError as e:
-        parser.error(str(e))
-    parser.add_argument("--model", default=serve.model_path,
-                        help="a checkpoint, an ONNX export or models:/<name>@<alias> (default: what make serve serves, "
-                             "CATER_MODEL_PATH or %(default)s)")
+    add_model_arguments(parser)
     parser.add_argument("--out-dir", default="", help="where the report goes (default: reports/evaluate-<data folder>)")
-    parser.add_argument("--tta", type=int, choices=(0, 1, 2), default=serve.tta, help="test-time augmentation level")
-    parser.add_argument("--device", default=serve.device,
-                        help="auto, cpu, cuda or cuda:N (default: CATER_DEVICE or %(default)s)")
     parser.add_argument("--experiment", default="cater-evaluate", help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the report only, no MLflow run")
     args = parser.parse_args(argv)
@@ -341,13 +327,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = available_cores()
-    torch.set_num_threads(threads)
-    try:
-        predictor, registered = load_model(args.model, args.device, threads, "--device")
-    except (CheckpointError, ConfigError, RegistryError) as e:
-        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+    if (opened := open_model(args)) is None:
         return 2
+    predictor, registered, threads = opened
     meta, data_dir = predictor.meta, Path(args.data_dir)
     try:
         root, paths, labels = labelled_files(data_dir, meta["classes"])

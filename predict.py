@@ -118,24 +118,44 @@ def predict_folder(folder: Path, predictor, out: Path, tta: int, top_k: int, rev
     return done, failed
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", required=True, help="the folder of images (searched at any depth)")
-    try:  # the defaults are what `make serve` would do: CATER_MODEL_PATH, CATER_TTA, CATER_TOP_K, CATER_REVIEW_BELOW
+def add_model_arguments(parser: argparse.ArgumentParser) -> ServeConfig:
+    """--model, --tta and --device, defaulting to what `make serve` would do (CATER_MODEL_PATH, CATER_TTA,
+    CATER_DEVICE); returns the server's settings, for the other defaults (CATER_TOP_K, CATER_REVIEW_BELOW)."""
+    try:
         serve = ServeConfig.from_env()
     except ConfigError as e:
         parser.error(str(e))
     parser.add_argument("--model", default=serve.model_path,
                         help="a checkpoint, an ONNX export or models:/<name>@<alias> (default: what make serve serves, "
                              "CATER_MODEL_PATH or %(default)s)")
+    parser.add_argument("--tta", type=int, choices=(0, 1, 2), default=serve.tta,
+                        help="test-time augmentation level (default: CATER_TTA or %(default)s)")
+    parser.add_argument("--device", default=serve.device,
+                        help="auto, cpu, cuda or cuda:N (default: CATER_DEVICE or %(default)s)")
+    return serve
+
+
+def open_model(args: argparse.Namespace):
+    """(predictor, registry info, threads) for args.model on args.device; None after printing why it cannot be."""
+    threads = available_cores()
+    torch.set_num_threads(threads)
+    try:
+        predictor, registered = load_model(args.model, args.device, threads, "--device")
+    except (CheckpointError, ConfigError, RegistryError) as e:
+        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+        return None
+    return predictor, registered, threads
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True, help="the folder of images (searched at any depth)")
+    serve = add_model_arguments(parser)
     parser.add_argument("--out", default="predictions.csv", help="the CSV written (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=serve.top_k, help="classes listed per image (default: %(default)s)")
     parser.add_argument("--review-below", type=float, default=serve.review_below,
                         help="mark answers whose confidence is below this with review=true (default: CATER_REVIEW_BELOW "
                              "or %(default)s, none)")
-    parser.add_argument("--tta", type=int, choices=(0, 1, 2), default=serve.tta, help="test-time augmentation level")
-    parser.add_argument("--device", default=serve.device,
-                        help="auto, cpu, cuda or cuda:N (default: CATER_DEVICE or %(default)s)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
@@ -148,13 +168,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = available_cores()
-    torch.set_num_threads(threads)
-    try:
-        predictor, _ = load_model(args.model, args.device, threads, "--device")
-    except (CheckpointError, ConfigError, RegistryError) as e:
-        print(f"error: --model {args.model}: {e}", file=sys.stderr)
+    if (opened := open_model(args)) is None:
         return 2
+    predictor, _, threads = opened
     start = time.perf_counter()
     try:
         done, failed = predict_folder(Path(args.data_dir), predictor, Path(args.out), args.tta, args.top_k,
