@@ -15,18 +15,22 @@ import torch.nn.functional as F
 BINS = 15  # equal-width confidence bins, as in Guo et al.
 REVIEW_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 T_RANGE = (0.05, 20.0)
+MIN_MISTAKES = 5  # wrong answers on validation below which a temperature is not fitted (kept at 1)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, str]:
     """(T, "") for the T > 0 that minimizes the mean cross-entropy of softmax(logits / T) against labels; (1.0, why)
-    when the data cannot tell: no images, no mistakes (the fit would run T to 0: every answer ~100% sure), or no
-    finite result. Rows with a non-finite logit are left out."""
+    when the data cannot tell: no images, fewer than MIN_MISTAKES mistakes (a handful of them run T towards 0: every
+    answer ~100% sure, and nothing left for review), or a fit outside T_RANGE. Rows with a non-finite logit are left
+    out."""
+    logits, labels = logits.detach().double().cpu(), labels.detach().long().cpu()
     finite = torch.isfinite(logits).all(1)
-    logits, labels = logits[finite].detach().double().cpu(), labels[finite].detach().long().cpu()
+    logits, labels = logits[finite], labels[finite]
     if len(logits) == 0:
         return 1.0, "no finite logits to fit on"
-    if bool((logits.argmax(1) == labels).all()):
-        return 1.0, "no mistakes on validation to fit on"
+    mistakes = int((logits.argmax(1) != labels).sum())
+    if mistakes < MIN_MISTAKES:
+        return 1.0, f"{mistakes} mistake(s) on validation: too few to fit on"
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # T = exp(log_t): positive by construction
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
@@ -41,19 +45,24 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
     temperature = float(log_t.detach().exp())
     if not math.isfinite(temperature):
         return 1.0, "the fit did not converge"
-    return min(max(temperature, T_RANGE[0]), T_RANGE[1]), ""
+    if not T_RANGE[0] < temperature < T_RANGE[1]:
+        return 1.0, f"the fit ran to {temperature:.3g}, outside [{T_RANGE[0]}, {T_RANGE[1]}]"
+    return temperature, ""
 
 
-def check_temperature(value) -> float:
-    """A stored temperature as a float; ValueError unless it is a finite number in T_RANGE."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not T_RANGE[0] <= value <= T_RANGE[1]:
-        raise ValueError(f"temperature {value!r} is not a number in [{T_RANGE[0]}, {T_RANGE[1]}]")
-    return float(value)
+def check_temperatures(meta: dict) -> None:
+    """ValueError unless a model's stored temperatures (plain, and per TTA level) are numbers in T_RANGE."""
+    tta = meta.get("tta_temperatures") or {}
+    if not isinstance(tta, dict):
+        raise ValueError(f"tta_temperatures {tta!r} is not a mapping")
+    for value in (meta.get("temperature", 1.0), *tta.values()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not T_RANGE[0] <= value <= T_RANGE[1]:
+            raise ValueError(f"temperature {value!r} is not a number in [{T_RANGE[0]}, {T_RANGE[1]}]")
 
 
 def temperature_for(meta: dict, tta: int) -> float:
     """The temperature a model's answers at a TTA level take: the one fitted at that level, else the plain one."""
-    return meta.get("tta_temperatures", {}).get(str(tta), meta.get("temperature", 1.0))
+    return (meta.get("tta_temperatures") or {}).get(str(tta), meta.get("temperature", 1.0))
 
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

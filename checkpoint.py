@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from atomic import atomic_path
-from calibration import check_temperature
+from calibration import check_temperatures
 from config import ConfigError, ModelConfig
 from model import build_model
 
@@ -80,11 +80,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     meta.setdefault("channels", 3)
     meta.setdefault("resize", "squash")
     meta.setdefault("temperature", 1.0)  # written before calibration: probabilities as the model gives them
-    meta.setdefault("tta_temperatures", {})
+    meta["tta_temperatures"] = meta.get("tta_temperatures") or {}
     try:
-        check_temperature(meta["temperature"])
-        [check_temperature(t) for t in meta["tta_temperatures"].values()]
-    except (ValueError, AttributeError) as e:
+        check_temperatures(meta)
+    except ValueError as e:
         raise CheckpointError(f"{path}: a bad calibration temperature ({e}). Re-create it: {hint}") from None
     try:
         cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})

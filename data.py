@@ -124,16 +124,17 @@ def holds_cifar10(data_dir: Path) -> bool:
 
 
 def looks_like_folder(data_dir: Path) -> bool:
-    """No CIFAR-10 files, and train/ or a sub-folder holding image files: what --dataset folder reads."""
+    """No CIFAR-10 files, and a sub-folder (train/ or a class) holding image files: what --dataset folder reads."""
     if not data_dir.is_dir() or holds_cifar10(data_dir):
         return False
-    return (data_dir / "train").is_dir() or any(holds_images(data_dir / name) for name in class_folders(data_dir)[:8])
+    return any(holds_images(data_dir / name) for name in class_folders(data_dir)[:8])
 
 
 def holds_images(folder: Path) -> bool:
-    """Whether an image file is under folder, at any depth (stops at the first)."""
-    for _, _, files in os.walk(folder):
-        if any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files):
+    """Whether an image file list_images would read is under folder, at any depth (stops at the first)."""
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__MACOSX"]
+        if any(not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files):
             return True
     return False
 

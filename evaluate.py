@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import distributed
 import report
 from atomic import atomic_path
-from calibration import REVIEW_THRESHOLDS, coverage, expected_calibration_error, reliability
+from calibration import REVIEW_THRESHOLDS, coverage, expected_calibration_error, reliability, temperature_for
 from decode import DataError, list_images, open_image
 from model import CnnClassifier, predict_logits
 from predict import add_model_arguments, classify, open_model
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     result = score(probs, labels, meta["classes"])
     details = [("model", args.model), ("data", str(root)), ("images scored", str(result["n"])),
                ("unreadable files", str(len(unreadable))), ("test-time augmentation", str(args.tta)),
-               ("temperature", f"{meta['temperature']:.3f}" if meta.get("temperature") else "none"),
+               ("temperature", f"{temperature_for(meta, args.tta):.3f}"),
                ("training run", meta.get("mlflow_run_id") or "unknown")]
     details += [(k.replace("_", " "), str(v)) for k, v in registered.items() if v]
     try:

@@ -69,8 +69,12 @@ def final_scores(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, r
     print(line + f"  ({train_seconds:.0f}s training)")
     final.update(calibrate(val, data.val.labels, test, data.test.labels if test is not None else None))
     if tta is not None:  # the server's CATER_TTA at this level gets its own temperature: averaged views are less sure
-        final["temperature_tta"], why = fit_temperature(tta["logits"], data.val.labels)
-        print(f"calibration at TTA level {cfg.tta}: temperature {final['temperature_tta']:.3f}" + (f" ({why})" if why else ""))
+        temperature, why = fit_temperature(tta["logits"], data.val.labels)
+        if why:
+            print(f"calibration at TTA level {cfg.tta}: no temperature of its own ({why}): the plain one serves it")
+        else:
+            final["temperature_tta"] = temperature
+            print(f"calibration at TTA level {cfg.tta}: temperature {temperature:.3f}")
     print(f"{'class':<24} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>7}")
     for i, name in enumerate(data.classes):
         print(f"{name[:24]:<24} {val['precision'][i]:>9.3f} {val['recall'][i]:>7.3f} {val['f1'][i]:>6.3f} {val['support'][i]:>7}")

@@ -121,8 +121,9 @@ def predict_folder(folder: Path, predictor, out: Path, tta: int, top_k: int, rev
 def add_model_arguments(parser: argparse.ArgumentParser) -> ServeConfig:
     """--model, --tta and --device, defaulting to what `make serve` would do (CATER_MODEL_PATH, CATER_TTA,
     CATER_DEVICE); returns the server's settings, for the other defaults (CATER_TOP_K, CATER_REVIEW_BELOW)."""
-    try:
-        serve = ServeConfig.from_env()
+    used = {f"CATER_{name.upper()}" for name in ("model_path", "tta", "device", "top_k", "review_below")}
+    try:  # only the settings used here: a server-only one set wrong is the server's error, not this tool's
+        serve = ServeConfig.from_env({k: v for k, v in os.environ.items() if k in used})
     except ConfigError as e:
         parser.error(str(e))
     parser.add_argument("--model", default=serve.model_path,
@@ -154,8 +155,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="predictions.csv", help="the CSV written (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=serve.top_k, help="classes listed per image (default: %(default)s)")
     parser.add_argument("--review-below", type=float, default=serve.review_below,
-                        help="mark answers whose confidence is below this with review=true (default: CATER_REVIEW_BELOW "
-                             "or %(default)s, none)")
+                        help="mark answers whose confidence is below this with review=true (default: CATER_REVIEW_BELOW, "
+                             "else 0: none; now %(default)s)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from calibration import probabilities, temperature_for
+from calibration import check_temperatures, probabilities, temperature_for
 from checkpoint import READABLE_VERSIONS, CheckpointError, load_checkpoint
 from model import predict_logits
 from transforms import normalize, tta_views
@@ -88,6 +88,10 @@ class OnnxPredictor:
             self.meta = json.loads(self.session.get_modelmeta().custom_metadata_map[METADATA_KEY])
         except Exception as e:  # not ONNX, truncated, or exported by something else (no metadata)
             raise CheckpointError(f"cannot read ONNX model {path}: {e.__class__.__name__}: {e}. {hint}") from None
+        try:
+            check_temperatures(self.meta)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: a bad calibration temperature in its metadata ({e}). {hint}") from None
         version = self.meta.get("format_version")
         if version not in READABLE_VERSIONS:
             raise CheckpointError(f"{path} carries metadata format version {version!r}; this code reads versions "

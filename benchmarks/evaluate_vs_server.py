@@ -1,7 +1,7 @@
 """Does `make evaluate` score what the server answers? The same labelled folder through both, side by side.
 
 1. `python evaluate.py --data-dir <folder> --model <checkpoint> --no-mlflow`, a real process: its metrics.json and
-   predictions.csv.
+   predictions.csv (the report is kept in <logs>/evaluate-report/).
 2. `python api.py` serving the same checkpoint on a free port, sent every image of the folder as one /predict
    request (16 at a time); each answer compared with the label (by class name) and with evaluate's answer.
 Prints both accuracies and ECEs, their difference in points, and how many images got a different class or a
@@ -18,7 +18,6 @@ import csv
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +29,8 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from calibration import expected_calibration_error  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from evaluate import labelled_files  # noqa: E402
 from machine import free_port, markdown_table  # noqa: E402
 from serve_load import Server, start, stop  # noqa: E402
 
@@ -75,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     checkpoint, logs = Path(args.checkpoint).resolve(), Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="evaluate-vs-server-") as tmp:
-        metrics, rows = run_evaluate(Path(args.data_dir), checkpoint, Path(tmp))
-    folder = Path(args.data_dir) / "test" if (Path(args.data_dir) / "test").is_dir() else Path(args.data_dir)
+    metrics, rows = run_evaluate(Path(args.data_dir), checkpoint, logs / "evaluate-report")
+    classes = load_checkpoint(checkpoint)[1]["classes"]
+    folder = labelled_files(Path(args.data_dir), classes)[0]  # the folder evaluate scored (its test/, or itself)
     answers = ask_server(checkpoint, folder, sorted(rows), logs)
     right = torch.tensor([answers[p]["class_name"] == rows[p]["true"] for p in sorted(rows)])
     confidence = torch.tensor([answers[p]["confidence"] for p in sorted(rows)])

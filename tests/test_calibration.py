@@ -52,7 +52,10 @@ def test_the_held_out_error_is_what_a_fitted_temperature_leaves_on_new_images():
 
 def test_a_temperature_is_only_fitted_where_the_data_can_tell():
     logits, labels = calibrated_logits(n=500)
-    assert calibration.fit_temperature(logits, logits.argmax(1)) == (1.0, "no mistakes on validation to fit on")
+    assert calibration.fit_temperature(logits, logits.argmax(1)) == (1.0, "0 mistake(s) on validation: too few to fit on")
+    one_wrong = logits.argmax(1)
+    one_wrong[0] = (one_wrong[0] + 1) % 10  # a single near-certain set of answers would run T to ~0: every answer 100%
+    assert calibration.fit_temperature(logits * 5, one_wrong)[0] == 1.0
     assert calibration.fit_temperature(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long))[0] == 1.0
     broken = logits.clone()
     broken[0, 0], broken[1, 1] = float("inf"), float("nan")  # an overflow on two images: left out, not NaN
@@ -88,6 +91,24 @@ def hot_checkpoint(tmp_path_factory):
                     image_size=meta["image_size"], metrics={}, temperature=4.0,
                     tta_temperatures={"2": 2.0})
     return path, hot
+
+
+def test_a_bad_temperature_in_an_onnx_export_is_refused(hot_checkpoint, tmp_path):
+    import json
+
+    import onnx
+
+    import export
+    from checkpoint import CheckpointError
+
+    path = export.export(hot_checkpoint[1], ["onnx"], tmp_path)["onnx"]
+    proto = onnx.load(str(path))
+    for entry in proto.metadata_props:
+        if entry.key == "cater":
+            entry.value = json.dumps({**json.loads(entry.value), "temperature": float("nan")})
+    onnx.save(proto, str(path))
+    with pytest.raises(CheckpointError, match="temperature"):
+        OnnxPredictor(path, 1)
 
 
 def images(n: int = 6) -> torch.Tensor:

@@ -192,3 +192,6 @@ def test_a_data_dir_of_class_folders_is_read_as_a_folder_without_the_flag(tmp_pa
     (tmp_path / "shared" / "notes").mkdir(parents=True)  # a data root with other things in it: no image, no guess
     (tmp_path / "shared" / "notes" / "README.txt").write_text("x")
     assert settings.decide(["--data-dir", str(tmp_path / "shared")]).data.dataset == "cifar10"
+    (tmp_path / "shared" / "notes" / ".ipynb_checkpoints").mkdir()  # images list_images would skip: still no guess
+    Image.new("L", (8, 8)).save(tmp_path / "shared" / "notes" / ".ipynb_checkpoints" / "x.png")
+    assert settings.decide(["--data-dir", str(tmp_path / "shared")]).data.dataset == "cifar10"

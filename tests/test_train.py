@@ -51,7 +51,8 @@ def test_train_logs_run_and_writes_loadable_checkpoint(cifar_dir, tmp_path, trac
     assert {"val_acc", "val_acc_tta", "best_epoch", "train_seconds", "val_ece", "val_ece_uncalibrated",
             "val_ece_held_out"} <= set(meta["metrics"])
     assert meta["temperature"] == meta["metrics"]["temperature"] > 0  # fitted on validation, served from the checkpoint
-    assert meta["tta_temperatures"] == {"1": meta["metrics"]["temperature_tta"]}  # and at the --tta level
+    fitted = {"1": meta["metrics"]["temperature_tta"]} if "temperature_tta" in meta["metrics"] else {}
+    assert meta["tta_temperatures"] == fitted  # and at the --tta level, where validation has mistakes enough to fit
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
     run = tracking.get_run(meta["mlflow_run_id"])
