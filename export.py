@@ -3,7 +3,7 @@
 Both take uint8 images, N x C x H x W as transforms.pil_to_uint8 makes them (C, H and W from the checkpoint), and return
 logits: the checkpoint's normalization is inside the graph, test-time augmentation is not; calibrated probabilities
 are softmax(logits / temperature). Both carry the checkpoint's metadata as JSON (classes, image_size, channels,
-resize, mean, std, temperature, model_config, format_version, metrics, mlflow_run_id): ONNX in
+resize, mean, std, temperature, tta_temperatures, model_config, format_version, metrics, mlflow_run_id): ONNX in
 its metadata_props under "cater", TorchScript as the extra file "cater.json". Files are written atomically.
 
     python export.py                              # models/cnn.pt -> models/cnn.torchscript.pt, models/cnn.onnx
