@@ -89,7 +89,8 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     total = len(confidence)
     if not total:
         return 0.0
-    return sum(row["n"] / total * abs(row["accuracy"] - row["confidence"]) for row in reliability(confidence, correct, bins))
+    return sum(row["n"] / total * abs(row["accuracy"] - row["confidence"])
+               for row in reliability(confidence, correct, bins))
 
 
 def coverage(confidence: torch.Tensor, correct: torch.Tensor, thresholds=REVIEW_THRESHOLDS) -> list[dict]:

@@ -81,8 +81,8 @@ def evaluate(model, batches, num_classes: int, rt: Runtime, tta: int = 0, across
 MISTAKES = 16  # the most confidently wrong images shown
 LISTED = 10  # unreadable files printed (the page lists up to PAGE_LISTED)
 PAGE_LISTED = 200
-REPORT_FILES = ("index.html", "metrics.json", "predictions.csv", "confusion_matrix.png", "confusion_matrix_normalized.png",
-                "reliability.png", "coverage.png", "mistakes.png")
+REPORT_FILES = ("index.html", "metrics.json", "predictions.csv", "confusion_matrix.png",
+                "confusion_matrix_normalized.png", "reliability.png", "coverage.png", "mistakes.png")
 
 
 def labelled_files(data_dir: Path, classes: list[str]) -> tuple[Path, list[str], list[int]]:

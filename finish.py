@@ -24,8 +24,8 @@ from tracking import Tracker, log_model, metric_names, register
 
 
 def confident_mistakes(val: dict, split: ImageSet, classes: list[str], count: int = 16):
-    """The images of a split (validation, test) predicted wrong with the highest confidence: (images as HxW(xC) uint8 arrays at most
-    128 px, true names, predicted names, confidences), for report.plot_mistakes."""
+    """The images of a split (validation, test) predicted wrong with the highest confidence: (images as HxW(xC)
+    uint8 arrays at most 128 px, true names, predicted names, confidences), for report.plot_mistakes."""
     wrong = (val["predicted"] != split.labels).nonzero().squeeze(1)
     picked = wrong[val["confidence"][wrong].argsort(descending=True)][:count].tolist()
     images = []

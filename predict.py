@@ -153,10 +153,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", required=True, help="the folder of images (searched at any depth)")
     serve = add_model_arguments(parser)
     parser.add_argument("--out", default="predictions.csv", help="the CSV written (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=serve.top_k, help="classes listed per image (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=serve.top_k,
+                        help="classes listed per image (default: CATER_TOP_K or %(default)s)")
     parser.add_argument("--review-below", type=float, default=serve.review_below,
-                        help="mark answers whose confidence is below this with review=true (default: CATER_REVIEW_BELOW, "
-                             "else 0: none; now %(default)s)")
+                        help="mark answers whose confidence is below this with review=true "
+                             "(default: CATER_REVIEW_BELOW, else 0: none; now %(default)s)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
