@@ -13,7 +13,8 @@ import torch
 
 from autoconfig import FolderStats
 from config import DataConfig
-from decode import IMAGE_EXTENSIONS, DataError, check_files, decode_files, list_images, open_image, probe_images
+from decode import (IMAGE_EXTENSIONS, DataError, check_files, decode_files, iter_images, list_images, open_image,
+                    probe_images)
 from transforms import CIFAR10_MEAN, CIFAR10_STD, augment_batch, channel_stats, eval_transform, flip_mask, normalize, train_transform
 
 CIFAR_RECORD = 1 + 3 * 32 * 32
@@ -132,11 +133,7 @@ def looks_like_folder(data_dir: Path) -> bool:
 
 def holds_images(folder: Path) -> bool:
     """Whether an image file list_images would read is under folder, at any depth (stops at the first)."""
-    for _, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__MACOSX"]
-        if any(not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files):
-            return True
-    return False
+    return next(iter_images(folder), None) is not None
 
 
 def find_cifar10(data_dir: Path, download: bool):

@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +28,18 @@ class DataError(RuntimeError):
     """The data is missing or not what was expected; the message names the folder or file."""
 
 
-def list_images(folder: Path) -> list[str]:
-    """Image files under folder, recursively, sorted, skipping hidden files/folders and __MACOSX."""
-    paths = []
+def iter_images(folder: Path) -> Iterator[str]:
+    """Image files under folder, recursively, lazily, in walk order, skipping hidden files/folders and __MACOSX."""
     for parent, dirs, files in os.walk(folder):
         # Pruned in place so os.walk never descends into .git, .ipynb_checkpoints or macOS zip junk.
         dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__MACOSX"]
-        paths += [os.path.join(parent, f) for f in files
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-    return sorted(paths)
+        yield from (os.path.join(parent, f) for f in files
+                    if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def list_images(folder: Path) -> list[str]:
+    """Image files under folder, recursively, sorted (iter_images)."""
+    return sorted(iter_images(folder))
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ import distributed
 import report
 from atomic import atomic_path
 from calibration import REVIEW_THRESHOLDS, coverage, expected_calibration_error, reliability, temperature_for
+from data import class_folders
 from decode import DataError, list_images, open_image
 from model import CnnClassifier, predict_logits
 from predict import add_model_arguments, classify, open_model
@@ -89,7 +90,7 @@ def labelled_files(data_dir: Path, classes: list[str]) -> tuple[Path, list[str],
     """The folder scored (data_dir, or data_dir/test when there is one), its image files and each one's index in the
     model's classes, matched by folder NAME; a DataError names class folders the model does not know, or no images."""
     root = data_dir / "test" if (data_dir / "test").is_dir() and "test" not in classes else data_dir
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+    folders = [root / name for name in class_folders(root)]
     unknown = [d.name for d in folders if d.name not in classes]
     if unknown:
         raise DataError(f"{root}: {len(unknown)} class folder(s) the model does not know: {', '.join(unknown)}. "

@@ -17,7 +17,7 @@ from checkpoint import save_checkpoint
 from config import DataConfig, TrainConfig
 from data import Dataset, ImageSet, eval_batches
 from decode import open_image
-from evaluate import eval_batch_size, evaluate, score, write_report
+from evaluate import eval_batch_size, evaluate, score, worst_mistakes, write_report
 from report import plot_class_scores, plot_confusion, plot_curves, plot_mistakes
 from runtime import Runtime
 from tracking import Tracker, log_model, metric_names, register
@@ -26,8 +26,7 @@ from tracking import Tracker, log_model, metric_names, register
 def confident_mistakes(val: dict, split: ImageSet, classes: list[str], count: int = 16):
     """The images of a split (validation, test) predicted wrong with the highest confidence: (images as HxW(xC)
     uint8 arrays at most 128 px, true names, predicted names, confidences), for report.plot_mistakes."""
-    wrong = (val["predicted"] != split.labels).nonzero().squeeze(1)
-    picked = wrong[val["confidence"][wrong].argsort(descending=True)][:count].tolist()
+    picked = worst_mistakes({**val, "labels": split.labels}, count)
     images = []
     for i in picked:
         if split.images is not None:
