@@ -421,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
             final_report(model, data, run.data_cfg, cfg, run.rt, tracker, ckpt_info, train_seconds, state.best_epoch,
                          state.history, interrupted)
         status = "KILLED" if interrupted else "FINISHED"
+        # The others wait for rank 0's report, so no rank tears its gloo connections down while a peer still holds
+        # them (a rank 1 that left first was once seen to abort at exit: "terminate called without an active
+        # exception").
+        distributed.barrier()
         if not run.rt.ranks.main:
             return 130 if interrupted else 0
         if interrupted:
