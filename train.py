@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
+from budget import PLAN_AFTER_STEPS, Budget
 from checkpoint import check_writable, save_checkpoint
-from config import ConfigError, DataConfig, ModelConfig, TrainConfig, flat_params
+from config import ConfigError, DataConfig, ModelConfig, TrainConfig, flat_params, parse_duration
 from data import DataError, Dataset, eval_batches, load_dataset, total_steps, train_loader
 from evaluate import eval_batch_size, evaluate
 from finish import final_report
-from model import SCRATCH_ARCHS, build_model, freeze_body, init_whitening, whitening_layer
+from model import SCRATCH_ARCHS, build_model, early_layers, hold_statistics, init_whitening, set_trainable, whitening_layer
 from optim import Lookahead, lr_factor, make_optimizer
 from pretrained import WeightsError, load_pretrained, normalization
 from resume import ResumeError, last_path, load_last, restore_rng, rng_states, save_last
@@ -34,6 +35,7 @@ from runtime import Runtime, runtime, unwrap
 from scores import class_weights
 from settings import decide
 from tracking import Tracker, check_tracking_server, git_commit, log_missing_epochs
+from transforms import tta_views
 
 LOOKAHEAD_START_EPOCH = 3  # let the weights move freely first; averaging early only slows learning
 LOOKAHEAD_EVERY = 5
@@ -65,8 +67,11 @@ class NonFiniteLoss(ArithmeticError):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch: int, epochs: int,
-                    cfg: TrainConfig, rt: Runtime, weights: torch.Tensor | None = None) -> dict:
+                    cfg: TrainConfig, rt: Runtime, weights: torch.Tensor | None = None, fixed=(), plan=None) -> dict:
+    """One pass over the loader (or up to state.total_steps). `plan`, when given, is called once with the seconds per
+    step timed over this epoch's first steps, and may lower state.total_steps (a time budget)."""
     model.train()
+    hold_statistics(fixed)
     smoothing = cfg.label_smoothing
     reduction = "mean" if cfg.optimizer == "adam" else "sum"  # SGD and Muon: decoupled hyperparameters (optim.py)
     # DDP averages the ranks' gradients: a loss summed over the rank's shard is scaled back to the global batch's sum
@@ -84,8 +89,15 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
     streak = torch.tensor(float(state.nonfinite_steps), device=rt.device)  # non-finite steps in a row, now
     longest = streak.clone()  # and the longest such run since the last look
     allowed = MAX_SKIPPED_FP16_STEPS if scaler.is_enabled() else 0  # fp16's loss scaler skips a few overflows
-    for i in range(steps):
+    timed_from = None
+    i = 0
+    while i < steps:
         t0 = time.perf_counter()
+        if plan is not None and i == 2:  # the first steps warm the kernels up
+            timed_from = t0
+        elif timed_from is not None and i == 2 + PLAN_AFTER_STEPS:
+            plan((t0 - timed_from) / PLAN_AFTER_STEPS)
+            timed_from, steps = None, min(steps, state.total_steps - state.step + i)
         x, y = next(batches)
         x, y = rt.prepare(x.to(rt.device, non_blocking=True)), y.to(rt.device, non_blocking=True)
         data_seconds += time.perf_counter() - t0
@@ -99,6 +111,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
         scaler.update()
         scheduler.step()
         state.step += 1
+        i += 1
 
         if cfg.lookahead and epoch >= LOOKAHEAD_START_EPOCH and state.step % LOOKAHEAD_EVERY == 0:
             if state.lookahead is None:
@@ -117,7 +130,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
         streak = torch.where(finite, 0.0, streak + 1)
         longest = torch.maximum(longest, streak)
         bar.update(1)
-        if (i + 1) % look_every and i + 1 < steps:
+        if i % look_every and i < steps:
             continue
         loss_sum, correct, seen, run, now = [*totals.tolist(), longest.item(), streak.item()]
         if run > allowed:
@@ -189,6 +202,9 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     if cfg.max_steps:
         state.total_steps = min(state.total_steps, cfg.max_steps)
     weights = loss_weights(data, cfg, rt.device)
+    fixed = early_layers(model, cfg.fixed_stages)  # out of the optimizer: built after they stop needing gradients
+    if fixed:
+        set_trainable(model, False, fixed)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, state.total_steps, cfg))
     whiten = whitening_layer(model)
@@ -202,29 +218,52 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
         if state.stopped:  # the run had stopped early: nothing left to train
             first_epoch = epochs
     eval_size = eval_batch_size(model, data_cfg.image_size)
+    budget = time_budget(cfg, data, start=time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0))
+    most_steps = state.total_steps  # what the epochs (and --max-steps) allow; a budget only ever lowers it
     val_split = data.val.subset(torch.arange(ranks.rank, len(data.val), ranks.world)) if ranks.enabled else data.val
     sampler = getattr(loader, "sampler", None)
-    start = time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
+    start = budget.started if budget else time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
+    whole_from = math.ceil(cfg.freeze_epochs) if can_freeze else 0  # the first epoch that trains the whole network
+    eval_seconds = None  # of the last validation pass, measured
+
+    def replan(step_seconds: float, eval_s: float) -> None:
+        before = state.total_steps
+        fits = budget.steps(time.perf_counter(), step_seconds, len(loader), eval_s)
+        state.total_steps = distributed.share(min(state.total_steps, most_steps, state.step + fits))  # rank 0's plan
+        if state.total_steps < before or first_plan:
+            tqdm.write(f"time budget {cfg.time_budget}: {state.total_steps / len(loader):.1f} of {most_steps / len(loader):.1f} "
+                       f"epochs fit ({step_seconds:.2f}s per step, {eval_s:.0f}s per validation pass, about "
+                       f"{budget.final_seconds(eval_s):.0f}s for the final report)")
+
     try:
         state.saved_epochs = first_epoch
-        for epoch in range(first_epoch, epochs):
+        epoch = first_epoch
+        while epoch < (epochs := math.ceil(state.total_steps / len(loader))):
             if whiten is not None:
                 whiten.bias.requires_grad = epoch < cfg.whiten_bias_epochs
-            if can_freeze:
-                freeze_body(model, epoch < cfg.freeze_epochs)
+            if can_freeze or fixed:
+                set_trainable(model, can_freeze and epoch < cfg.freeze_epochs, fixed)
             trainable = [p.requires_grad for p in model.parameters()]
             if net is None or (ranks.enabled and trainable != wrapped_for):
                 net, wrapped_for = rt.wrap(model, cfg.compile), trainable
             if isinstance(sampler, torch.utils.data.DistributedSampler):
                 sampler.set_epoch(epoch)
-            metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt, weights)
+            first_plan = budget and epoch == max(whole_from, first_epoch) and eval_seconds is None
+            plan = (lambda step_s: replan(step_s, len(data.val) * step_s / cfg.batch_size / 3)) if first_plan else None
+            steps_before = state.step
+            metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt, weights, fixed, plan)
+            epochs = math.ceil(state.total_steps / len(loader))  # a time budget may have lowered it
+            eval_start = time.perf_counter()
             # under DDP the bare model: DDP's forward would broadcast BatchNorm buffers, a collective that every
             # rank must join (they are in sync already: DDP broadcasts them before every training step)
             val = evaluate(model if ranks.enabled else net,
                            eval_batches(val_split, data.mean, data.std, eval_size, data_cfg, rt.device),
                            len(data.classes), rt, across_ranks=ranks.enabled)
+            eval_seconds = time.perf_counter() - eval_start
             metrics.update(val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
                            epoch=epoch + 1, elapsed_s=time.perf_counter() - start)
+            if budget and epoch >= whole_from:  # the estimate above, corrected by what this epoch took
+                replan(metrics["epoch_seconds"] / max(1, state.step - steps_before), eval_seconds)
             state.history.append(metrics)
             improved = keep_best(model, state, val[cfg.select_metric], epoch + 1, cfg)
             tqdm.write(f"epoch {epoch + 1:>3}/{epochs}  train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f}"
@@ -239,15 +278,25 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
                 on_epoch(epoch + 1, metrics)
             if state.stopped:
                 break
+            epoch += 1
     except KeyboardInterrupt:
         state.stopped = "interrupted"
     except NonFiniteLoss as e:
         state.stopped, state.diverged = f"{e}: training diverged (a lower --lr, or --precision fp32, may help)", True
     if state.stopped and not state.diverged:  # main() reports a divergence as the error it is
         tqdm.write(state.stopped)
-    if can_freeze:
-        freeze_body(model, False)
+    if can_freeze or fixed:
+        set_trainable(model, False)
     return state
+
+
+def time_budget(cfg: TrainConfig, data: Dataset, start: float) -> Budget | None:
+    """The run's --time-budget, counted from `start`, with the final report's share of it; None without one."""
+    if not cfg.time_budget:
+        return None
+    views = len(tta_views(torch.zeros(1, 1, 2, 2), cfg.tta)) if cfg.tta else 0
+    final_images = (len(data.val) + (len(data.test) if data.test else 0)) / max(1, len(data.val))
+    return Budget(parse_duration(cfg.time_budget), start, views, final_images)
 
 
 def keep_best(model, state: FitState, score: float, epoch: int, cfg: TrainConfig) -> bool:

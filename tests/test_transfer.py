@@ -17,7 +17,7 @@ import train
 from checkpoint import load_checkpoint
 from config import ModelConfig
 from serve_config import ServeConfig
-from model import build_model
+from model import build_model, early_layers, set_trainable
 from transforms import eval_transform
 
 ARCH = "tf_efficientnet_lite0"
@@ -94,6 +94,36 @@ def test_transfer_through_training_checkpoint_and_predict(gray_folder, weights_f
     top = answer.json()["top_k"]
     assert [t["class_name"] for t in top] == [meta["classes"][i] for i in expected.argsort(descending=True).tolist()]
     assert top[0]["confidence"] == pytest.approx(expected.max().item(), abs=1e-4)
+
+
+def test_fixed_stages_keep_their_imagenet_weights_and_statistics_while_the_rest_trains(gray_folder, weights_file, tmp_path):
+    out = tmp_path / "cnn.pt"
+    code = train.main(["--dataset", "folder", "--data-dir", str(gray_folder), "--arch", ARCH, "--weights", str(weights_file),
+                       "--image-size", "32", "--epochs", "2", "--freeze-epochs", "0", "--fixed-stages", "2", "--no-mlflow", "--out", str(out),
+                       "--workers", "0", "--tta", "0"])
+    assert code == 0
+    trained = load_checkpoint(out)[0].state_dict()
+    start = build_model(ModelConfig(arch=ARCH), num_classes=3, in_chans=1)
+    pretrained.load_pretrained(start, ARCH, str(weights_file))
+    start = start.state_dict()
+    for key in ("conv_stem.weight", "bn1.running_mean", "blocks.0.0.conv_dw.weight", "blocks.1.1.bn2.running_var"):
+        assert torch.equal(trained[key], start[key]), key  # the stem and stages 0-1: weights and BatchNorm statistics
+    for key in ("blocks.2.0.conv_pw.weight", "blocks.2.0.bn1.running_mean", "conv_head.weight"):
+        assert not torch.equal(trained[key], start[key]), key  # stage 2 on trains
+
+
+def test_early_layers_are_the_stem_and_first_stages_of_timm_backbones_only():
+    model = build_model(ModelConfig(arch=ARCH), num_classes=3)
+    assert early_layers(model, 0) == [] and early_layers(build_model(ModelConfig(), num_classes=3), 2) == []
+    assert early_layers(model, 1) == [model.conv_stem, model.bn1, model.blocks[0][0].conv_dw, model.blocks[0][0].bn1,
+                                      model.blocks[0][0].conv_pw, model.blocks[0][0].bn2]
+    everything = early_layers(model, 99)  # never the head
+    assert model.blocks[6] in everything or model.blocks[6][0].conv_pw in everything
+    assert model.get_classifier() not in everything
+    set_trainable(model, head_only=False, fixed=early_layers(model, 2))
+    assert not model.conv_stem.weight.requires_grad and model.blocks[2][0].conv_pw.weight.requires_grad
+    set_trainable(model, head_only=True, fixed=early_layers(model, 2))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["classifier.weight", "classifier.bias"]
 
 
 def test_default_folder_run_fine_tunes_the_packaged_weights(tmp_path, capsys):
