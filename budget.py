@@ -1,11 +1,13 @@
-"""A training time budget (--time-budget, read by config.parse_duration): how many optimizer steps fit in what is left of it.
+"""A training time budget (--time-budget, read by config.parse_duration): how many optimizer steps fit in what is left.
 
-Pure arithmetic on times train.py measures (seconds per step, per evaluation); AutoGluon's time_limit is the model:
-the run ends within the budget, the final report included.
+Pure arithmetic on times train.py measures (seconds per step, per epoch's validation and saving); AutoGluon's
+time_limit is the model. The budget covers training and the final evaluation; loading the data comes before it,
+and logging the model to MLflow after it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 PLAN_AFTER_STEPS = 8  # whole-network steps timed before the first plan (after two more that warm the kernels up)
@@ -13,23 +15,33 @@ PLAN_AFTER_STEPS = 8  # whole-network steps timed before the first plan (after t
 
 @dataclass
 class Budget:
-    """The time a run may take, counted from `started` (time.perf_counter()), and what it is spent on."""
+    """The time a run may take, counted from `started` (time.perf_counter()), and what its final report costs."""
 
     seconds: float
     started: float
-    eval_views: int = 1  # forward passes per image of the final report (its TTA views), beside the plain one
-    final_images: float = 1.0  # images the final report scores, per validation image (val + test) / val
+    views: int = 0  # TTA views the final report scores validation with, beside the plain pass (0: no TTA)
+    test_share: float = 0.0  # test images per validation image (the test split is scored once, without TTA)
+    world: int = 1  # processes: each times its shard of validation, the final report runs on one
 
     def final_seconds(self, eval_seconds: float) -> float:
-        """The end-of-training report: each final split scored plainly and with every TTA view."""
-        return eval_seconds * self.final_images * (1 + self.eval_views)
+        """The end-of-training report, from the time of one validation pass on this process's shard."""
+        return eval_seconds * self.world * (1 + self.views + self.test_share)
 
     def deadline(self, eval_seconds: float) -> float:
         """When training must stop so the final report still ends within the budget."""
         return self.started + self.seconds - self.final_seconds(eval_seconds)
 
-    def steps(self, now: float, step_seconds: float, steps_per_epoch: int, eval_seconds: float) -> int:
-        """Optimizer steps that fit between `now` and the deadline, with a validation pass every steps_per_epoch
-        steps (at least one step: past the deadline the run takes one and stops)."""
+    def steps(self, now: float, step_seconds: float, steps_per_epoch: int, per_epoch: float, eval_seconds: float,
+              done: int = 0) -> int:
+        """Optimizer steps that fit between `now` and the deadline, `done` steps into an epoch. Every epoch spends
+        per_epoch seconds beside its steps (the validation pass, checkpoints, logging); the last epoch may be cut
+        short when its steps and that still fit. 0 when nothing more does."""
         left = self.deadline(eval_seconds) - now
-        return max(1, int(left / (step_seconds + eval_seconds / steps_per_epoch)))
+        full = steps_per_epoch * step_seconds + per_epoch
+        this_epoch = steps_per_epoch - done
+        if left < this_epoch * step_seconds + per_epoch:  # this epoch is the last, cut short
+            return max(0, math.floor((left - per_epoch) / step_seconds))
+        left -= this_epoch * step_seconds + per_epoch
+        whole = math.floor(left / full)
+        left -= whole * full
+        return this_epoch + whole * steps_per_epoch + max(0, math.floor((left - per_epoch) / step_seconds))

@@ -27,9 +27,10 @@ def parse_duration(text: str) -> float:
 
 def _is_duration(text: str) -> bool:
     try:
-        return parse_duration(text) > 0
+        parse_duration(text)
     except ValueError:
         return False
+    return True
 
 
 def _opt(default, help: str):
@@ -115,8 +116,8 @@ class TrainConfig:
                                                       "root of each class's share)")
     select_metric: Literal["acc", "macro_f1"] = _opt("acc", "validation metric that picks the best checkpoint")
     freeze_epochs: float = _opt(0.0, "timm backbones: epochs that train only the new classifier head before the whole network")
-    fixed_stages: int = _opt(0, "timm backbones: the stem and this many first stages keep their ImageNet weights and "
-                                "BatchNorm statistics all run (no backward through them: faster steps)")
+    fixed_stages: int = _opt(0, "timm backbones: the stem and this many first stages keep their pretrained weights "
+                                "and BatchNorm statistics for the whole run (no backward through them: faster steps)")
     layer_decay: float = _opt(1.0, "learning-rate factor per layer from the head down (timm backbones; 1 = same rate everywhere)")
     warmup: float = _opt(0.23, "share of steps spent warming the learning rate up to its peak")
     lr_start: float = _opt(0.2, "learning rate at step 0, as a share of the peak")
@@ -138,9 +139,9 @@ class TrainConfig:
     experiment: str = _opt("cv-image-classification", "MLflow experiment name")
     run_name: str = _opt("", "MLflow run name (default: preset and time)")
     mlflow: bool = _opt(True, "log to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repo)")
-    time_budget: str = _opt("", "train and report within this time (e.g. 30m, 2h, 900s; loading the data comes "
-                                "before it): fewer epochs when the chosen ones would not fit, planned from the step "
-                                "time measured in the first steps")
+    time_budget: str = _opt("", "train and evaluate within this time (e.g. 30m, 2h, 900s; loading the data comes "
+                                "before it, logging the model after): fewer epochs when the chosen ones would not "
+                                "fit, planned from the step time of the first whole-network steps")
     max_steps: int = _opt(0, "stop after this many optimizer steps in total (0 = no cap); for smoke runs")
     register: bool = _opt(True, "register the model in the MLflow registry and move its 'champion' alias to it when "
                                 "it beats the champion on the same validation split (--smoke: off)")

@@ -131,6 +131,9 @@ def check_together(model_cfg: ModelConfig, train_cfg: TrainConfig) -> None:
     """Settings that are fine alone but cannot work together."""
     if model_cfg.weights and (model_cfg.arch in SCRATCH_ARCHS or not model_cfg.pretrained):
         raise ConfigError("--weights is for a pretrained timm backbone: drop it, or pick one with --arch (and --pretrained)")
+    if train_cfg.fixed_stages and (model_cfg.arch in SCRATCH_ARCHS or not model_cfg.pretrained):
+        raise ConfigError("--fixed-stages keeps a pretrained timm backbone's early layers: drop it, or use --pretrained "
+                          "with a timm --arch")
     if train_cfg.optimizer == "muon" and model_cfg.arch != "airbench":
         # Muon rescales each filter bank to a fixed norm, which only a BatchNorm right after the conv makes harmless
         raise ConfigError("--optimizer muon is for --arch airbench (every conv followed by BatchNorm): use sgd or adam")

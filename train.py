@@ -68,8 +68,8 @@ class NonFiniteLoss(ArithmeticError):
 
 def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch: int, epochs: int,
                     cfg: TrainConfig, rt: Runtime, weights: torch.Tensor | None = None, fixed=(), plan=None) -> dict:
-    """One pass over the loader (or up to state.total_steps). `plan`, when given, is called once with the seconds per
-    step timed over this epoch's first steps, and may lower state.total_steps (a time budget)."""
+    """One pass over the loader (or up to state.total_steps). `plan`, when given, is called once, with the seconds per
+    step timed over this epoch's first steps and the steps done, and may lower state.total_steps (a time budget)."""
     model.train()
     hold_statistics(fixed)
     smoothing = cfg.label_smoothing
@@ -89,15 +89,17 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
     streak = torch.tensor(float(state.nonfinite_steps), device=rt.device)  # non-finite steps in a row, now
     longest = streak.clone()  # and the longest such run since the last look
     allowed = MAX_SKIPPED_FP16_STEPS if scaler.is_enabled() else 0  # fp16's loss scaler skips a few overflows
-    timed_from = None
+    steady_from = None  # when step 2 began: the first steps warm the kernels up
     i = 0
     while i < steps:
         t0 = time.perf_counter()
-        if plan is not None and i == 2:  # the first steps warm the kernels up
-            timed_from = t0
-        elif timed_from is not None and i == 2 + PLAN_AFTER_STEPS:
-            plan((t0 - timed_from) / PLAN_AFTER_STEPS)
-            timed_from, steps = None, min(steps, state.total_steps - state.step + i)
+        if i == 2:
+            steady_from = t0
+        elif plan is not None and i == 2 + PLAN_AFTER_STEPS:
+            plan((t0 - steady_from) / PLAN_AFTER_STEPS, i)
+            plan, steps = None, min(steps, state.total_steps - state.step + i)
+            bar.total = steps
+            bar.refresh()
         x, y = next(batches)
         x, y = rt.prepare(x.to(rt.device, non_blocking=True)), y.to(rt.device, non_blocking=True)
         data_seconds += time.perf_counter() - t0
@@ -145,8 +147,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
     bar.close()
     if state.lookahead is not None:
         state.lookahead.update(unwrap(model), decay=1.0)
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    seconds = end - start
+    step_seconds = (end - steady_from) / (i - 2) if i > 2 else seconds / max(i, 1)  # after the warm-up steps
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "epoch_seconds": seconds,
+            "step_seconds": step_seconds,
             "images_per_s": seen / seconds, "data_share": data_seconds / seconds, "learning_rate": max(scheduler.get_last_lr())}
 
 
@@ -201,6 +206,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
                      scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16))
     if cfg.max_steps:
         state.total_steps = min(state.total_steps, cfg.max_steps)
+    most_steps = state.total_steps  # what the epochs allow; a time budget only ever lowers it
     weights = loss_weights(data, cfg, rt.device)
     fixed = early_layers(model, cfg.fixed_stages)  # out of the optimizer: built after they stop needing gradients
     if fixed:
@@ -218,22 +224,28 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
         if state.stopped:  # the run had stopped early: nothing left to train
             first_epoch = epochs
     eval_size = eval_batch_size(model, data_cfg.image_size)
-    budget = time_budget(cfg, data, start=time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0))
-    most_steps = state.total_steps  # what the epochs (and --max-steps) allow; a budget only ever lowers it
     val_split = data.val.subset(torch.arange(ranks.rank, len(data.val), ranks.world)) if ranks.enabled else data.val
     sampler = getattr(loader, "sampler", None)
-    start = budget.started if budget else time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
+    start = time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
+    budget = time_budget(cfg, data, start, ranks.world)
     whole_from = math.ceil(cfg.freeze_epochs) if can_freeze else 0  # the first epoch that trains the whole network
-    eval_seconds = None  # of the last validation pass, measured
+    planned = False  # from whole-network steps (head-only ones are faster)
+    eval_seconds, bookkeeping = None, 0.0  # of the last epoch: its validation pass; its checkpoints and logging
 
-    def replan(step_seconds: float, eval_s: float) -> None:
+    def replan(step_seconds: float, done: int, per_epoch: float, eval_s: float, announce: bool = False) -> None:
         before = state.total_steps
-        fits = budget.steps(time.perf_counter(), step_seconds, len(loader), eval_s)
-        state.total_steps = distributed.share(min(state.total_steps, most_steps, state.step + fits))  # rank 0's plan
-        if state.total_steps < before or first_plan:
-            tqdm.write(f"time budget {cfg.time_budget}: {state.total_steps / len(loader):.1f} of {most_steps / len(loader):.1f} "
-                       f"epochs fit ({step_seconds:.2f}s per step, {eval_s:.0f}s per validation pass, about "
-                       f"{budget.final_seconds(eval_s):.0f}s for the final report)")
+        fits = budget.steps(time.perf_counter(), step_seconds, len(loader), per_epoch, eval_s, done)
+        state.total_steps = distributed.share(min(before, most_steps, state.step + fits))  # rank 0's plan
+        if announce or (planned and state.total_steps < before):
+            tqdm.write(f"time budget {cfg.time_budget}: {state.total_steps / len(loader):.1f} of "
+                       f"{most_steps / len(loader):.1f} epochs fit ({step_seconds:.2f}s per step, {per_epoch:.0f}s per "
+                       f"epoch beside its steps, about {budget.final_seconds(eval_s):.0f}s for the final report)")
+
+    def first_plan(step_seconds: float, done: int) -> None:  # a validation pass: about a third of a step per image
+        nonlocal planned
+        eval_s = eval_seconds if eval_seconds is not None else len(data.val) * step_seconds / cfg.batch_size / 3
+        replan(step_seconds, done, eval_s + bookkeeping, eval_s, announce=True)
+        planned = True
 
     try:
         state.saved_epochs = first_epoch
@@ -248,11 +260,8 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
                 net, wrapped_for = rt.wrap(model, cfg.compile), trainable
             if isinstance(sampler, torch.utils.data.DistributedSampler):
                 sampler.set_epoch(epoch)
-            first_plan = budget and epoch == max(whole_from, first_epoch) and eval_seconds is None
-            plan = (lambda step_s: replan(step_s, len(data.val) * step_s / cfg.batch_size / 3)) if first_plan else None
-            steps_before = state.step
+            plan = first_plan if budget and not planned and epoch >= whole_from else None
             metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt, weights, fixed, plan)
-            epochs = math.ceil(state.total_steps / len(loader))  # a time budget may have lowered it
             eval_start = time.perf_counter()
             # under DDP the bare model: DDP's forward would broadcast BatchNorm buffers, a collective that every
             # rank must join (they are in sync already: DDP broadcasts them before every training step)
@@ -262,20 +271,25 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
             eval_seconds = time.perf_counter() - eval_start
             metrics.update(val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
                            epoch=epoch + 1, elapsed_s=time.perf_counter() - start)
-            if budget and epoch >= whole_from:  # the estimate above, corrected by what this epoch took
-                replan(metrics["epoch_seconds"] / max(1, state.step - steps_before), eval_seconds)
+            if budget:  # the plan, corrected by what this epoch took (or first made, after a short epoch)
+                replan(metrics["step_seconds"], 0, eval_seconds + bookkeeping, eval_seconds,
+                       announce=not planned and epoch >= whole_from)
+                planned = planned or epoch >= whole_from
+                epochs = math.ceil(state.total_steps / len(loader))
             state.history.append(metrics)
             improved = keep_best(model, state, val[cfg.select_metric], epoch + 1, cfg)
             tqdm.write(f"epoch {epoch + 1:>3}/{epochs}  train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f}"
                        f"  val loss {val['loss']:.4f} acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else '  '}"
                        f"  lr {metrics['learning_rate']:.2e}  {metrics['epoch_seconds']:.1f}s  {metrics['images_per_s']:.0f} img/s"
                        f"  data {100 * metrics['data_share']:.1f}%")
+            bookkeeping_start = time.perf_counter()
             if on_best and improved and ranks.main:
                 on_best(epoch + 1, metrics)
             if ranks.main and last is not None:
                 save(last, epoch + 1, model, optimizer, scheduler, state, loader, last_extra)
             if on_epoch and ranks.main:
                 on_epoch(epoch + 1, metrics)
+            bookkeeping = time.perf_counter() - bookkeeping_start
             if state.stopped:
                 break
             epoch += 1
@@ -290,13 +304,13 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     return state
 
 
-def time_budget(cfg: TrainConfig, data: Dataset, start: float) -> Budget | None:
-    """The run's --time-budget, counted from `start`, with the final report's share of it; None without one."""
+def time_budget(cfg: TrainConfig, data: Dataset, start: float, world: int) -> Budget | None:
+    """The run's --time-budget, counted from `start`, with what its final report scores; None without one."""
     if not cfg.time_budget:
         return None
     views = len(tta_views(torch.zeros(1, 1, 2, 2), cfg.tta)) if cfg.tta else 0
-    final_images = (len(data.val) + (len(data.test) if data.test else 0)) / max(1, len(data.val))
-    return Budget(parse_duration(cfg.time_budget), start, views, final_images)
+    test_share = (len(data.test) if data.test else 0) / max(1, len(data.val))
+    return Budget(parse_duration(cfg.time_budget), start, views, test_share, world)
 
 
 def keep_best(model, state: FitState, score: float, epoch: int, cfg: TrainConfig) -> bool:
@@ -318,7 +332,7 @@ def save(last: Path, epoch: int, model, optimizer, scheduler, state: FitState, l
     """The whole training state after an epoch, for --resume (restore puts it back)."""
     save_last(last, epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
               scheduler=scheduler.state_dict(), scaler=state.scaler.state_dict(), step=state.step,
-              lookahead=state.lookahead.slow if state.lookahead else None, history=state.history,
+              total_steps=state.total_steps, lookahead=state.lookahead.slow if state.lookahead else None, history=state.history,
               best_score=state.best_score, best_epoch=state.best_epoch, best_state=state.best_state,
               patience_left=state.patience_left, stopped=state.stopped, rng=rng_states(loader), **(extra or {}))
     state.saved_epochs = epoch
@@ -331,6 +345,7 @@ def restore(saved: dict, model, optimizer, scheduler, state: FitState, loader, d
     scheduler.load_state_dict(saved["scheduler"])
     state.scaler.load_state_dict(saved["scaler"])
     state.step, state.history, state.patience_left = saved["step"], saved["history"], saved["patience_left"]
+    state.total_steps = min(state.total_steps, saved.get("total_steps", state.total_steps))  # as a time budget left it
     state.best_score, state.best_epoch, state.best_state = saved["best_score"], saved["best_epoch"], saved["best_state"]
     state.stopped = saved["stopped"]
     if saved["lookahead"] is not None:

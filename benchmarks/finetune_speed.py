@@ -1,6 +1,7 @@
 """Fine-tuning at the CPU's limit: training images/s and achieved GFLOP/s of a timm backbone, beside this machine's
 fp32 matrix-multiply GFLOP/s, in one run. Rows: the whole network trained (the defaults before --fixed-stages) and
-the stem plus the first N stages held at their ImageNet weights (autoconfig's choice), in fp32 and bf16 autocast.
+the stem plus the first N stages held at their ImageNet weights (--fixed-stages N; autoconfig picks 3 on CPUs), in
+fp32 and, where the CPU has BF16, under bf16 autocast.
 
 FLOPs: the forward is counted by torch.utils.flop_counter (one image). A training step is that forward plus two
 forwards' worth (input and weight gradients) for every layer behind the fixed ones. The flop counter's own count of
@@ -50,8 +51,14 @@ def counted(fn) -> int:
 def step_flops(model: torch.nn.Module, fixed: list[torch.nn.Module], x: torch.Tensor) -> tuple[float, float, float]:
     """(forward, training step, the flop counter's forward + backward) in FLOPs per image."""
     one = x[:1]
-    forward = counted(lambda: model(one))
-    held = counted(lambda: torch.nn.Sequential(*fixed)(one)) if fixed else 0
+    with FlopCounterMode(display=False) as counter:
+        model(one)
+    per_module = counter.get_flop_counts()  # "EfficientNet.blocks.0.0.conv_dw": {op: flops}, each module by name
+    root = type(model).__name__
+    names = {f"{root}.{name}" for name, m in model.named_modules() if any(m is f for f in fixed)}
+    forward = counter.get_total_flops()
+    held = sum(sum(ops.values()) for name, ops in per_module.items()
+               if name in names and not any(name.startswith(n + ".") for n in names))  # outermost: none twice
     counter_step = counted(lambda: model(one).sum().backward())
     model.zero_grad(set_to_none=True)
     return forward, forward + 2 * (forward - held), counter_step

@@ -21,13 +21,24 @@ def test_what_is_not_a_duration(text):
         parse_duration(text)
 
 
-def test_the_plan_leaves_time_for_the_final_report_and_a_validation_pass_per_epoch():
-    budget = Budget(100, started=0, eval_views=2, final_images=2)  # report: 2x the validation images, plain + 2 views
-    assert budget.final_seconds(eval_seconds=1) == 6
-    assert budget.deadline(eval_seconds=1) == 94
-    # from t=10: 84 s left; a step takes 1 s and every 10 steps a 1 s validation pass: 1.1 s per step
-    assert budget.steps(now=10, step_seconds=1, steps_per_epoch=10, eval_seconds=1) == 76
-    assert budget.steps(now=200, step_seconds=1, steps_per_epoch=10, eval_seconds=1) == 1  # past it: one step, then stop
+def test_the_plan_leaves_time_for_the_final_report_and_each_epochs_validation():
+    budget = Budget(100, started=0, views=2, test_share=1, world=1)  # report: val plain + 2 TTA views, test plain
+    assert budget.final_seconds(eval_seconds=1) == 4
+    assert budget.deadline(eval_seconds=1) == 96
+    assert Budget(100, 0, 2, 1, world=2).final_seconds(1) == 8  # a shard was timed; the report runs on one process
+    # from t=10, 86 s left; 10 steps of 1 s an epoch, then 2 s of validation and checkpoints: 12 s an epoch.
+    # 3 steps into this epoch: 7 + 2 = 9 s finish it, 6 whole epochs take 72 s, 5 s are left: 3 steps + 2 s.
+    assert budget.steps(now=10, step_seconds=1, steps_per_epoch=10, per_epoch=2, eval_seconds=1, done=3) == 7 + 60 + 3
+    # the deadline falls inside this epoch: as many steps as leave time for its validation
+    assert budget.steps(now=90, step_seconds=1, steps_per_epoch=10, per_epoch=2, eval_seconds=1) == 4
+    assert budget.steps(now=95, step_seconds=1, steps_per_epoch=10, per_epoch=2, eval_seconds=1) == 0  # nothing fits
+
+
+def test_fixed_stages_are_refused_where_there_are_no_pretrained_stages(cifar_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data-dir", str(cifar_dir), "--fixed-stages", "2", "--no-mlflow"])  # the airbench net
+    assert exit_info.value.code == 2
+    assert "--fixed-stages keeps a pretrained timm backbone's early layers" in capsys.readouterr().err
 
 
 def test_a_bad_budget_is_a_cli_error_naming_the_flag(cifar_dir, capsys):

@@ -30,7 +30,7 @@ def test_large_imbalanced_grayscale_folder_fine_tunes_a_pretrained_backbone():
     assert chosen["epochs"] == round(autoconfig.TRANSFER_IMAGES / n_train)
     assert n_train // chosen["batch_size"] >= 25  # every epoch has many optimizer steps, not one
     assert chosen["balance"] == "weights" and chosen["select_metric"] == "macro_f1"
-    assert chosen["optimizer"] == "adam" and chosen["precision"] == "fp32" and chosen["fixed_stages"] == 2
+    assert chosen["optimizer"] == "adam" and chosen["precision"] == "fp32" and chosen["fixed_stages"] == autoconfig.FIXED_STAGES
     on_gpu = choose(FolderStats((1131, 537, 222, 80), 300, True), {}, cuda=True)[0]
     assert "precision" not in on_gpu and "fixed_stages" not in on_gpu
 
