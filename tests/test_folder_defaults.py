@@ -33,6 +33,7 @@ def test_large_imbalanced_grayscale_folder_fine_tunes_a_pretrained_backbone():
     assert chosen["optimizer"] == "adam" and chosen["precision"] == "fp32" and chosen["fixed_stages"] == autoconfig.FIXED_STAGES
     on_gpu = choose(FolderStats((1131, 537, 222, 80), 300, True), {}, cuda=True)[0]
     assert "precision" not in on_gpu and "fixed_stages" not in on_gpu
+    assert "fixed_stages" not in choose(FolderStats((1131, 537, 222, 80), 300, True), {"pretrained": False})[0]
 
 
 def test_tiny_colour_folder_gets_small_batches_and_more_epochs():
