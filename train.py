@@ -220,6 +220,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     first_epoch = 0
     if resumed is not None:
         first_epoch = restore(resumed, model, optimizer, scheduler, state, loader, rt.device)
+        epochs = math.ceil(state.total_steps / len(loader))  # as a time budget may have left it
         tqdm.write(f"resumed after epoch {first_epoch} of {epochs} (step {state.step}) from {last}")
         if state.stopped:  # the run had stopped early: nothing left to train
             first_epoch = epochs
