@@ -39,9 +39,10 @@ class Budget:
         left = self.deadline(eval_seconds) - now
         full = steps_per_epoch * step_seconds + per_epoch
         this_epoch = steps_per_epoch - done
-        if left < this_epoch * step_seconds + per_epoch:  # this epoch is the last, cut short
+        finish_this = this_epoch * step_seconds + per_epoch
+        if left < finish_this:  # this epoch is the last, cut short
             return max(0, math.floor((left - per_epoch) / step_seconds))
-        left -= this_epoch * step_seconds + per_epoch
+        left -= finish_this
         whole = math.floor(left / full)
         left -= whole * full
         return this_epoch + whole * steps_per_epoch + max(0, math.floor((left - per_epoch) / step_seconds))
