@@ -22,7 +22,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= postgresql+psycopg2://mlflow:mlflow@127.0.0.1:5432/mlflow
 MLFLOW_ARTIFACTS ?= s3://mlflow-artifacts
 
-.PHONY: help install predict evaluate train train-ddp smoke test test-all system-packages report compare export sweep serve mlflow-ui mlflow-server bench-train bench-serve bench-folder clean
+.PHONY: help install predict evaluate check-data train train-ddp smoke test test-all system-packages report compare export sweep serve mlflow-ui mlflow-server bench-train bench-serve bench-folder clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -75,6 +75,9 @@ predict: $(READY)  ## classify every image under DATA_DIR into OUT (predictions.
 
 evaluate: $(READY)  ## score MODEL (default: what make serve serves) on DATA_DIR's <class>/ folders (or its test/): a report in OUT (default reports/evaluate-<folder>) and an MLflow run
 	$(PY) evaluate.py $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(MODEL),--model $(MODEL)) $(if $(OUT),--out-dir $(OUT)) $(ARGS)
+
+check-data: $(READY)  ## check DATA_DIR before trusting a score on it: unreadable files, duplicates (within a class, across classes, across train/val/test), small classes, odd sizes; report in OUT (default reports/check-<folder>)
+	$(PY) datacheck.py $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out-dir $(OUT)) $(ARGS)
 
 export: $(READY)  ## TorchScript and ONNX files next to models/cnn.pt (CHECKPOINT=path for another), with its metadata
 	$(PY) export.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)

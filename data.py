@@ -15,6 +15,7 @@ from autoconfig import FolderStats
 from config import DataConfig
 from decode import (IMAGE_EXTENSIONS, DataError, check_files, decode_files, iter_images, list_images, open_image,
                     probe_images)
+from fingerprint import Fingerprints, near_pairs
 from transforms import CIFAR10_MEAN, CIFAR10_STD, augment_batch, channel_stats, eval_transform, flip_mask, normalize, train_transform
 
 CIFAR_RECORD = 1 + 3 * 32 * 32
@@ -27,11 +28,13 @@ GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 @dataclass
 class ImageSet:
-    """Labelled images, either decoded (uint8 N x 3 x H x W) or as file paths decoded on demand."""
+    """Labelled images, either decoded (uint8 N x 3 x H x W) or as file paths decoded on demand; folders' images
+    carry their fingerprints (fingerprint.py) once decoded or checked."""
 
     labels: torch.Tensor
     images: torch.Tensor | None = None
     paths: list[str] | None = None
+    prints: Fingerprints | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -41,6 +44,19 @@ class ImageSet:
             labels=self.labels[index],
             images=None if self.images is None else self.images[index],
             paths=None if self.paths is None else [self.paths[i] for i in index.tolist()],
+            prints=None if self.prints is None else self.prints.subset(index.numpy()),
+        )
+
+    def joined(self, other: "ImageSet") -> "ImageSet":
+        """This set followed by other's images."""
+        def join(a, b, cat):
+            return None if a is None or b is None else cat(a, b)
+        return ImageSet(
+            labels=torch.cat([self.labels, other.labels]),
+            images=join(self.images, other.images, lambda a, b: torch.cat([a, b])),
+            paths=join(self.paths, other.paths, lambda a, b: a + b),
+            prints=join(self.prints, other.prints, lambda a, b: Fingerprints(np.concatenate([a.hashes, b.hashes]),
+                                                                             np.concatenate([a.thumbs, b.thumbs]))),
         )
 
 
@@ -53,6 +69,7 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
+    checks: list[str] = ()  # what the data checks found (copies across splits, conflicting labels, tiny classes)
 
 
 def split_fingerprint(data: Dataset, data_dir: str | Path) -> str:
@@ -304,14 +321,24 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         raise DataError(f"{data_dir}: no training images left after the validation split; raise --limit or lower --val-fraction")
     test = splits.get("test")
 
-    decode = lambda paths, desc: decode_files(paths, cfg.image_size, cfg.channels, cfg.resize, cfg.workers, desc)  # noqa: E731
-    if cfg.dataset == "folder" and not cfg.in_memory:
-        check_files(train.paths + val.paths + (test.paths if test is not None else []), cfg.workers, cfg.channels, cfg.resize)
-    if cfg.dataset == "folder" and cfg.in_memory:
-        train.images = decode(train.paths, "decode train")
-        val.images = decode(val.paths, "decode val")
-        if test is not None:
-            test.images = decode(test.paths, "decode test")
+    decode = lambda paths, desc, prints=None: decode_files(  # noqa: E731
+        paths, cfg.image_size, cfg.channels, cfg.resize, cfg.workers, desc, prints)
+    checks = []
+    if cfg.dataset == "folder":
+        named = [("train", train), ("val", val)] + ([("test", test)] if test is not None else [])
+        for name, split in named:  # every file read once, fingerprinted on the way
+            split.prints = Fingerprints.empty(len(split))
+        if cfg.in_memory:
+            for name, split in named:
+                split.images = decode(split.paths, f"decode {name}", split.prints)
+        else:
+            prints = Fingerprints.empty(sum(len(split) for _, split in named))
+            check_files([p for _, split in named for p in split.paths], cfg.workers, cfg.channels, cfg.resize, prints)
+            start = 0
+            for _, split in named:
+                split.prints = prints.subset(np.arange(start, start + len(split)))
+                start += len(split)
+        train, val, checks = check_splits(train, val, test, drawn="val" not in splits, classes=classes)
     if cfg.dataset == "cifar10":
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     elif train.images is not None:  # a sample keeps the float copy small
@@ -320,7 +347,50 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     else:
         sample = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:2000])
         mean, std = channel_stats(decode(sample.paths, "decode stats sample"))
-    return Dataset(classes, train, val, test, mean, std, source)
+    return Dataset(classes, train, val, test, mean, std, source, checks)
+
+
+SMALL_CLASS = 10  # training images under which a class gets a warning
+
+
+def check_splits(train: ImageSet, val: ImageSet, test: ImageSet | None, drawn: bool,
+                 classes: list[str]) -> tuple[ImageSet, ImageSet, list[str]]:
+    """The cheap data checks, on fingerprinted splits: a copy on both sides of a split inflates its score. Drawn
+    validation images with a near-copy in training move to training; copies across folders a user made (val/,
+    test/) get a warning. Identical images with different labels and small classes get one too (make check-data
+    lists near-duplicates within a split, and much more). Returns (train, val, the lines to print)."""
+    lines = []
+    copied = np.unique(near_pairs(val.prints, train.prints)[:, 0]) if len(val) and len(train) else []
+    if len(copied) and drawn:
+        stay = torch.from_numpy(np.setdiff1d(np.arange(len(val)), copied))
+        train, val = train.joined(val.subset(torch.from_numpy(copied))), val.subset(stay)
+        lines.append(f"{len(copied)} validation image(s) had a near-copy in training: moved to training, so they "
+                     f"do not inflate the validation score ({len(val)} validation images left)")
+    elif len(copied):
+        lines.append(f"warning: {len(copied)} of val/'s {len(val)} images have a near-copy in train/: the validation "
+                     f"score is inflated; remove the copies from one side")
+    if test is not None and len(test):
+        seen = train.joined(val)
+        leaked = np.unique(near_pairs(test.prints, seen.prints)[:, 0])
+        if len(leaked):
+            lines.append(f"warning: {len(leaked)} of test/'s {len(test)} images have a near-copy in train/ or "
+                         f"val/: the test score is inflated; remove the copies from one side")
+    pool = train.joined(val)
+    labels_of: dict[tuple, set] = {}
+    for h, thumb, label in zip(pool.prints.hashes.tolist(), pool.prints.thumbs, pool.labels.tolist()):
+        labels_of.setdefault((h, thumb.tobytes()), set()).add(label)
+    conflicts = sum(len(found) > 1 for found in labels_of.values())
+    if conflicts:
+        lines.append(f"warning: {conflicts} image(s) appear under two or more classes (identical copies with "
+                     f"different labels)")
+    counts = torch.bincount(train.labels, minlength=len(classes)).tolist()
+    small = [f"{classes[c]} ({n})" for c, n in enumerate(counts) if n < SMALL_CLASS]
+    if small:
+        lines.append(f"warning: class(es) with under {SMALL_CLASS} training images: {', '.join(small[:10])}")
+    if lines:
+        lines.append("`make check-data DATA_DIR=<folder>` lists every file concerned, with near-duplicates within "
+                     "a split, unreadable files and odd sizes")
+    return train, val, lines
 
 
 # ---------------------------------------------------------------- batches

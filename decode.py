@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from fingerprint import Fingerprints, fingerprint
 from transforms import draft, pil_to_uint8
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -72,10 +73,11 @@ def unreadable(errors: list[str]) -> DataError:
 
 
 class _Chunks(torch.utils.data.Dataset):
-    """Item i: files [i * CHUNK, (i + 1) * CHUNK) as (start, uint8 array [n, C, S, S], error messages)."""
+    """Item i: files [i * CHUNK, (i + 1) * CHUNK) as (start, uint8 array [n, C, S, S], error messages, and with
+    prints the files' Fingerprints, else None)."""
 
-    def __init__(self, paths: list[str], size: int, channels: int, resize: str):
-        self.paths, self.size, self.channels, self.resize = paths, size, channels, resize
+    def __init__(self, paths: list[str], size: int, channels: int, resize: str, prints: bool = False):
+        self.paths, self.size, self.channels, self.resize, self.prints = paths, size, channels, resize, prints
 
     def __len__(self) -> int:
         return -(-len(self.paths) // CHUNK)
@@ -84,15 +86,19 @@ class _Chunks(torch.utils.data.Dataset):
         start = i * CHUNK
         paths = self.paths[start:start + CHUNK]
         array = np.zeros((len(paths), self.channels, self.size, self.size), dtype=np.uint8)
+        prints = Fingerprints.empty(len(paths)) if self.prints else None
         errors = []
         for j, path in enumerate(paths):
             try:
-                array[j] = pil_to_uint8(open_image(path, self.size), self.size, self.channels, self.resize).numpy()
+                image = open_image(path, self.size)  # a large JPEG drafted to the model's size: hashed at that size
+                if prints is not None:
+                    prints.hashes[j], prints.thumbs[j] = fingerprint(image)
+                array[j] = pil_to_uint8(image, self.size, self.channels, self.resize).numpy()
             except DataError as e:
                 errors.append(str(e))
             except Exception as e:  # a mode that cannot be converted, a resize that fails
                 errors.append(f"cannot read image {path}: {e or type(e).__name__}")
-        return start, array, errors
+        return start, array, errors, prints
 
 
 def _unchanged(item):
@@ -101,17 +107,21 @@ def _unchanged(item):
 
 
 def decode_files(paths: list[str], size: int, channels: int = 3, resize: str = "squash", workers: int = 2,
-                 desc: str = "decode") -> torch.Tensor:
-    """uint8 tensor [N, channels, size, size] in the order of paths; one DataError listing every unreadable file."""
-    chunks = _Chunks(paths, size, channels, resize)
+                 desc: str = "decode", prints: Fingerprints | None = None) -> torch.Tensor:
+    """uint8 tensor [N, channels, size, size] in the order of paths; one DataError listing every unreadable file.
+    prints (Fingerprints.empty(len(paths))), when given, is filled with the files' fingerprints on the way."""
+    chunks = _Chunks(paths, size, channels, resize, prints is not None)
     # Filled in place: a list of per-image tensors plus torch.stack would hold every image twice.
     images = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
     loader = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=min(workers, len(chunks)),
                                          collate_fn=_unchanged)
     errors = []
     with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as progress:
-        for start, array, chunk_errors in loader:
+        for start, array, chunk_errors, chunk_prints in loader:
             images[start:start + len(array)] = torch.from_numpy(array)
+            if prints is not None:
+                prints.hashes[start:start + len(array)] = chunk_prints.hashes
+                prints.thumbs[start:start + len(array)] = chunk_prints.thumbs
             errors += chunk_errors
             progress.update(len(array))
     if errors:
@@ -119,13 +129,14 @@ def decode_files(paths: list[str], size: int, channels: int = 3, resize: str = "
     return images
 
 
-def check_files(paths: list[str], workers: int = 2, channels: int = 3, resize: str = "squash") -> None:
+def check_files(paths: list[str], workers: int = 2, channels: int = 3, resize: str = "squash",
+                prints: Fingerprints | None = None) -> None:
     """Fully decode every file, so a streamed training run learns of every unreadable one now, not mid-epoch.
 
     Each file goes through the same open, convert and resize steps as training, down to a 1x1 pixel that is
     thrown away: the same parallel, descriptor-safe path as decode_files at almost no memory.
     """
-    decode_files(paths, 1, channels, resize, workers=workers, desc="check images")
+    decode_files(paths, 1, channels, resize, workers=workers, desc="check images", prints=prints)
 
 
 def probe_images(paths: list[str], sample: int = 256, seed: int = 0) -> list[tuple[int, int, str]]:

@@ -416,6 +416,8 @@ def describe(data: Dataset, data_cfg: DataConfig, model, model_cfg: ModelConfig,
     print(f"data: {data.source}  train {len(data.train)}  val {len(data.val)}"
           f"  test {len(data.test) if data.test else 0}  classes {len(data.classes)}"
           f"  {data_cfg.image_size}px x {data_cfg.channels} channel(s), {data_cfg.resize}")
+    for line in data.checks:
+        print(f"data check: {line}")
     widths = f" widths {list(model_cfg.widths)}" if model_cfg.arch in SCRATCH_ARCHS else ""
     print(f"model: {model_cfg.arch}{widths}  {n_params / 1e6:.2f}M params  "
           f"device {rt.device}  precision {rt.dtype or 'fp32'}{' channels_last' if rt.channels_last else ''}"
