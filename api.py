@@ -43,6 +43,7 @@ from batcher import MicroBatcher, Overloaded, WorkerDown
 from calibration import temperature_for
 from checkpoint import CheckpointError
 from config import ConfigError
+from explain import overlay, peak, png_base64
 from middleware import (AUTH_MESSAGE, BodyLimitMiddleware, GateMiddleware, Metrics, MetricsMiddleware,
                         SecurityHeadersMiddleware, StartupErrorMiddleware, key_matches)
 from loading import load_model
@@ -55,6 +56,7 @@ from upload import UploadError, check_request_pixels, decode_upload, open_upload
 log = logging.getLogger("uvicorn.error")
 
 MAX_TOP_K = 1000
+MAX_CLASSES = 100_000  # a bound for class_index in the schema; the served model's own count is checked per request
 MAX_ERRORS = 5  # validation errors listed in a 422
 UI = Path(__file__).resolve().parent / "ui"  # the prediction page (GET /) and its files, served as they are
 # A 2x2 PNG, so the OpenAPI examples can be sent as they are.
@@ -120,6 +122,23 @@ class PredictResponse(BaseModel):
     tta: int = Field(description="test-time augmentation level used (0 = off)")
 
 
+class ExplainRequest(PredictRequest):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"image_base64": EXAMPLE_PNG, "top_k": 3}]})
+
+    class_index: int | None = Field(default=None, ge=0, le=MAX_CLASSES,
+                                    description="the class to explain (default: the predicted one)")
+
+
+class ExplainResponse(PredictResponse):
+    explained_class_index: int = Field(description="the class whose evidence the heat map shows")
+    explained_class_name: str
+    heatmap_png: str = Field(description="base64 PNG: the image as the model saw it (its input size, squared as "
+                                         "the model's resize says, drawn at least 224 px) with the heat map over it")
+    peak_x: float = Field(description="where the heat is highest, as a fraction of the image's width (0 = left)")
+    peak_y: float = Field(description="... and of its height (0 = top)")
+    method: str = Field(description="how the map was made: Grad-CAM on the layer named")
+
+
 class ErrorResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"detail": "the data is not an image: send a PNG, JPEG, "
                                                                          "BMP, GIF or WebP file"}]})
@@ -166,11 +185,13 @@ ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in 
     (400, "invalid base64, empty or undecodable image"), (401, "missing or wrong API key (only when one is configured)"),
     (403, "reload from another machine without CATER_API_KEY set"),
     (408, "the request body did not arrive within CATER_BODY_TIMEOUT_S"),
-    (409, "reload failed, or another reload is running: the served model stays"),
+    (409, "reload failed, or another reload is running: the served model stays; /explain: the served model is "
+          "an ONNX file, which has no gradients to explain with"),
     (413, "body, image dimensions or image count over the limit"), (415, "image format not accepted"),
     (503, "not ready (starting, or inference down), or at capacity: retry after the Retry-After header's seconds"),
     (504, "no answer within CATER_TIMEOUT_S"))}
-PREDICT_ERRORS = {code: answer for code, answer in ERRORS.items() if code != 403}
+PREDICT_ERRORS = {code: answer for code, answer in ERRORS.items() if code not in (403, 409)}
+EXPLAIN_ERRORS = {code: answer for code, answer in ERRORS.items() if code != 403}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,11 +305,16 @@ async def lifespan(app: FastAPI):
         raise
     metrics: Metrics = app.state.metrics
 
-    def run_batch(items: list[tuple[Any, torch.Tensor]]) -> list[torch.Tensor]:
-        """(predictor, image) pairs -> one probability row each; during a reload a batch may hold both models."""
+    def run_batch(items: list[tuple[Any, Any]]) -> list:
+        """(predictor, image) pairs -> one probability row each; (("explain", predictor), (image, class)) pairs ->
+        one Grad-CAM heat map each. During a reload a batch may hold both models."""
         start, rows = time.perf_counter(), []
-        for predictor, group in itertools.groupby(items, key=lambda item: item[0]):
-            rows += list(predictor.probabilities(torch.stack([x for _, x in group]), cfg.tta))
+        for key, group in itertools.groupby(items, key=lambda item: item[0]):
+            inputs = [x for _, x in group]
+            if isinstance(key, tuple):
+                rows += list(key[1].explainer.heat(torch.stack([x for x, _ in inputs]), [c for _, c in inputs]))
+            else:
+                rows += list(key.probabilities(torch.stack(inputs), cfg.tta))
         metrics.inference.observe(time.perf_counter() - start)
         metrics.batch_size.observe(len(items))
         return rows
@@ -376,7 +402,10 @@ def decode_all(opened: list[Image.Image], meta: dict, stop: threading.Event) -> 
     return out
 
 
-async def classify(request: Request, data_list: list, k: int | None, decode: Callable[[Any], bytes]) -> list[PredictResponse]:
+async def classify(request: Request, data_list: list, k: int | None, decode: Callable[[Any], bytes],
+                   explain: int | None | bool = False) -> list[PredictResponse] | list[ExplainResponse]:
+    """The answers for a request's images, within its deadline; explain (a class index, or None for the predicted
+    class) adds a Grad-CAM heat map to each answer, computed in the inference thread after the prediction."""
     state = request.app.state
     config: ServeConfig = state.config
     served: Served = state.served  # this request stays with this model, even if /reload swaps in another
@@ -401,6 +430,10 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
         async with asyncio.timeout_at(deadline):
             images = await asyncio.shield(decoding)
             probs = await asyncio.gather(*(batcher.submit((served.predictor, x)) for x in images))
+            if explain is not False:
+                targets = [int(p.argmax()) if explain is None else explain for p in probs]
+                heats = await asyncio.gather(*(batcher.submit((("explain", served.predictor), (x, c)))
+                                               for x, c in zip(images, targets)))
     except TimeoutError:
         # A thread cannot be killed: tell it to stop, and keep the request's queue places until it has (one
         # image's decode at most, bounded by the pixel limits), so admission never counts work that still runs.
@@ -412,7 +445,19 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
         raise HTTPException(503, f"inference is down: {e}") from None
     finally:
         batcher.release(extra)
-    return [postprocess(p, classes, k or config.top_k, config.tta, config.review_below) for p in probs]
+    answers = [postprocess(p, classes, k or config.top_k, config.tta, config.review_below) for p in probs]
+    if explain is False:
+        return answers
+    layer = served.predictor.explainer.layer_name
+    return [ExplainResponse(**answer.model_dump(), explained_class_index=c, explained_class_name=classes[c],
+                            heatmap_png=png, peak_x=x, peak_y=y, method=f"grad-cam on {layer}")
+            for answer, c, (png, x, y) in zip(answers, targets, await loop.run_in_executor(
+                state.decode_pool, drawn, images, heats))]
+
+
+def drawn(images: list[torch.Tensor], heats: list) -> list[tuple[str, float, float]]:
+    """(overlay PNG as base64, peak x, peak y) of each image's heat map."""
+    return [(png_base64(overlay(x, heat)), *peak(heat)) for x, heat in zip(images, heats)]
 
 
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -490,6 +535,20 @@ async def predict_file(request: Request, file: Annotated[UploadFile, File(descri
     return (await classify(request, [data], top_k, lambda b: b))[0]
 
 
+async def explain(body: ExplainRequest, request: Request):
+    """Classify one base64-encoded image and show why: a Grad-CAM heat map of the regions that raised the score of
+    the predicted class (or of class_index), drawn over the image as the model saw it."""
+    served: Served = request.app.state.served
+    if served.predictor.backend != "torch":
+        raise HTTPException(409, f"explanations need the PyTorch checkpoint: this server serves {served.describe()}, "
+                                 "an ONNX file, which has no gradients to follow; serve the .pt it was exported from "
+                                 "(CATER_MODEL_PATH=models/cnn.pt)")
+    n = len(served.meta["classes"])
+    if body.class_index is not None and body.class_index >= n:
+        raise HTTPException(400, f"class_index {body.class_index}: the model has {n} classes (0 to {n - 1})")
+    return (await classify(request, [body.image_base64], body.top_k, upload_bytes, explain=body.class_index))[0]
+
+
 async def predict_batch(body: BatchRequest, request: Request):
     """Classify several base64-encoded images; the results come in the order of the images."""
     limit = request.app.state.config.max_batch_images
@@ -526,8 +585,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     app.state.draining = False
     app.state.startup_error = ""
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    app.add_middleware(GateMiddleware, guarded={"/predict", "/predict/file", "/predict/batch", "/reload"},
-                       admitted={"/predict", "/predict/file", "/predict/batch"})
+    app.add_middleware(GateMiddleware, guarded={"/predict", "/predict/file", "/predict/batch", "/explain", "/reload"},
+                       admitted={"/predict", "/predict/file", "/predict/batch", "/explain"})
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=[o.strip() for o in config.cors_origins.split(",")],
                            allow_methods=["GET", "POST"], allow_headers=["Content-Type", "X-API-Key", "Authorization"])
@@ -557,6 +616,8 @@ def add_routes(app: FastAPI) -> None:
              responses=PREDICT_ERRORS)(predict_file)
     app.post("/predict/batch", response_model=list[PredictResponse], tags=["predict"], dependencies=predict_deps,
              responses=PREDICT_ERRORS)(predict_batch)
+    app.post("/explain", response_model=ExplainResponse, tags=["predict"], dependencies=predict_deps,
+             responses=EXPLAIN_ERRORS)(explain)
     app.get("/", include_in_schema=False)(page)
     app.mount("/ui", StaticFiles(directory=UI), name="ui")
     app.get("/metrics", tags=["status"], response_class=Response, responses={

@@ -9,6 +9,7 @@ views as uint8 images and matches the checkpoint run by PyTorch.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import warnings
@@ -36,6 +37,7 @@ class TorchPredictor:
         self.model, self.meta = load_checkpoint(path, device)
         self.model.to(memory_format=torch.channels_last)
         self.device = device
+        self.eager = self.model  # kept for explanations: gradients need the modules, not the frozen graph
         self.model = frozen_graph(self.model, self.meta, device)
 
     def probabilities(self, images: torch.Tensor, tta: int) -> torch.Tensor:
@@ -43,6 +45,13 @@ class TorchPredictor:
             x = normalize(images.to(self.device, non_blocking=True), self.meta["mean"], self.meta["std"])
             x = x.contiguous(memory_format=torch.channels_last)
             return probabilities(predict_logits(self.model, x, tta), temperature_for(self.meta, tta)).cpu()
+
+    @functools.cached_property
+    def explainer(self):
+        """Grad-CAM on the eager model (explain.py), made on first use: in the inference thread, not at startup."""
+        from explain import Explainer
+
+        return Explainer(self.eager, self.meta)
 
 
 def frozen_graph(model: torch.nn.Module, meta: dict, device: torch.device) -> torch.nn.Module:

@@ -3,6 +3,7 @@ api.py process. `playwright install` cannot download browsers here and is never 
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import sys
@@ -108,6 +109,27 @@ def test_keyboard_alone_reaches_a_sample_and_classifies_it(page, base_url):
     expect(page.locator("#bars li")).to_have_count(5)
     assert page.inner_text("#preview-name") == "sample: airplane"
     assert len(page.locator("#samples button").all()) == 10  # every CIFAR-10 class the served model knows
+
+
+def test_why_draws_where_the_model_looked_over_the_image(page, base_url):
+    page.click("summary")
+    page.fill("#api-key", KEY)
+    page.locator("#samples button").first.wait_for()
+    page.click("button[aria-label='Try the sample image of a cat']")
+    expect(page.locator("#bars li")).to_have_count(5)
+    assert page.is_hidden("#why-map")
+    page.check("#why")
+    expect(page.locator("#why-map")).to_be_visible()
+    assert page.get_attribute("#why-map", "src").startswith("data:image/png;base64,")
+    sample = base64.b64encode((REPO / "ui" / "samples" / "cat.png").read_bytes()).decode()
+    answer = httpx.post(f"{base_url}/explain", json={"image_base64": sample}, headers={"X-API-Key": KEY}).json()
+    assert f"score of {answer['explained_class_name']}" in page.inner_text("#why-note")
+    assert page.evaluate("document.getElementById('why-map').naturalWidth") == 224  # the PNG decoded
+    page.click("button[aria-label='Try the sample image of a dog']")  # a new image: its own map, asked for again
+    expect(page.locator("#bars li")).to_have_count(5)
+    expect(page.locator("#why-map")).to_be_visible()
+    page.uncheck("#why")
+    expect(page.locator("#why-map")).to_be_hidden()
 
 
 def test_the_page_fits_a_phone_and_needs_nothing_from_the_internet(browser, base_url):

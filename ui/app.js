@@ -1,10 +1,12 @@
-// The prediction page: pick, drop or paste an image, see it, and get the top classes from POST /predict/file.
+// The prediction page: pick, drop or paste an image, see it, and get the top classes from POST /predict/file;
+// "why?" asks POST /explain for the heat map of what the model looked at and draws it over the image.
 "use strict";
 
 const TOP_K = 5;
 const $ = (id) => document.getElementById(id);
 let modelClasses = null;
 let latest = 0;  // the newest request: an older answer arriving later is dropped
+let current = null;  // the file shown, for "why?"
 
 function apiHeaders() {
   const key = $("api-key").value.trim();
@@ -51,8 +53,53 @@ function showBars(result, ms) {
     `answered in ${Math.round(ms)} ms.`;
 }
 
+function hideWhy() {
+  $("why-map").hidden = true;
+  $("why-map").removeAttribute("src");
+  $("why-note").hidden = true;
+}
+
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// The heat map of the predicted class (POST /explain), over the preview while "why?" is ticked.
+async function showWhy() {
+  if (!current) return;
+  const request = latest;
+  $("why-note").hidden = false;
+  $("why-note").textContent = "Looking for where the model looked…";
+  let response, body = null;
+  try {
+    const image = await readAsDataURL(current);
+    response = await fetch("/explain", { method: "POST", body: JSON.stringify({ image_base64: image, top_k: 1 }),
+      headers: { "Content-Type": "application/json", ...apiHeaders() } });
+    body = await response.json();
+  } catch (e) {
+    if (request === latest) $("why-note").textContent = "Could not reach the server.";
+    return;
+  }
+  if (request !== latest || !$("why").checked) return;
+  if (!response.ok) {
+    $("why-note").textContent = explain(response.status, body && body.detail);
+    return;
+  }
+  $("why-map").src = `data:image/png;base64,${body.heatmap_png}`;
+  $("why-map").alt = `Heat map: where the model saw ${body.explained_class_name}`;
+  $("why-map").hidden = false;
+  $("why-note").textContent = `Red: what raised the score of ${body.explained_class_name} most (Grad-CAM, ` +
+    "over the image as the model saw it).";
+}
+
 async function classify(file, name) {
   const request = ++latest;
+  current = file;
+  hideWhy();
   if ($("preview").src.startsWith("blob:")) URL.revokeObjectURL($("preview").src);
   $("preview").src = URL.createObjectURL(file);
   $("preview-name").textContent = name || file.name || "pasted image";
@@ -78,6 +125,7 @@ async function classify(file, name) {
     return;
   }
   showBars(body, ms);
+  if ($("why").checked) showWhy();
 }
 
 async function loadModel() {
@@ -134,6 +182,7 @@ function setup() {
     if (file) classify(file);
   });
   $("preview").addEventListener("error", () => { $("preview-box").hidden = true; });
+  $("why").addEventListener("change", () => ($("why").checked ? showWhy() : hideWhy()));
   const saved = sessionStorage.getItem("cater-api-key");
   if (saved) $("api-key").value = saved;
   $("api-key").addEventListener("change", () => sessionStorage.setItem("cater-api-key", $("api-key").value.trim()));
