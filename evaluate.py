@@ -34,7 +34,8 @@ from calibration import REVIEW_THRESHOLDS, coverage, expected_calibration_error,
 from data import class_folders
 from decode import DataError, list_images, open_image
 from model import CnnClassifier, predict_logits
-from predict import add_model_arguments, classify, open_model
+from datacheck import label_issues
+from predict import add_model_arguments, classify, open_model, preprocess
 from runtime import Runtime
 from scores import class_scores
 
@@ -157,20 +158,46 @@ def worst_mistakes(result: dict, count: int = MISTAKES) -> list[int]:
     return wrong[result["confidence"][wrong].argsort(descending=True, stable=True)][:count].tolist()
 
 
-def mistakes_from_files(result: dict, paths: list[str], root: Path, count: int = MISTAKES) -> list[dict]:
-    """The worst mistakes as write_report takes them: path (under root), 128 px thumbnail (HxWx3 uint8), true and
-    predicted class names, confidence."""
+def files_shown(result: dict, picked: list[int], paths: list[str], root: Path, predicted: torch.Tensor,
+                confidence: torch.Tensor, predictor=None) -> list[dict]:
+    """Images picked for a report as write_report takes them: path (under root), 128 px thumbnail (HxWx3 uint8), true
+    and predicted class names, confidence, and with a PyTorch predictor "why": the Grad-CAM heat map of the predicted
+    class over the model's input (explain.py)."""
     classes, found = result["classes"], []
-    for i in worst_mistakes(result, count):
+    for i in picked:
         try:
             thumbnail = open_image(paths[i])
         except DataError:  # decoded a moment ago; gone or changed since: shown without it
             continue
         thumbnail.thumbnail((128, 128))
-        found.append({"path": os.path.relpath(paths[i], root), "image": np.asarray(thumbnail.convert("RGB")),
-                      "true": classes[int(result["labels"][i])], "predicted": classes[int(result["predicted"][i])],
-                      "confidence": float(result["confidence"][i])})
+        shown = {"path": os.path.relpath(paths[i], root), "image": np.asarray(thumbnail.convert("RGB")),
+                 "true": classes[int(result["labels"][i])], "predicted": classes[int(predicted[i])],
+                 "confidence": float(confidence[i])}
+        x = preprocess(paths[i], predictor.meta) if getattr(predictor, "backend", "") == "torch" else None
+        if isinstance(x, torch.Tensor):
+            from explain import overlays
+
+            shown["why"] = overlays(predictor.explainer, x[None], [int(predicted[i])])[0]
+        found.append(shown)
     return found
+
+
+def mistakes_from_files(result: dict, paths: list[str], root: Path, count: int = MISTAKES, predictor=None) -> list[dict]:
+    """The worst mistakes as write_report takes them (files_shown)."""
+    return files_shown(result, worst_mistakes(result, count), paths, root, result["predicted"], result["confidence"],
+                       predictor)
+
+
+def issues_from_files(result: dict, probs: torch.Tensor, paths: list[str], root: Path) -> tuple[list[dict], str]:
+    """Likely label errors among the scored files (datacheck.label_issues: cleanlab on these probabilities, out of
+    sample when the model never trained on them), most likely first, as write_report takes them; and why none were
+    looked for ('' when they were)."""
+    ranked, why = label_issues(probs.float().numpy(), result["labels"].numpy())
+    said = probs.max(1)
+    shown = files_shown(result, ranked[:MISTAKES], paths, root, said.indices, said.values)
+    return shown + [{"path": os.path.relpath(paths[i], root), "true": result["classes"][int(result["labels"][i])],
+                     "predicted": result["classes"][int(said.indices[i])], "confidence": float(said.values[i])}
+                    for i in ranked[MISTAKES:]], why
 
 
 def write_predictions(result: dict, paths: list[str], root: Path, out: Path) -> None:
@@ -191,11 +218,13 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_report(result: dict, out_dir: Path, title: str, details: list[tuple[str, str]] = (),
-                 mistakes: list[dict] = (), unreadable: list[tuple[str, str]] = (), split: str = "labelled") -> Path:
+                 mistakes: list[dict] = (), unreadable: list[tuple[str, str]] = (), split: str = "labelled",
+                 issues: tuple[list[dict], str] | None = None) -> Path:
     """out_dir/index.html and metrics.json for a score() result, with the pictures the page shows (confusion matrices,
-    reliability diagram, coverage plot, worst mistakes). details: (name, value) rows at the top (model, data...);
-    mistakes: dicts as mistakes_from_files makes them; unreadable: (path, reason); split names the images in the
-    mistakes picture. Every file is replaced whole."""
+    reliability diagram, coverage plot, worst mistakes, where the model looked on them). details: (name, value) rows
+    at the top (model, data...); mistakes: dicts as mistakes_from_files makes them; unreadable: (path, reason); split
+    names the images in the mistakes picture; issues: issues_from_files's (likely label errors, why none), written to
+    label_issues.csv and shown. Every file is replaced whole."""
     out_dir.mkdir(parents=True, exist_ok=True)
     classes, esc = result["classes"], html.escape
     # Plotted beside the report, then each renamed into place: matplotlib picks the format from the file's suffix,
@@ -209,6 +238,18 @@ def write_report(result: dict, out_dir: Path, title: str, details: list[tuple[st
         report.plot_mistakes([m["image"] for m in mistakes], [m["true"] for m in mistakes],
                              [m["predicted"] for m in mistakes], [m["confidence"] for m in mistakes],
                              tmp / "mistakes.png", split=split)
+        explained = [m for m in mistakes if "why" in m]
+        if explained:
+            report.plot_mistakes([m["why"] for m in explained], [m["true"] for m in explained],
+                                 [m["predicted"] for m in explained], [m["confidence"] for m in explained],
+                                 tmp / "mistakes_why.png", title="where the model looked: Grad-CAM of the predicted "
+                                                                 f"class on the worst {split} mistakes")
+        if issues is not None:
+            pictured = [m for m in issues[0] if "image" in m]
+            report.plot_mistakes([m["image"] for m in pictured], [m["true"] for m in pictured],
+                                 [m["predicted"] for m in pictured], [m["confidence"] for m in pictured],
+                                 tmp / "label_issues.png", labels=("labelled", "model says"),
+                                 title="likely label errors (cleanlab, most likely first)")
         for picture in tmp.iterdir():
             os.replace(picture, out_dir / picture.name)
     metrics = {**metrics_json(result), "unreadable": len(unreadable)}
@@ -250,6 +291,27 @@ def write_report(result: dict, out_dir: Path, title: str, details: list[tuple[st
         parts.append(table(["file", "true", "predicted", "confidence"],
                            [[m.get("path", ""), m["true"], m["predicted"], f"{m['confidence']:.3f}"]
                             for m in mistakes]))
+    if explained:
+        parts.append("<h2>Where the model looked on those mistakes</h2><p>Grad-CAM heat maps of the predicted class "
+                     "over the image as the model saw it: red is what raised that class's score most.</p>"
+                     "<img src=\"mistakes_why.png\" alt=\"heat maps of the worst mistakes\">")
+    if issues is not None:
+        found, why = issues
+        with atomic_path(out_dir / "label_issues.csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["rank", "path", "label", "model_says", "model_confidence"])
+            writer.writerows([rank, m.get("path", ""), m["true"], m["predicted"], f"{m['confidence']:.4f}"]
+                             for rank, m in enumerate(found, 1))
+        parts.append(f"<h2>Likely label errors ({len(found)})</h2>"
+                     + (f"<p>Not looked for: {esc(why)}.</p>" if why else
+                        "<p>cleanlab's find_label_issues on these answers' probabilities, most likely first. They are "
+                        "out of sample, and so trustworthy, only if the model never trained on these images. All of "
+                        "them are in <a href=\"label_issues.csv\">label_issues.csv</a>.</p>"
+                        "<img src=\"label_issues.png\" alt=\"likely label errors\">"))
+        if found:
+            parts.append(table(["file", "labelled", "model says", "confidence"],
+                               [[m.get("path", ""), m["true"], m["predicted"], f"{m['confidence']:.3f}"]
+                                for m in found[:PAGE_LISTED]]))
     parts.append(f"<h2>Unreadable files ({len(unreadable)})</h2>")
     if unreadable:
         more = len(unreadable) - PAGE_LISTED
@@ -364,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         write_predictions(result, kept, root, args.out_dir / "predictions.csv")
         page = write_report(result, args.out_dir, f"{Path(args.model).name} on {root.name}", details,
-                            mistakes_from_files(result, kept, root), unreadable)
+                            mistakes_from_files(result, kept, root, predictor=predictor), unreadable,
+                            issues=issues_from_files(result, probs, kept, root))
     except OSError as e:
         print(f"error: --out-dir {args.out_dir}: {e.strerror or e}", file=sys.stderr)
         return 2

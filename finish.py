@@ -3,7 +3,9 @@ with their plots, model and registration."""
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -16,17 +18,16 @@ from calibration import expected_calibration_error, fit_temperature, held_out_ec
 from checkpoint import save_checkpoint
 from config import DataConfig, TrainConfig
 from data import Dataset, ImageSet, eval_batches
-from decode import open_image
+from datacheck import label_issues
+from decode import decode_files, open_image
 from evaluate import eval_batch_size, evaluate, score, worst_mistakes, write_report
 from report import plot_class_scores, plot_confusion, plot_curves, plot_mistakes
-from runtime import Runtime
+from runtime import Runtime, unwrap
 from tracking import Tracker, log_model, metric_names, register
 
 
-def confident_mistakes(val: dict, split: ImageSet, classes: list[str], count: int = 16):
-    """The images of a split (validation, test) predicted wrong with the highest confidence: (images as HxW(xC)
-    uint8 arrays at most 128 px, true names, predicted names, confidences), for report.plot_mistakes."""
-    picked = worst_mistakes({**val, "labels": split.labels}, count)
+def thumbnails(split: ImageSet, picked: list[int]) -> list[np.ndarray]:
+    """The images of a split at these indices as HxW(xC) uint8 arrays at most 128 px, for report.plot_mistakes."""
     images = []
     for i in picked:
         if split.images is not None:
@@ -36,8 +37,66 @@ def confident_mistakes(val: dict, split: ImageSet, classes: list[str], count: in
             thumbnail.thumbnail((128, 128))
             image = np.asarray(thumbnail.convert("RGB"))
         images.append(image[..., 0] if image.shape[-1] == 1 else image)
-    return (images, [classes[int(split.labels[i])] for i in picked], [classes[int(val["predicted"][i])] for i in picked],
-            [float(val["confidence"][i]) for i in picked])
+    return images
+
+
+def confident_mistakes(val: dict, split: ImageSet, classes: list[str], count: int = 16):
+    """The images of a split (validation, test) predicted wrong with the highest confidence: (thumbnails, true
+    names, predicted names, confidences), for report.plot_mistakes."""
+    picked = worst_mistakes({**val, "labels": split.labels}, count)
+    return (thumbnails(split, picked), [classes[int(split.labels[i])] for i in picked],
+            [classes[int(val["predicted"][i])] for i in picked], [float(val["confidence"][i]) for i in picked])
+
+
+def model_inputs(split: ImageSet, picked: list[int], data_cfg: DataConfig) -> torch.Tensor:
+    """The uint8 model inputs of a split's images at these indices (decoded again when the split streams)."""
+    if split.images is not None:
+        return split.images[picked]
+    return decode_files([split.paths[i] for i in picked], data_cfg.image_size, data_cfg.channels, data_cfg.resize,
+                        workers=0)
+
+
+def explain_mistakes(model, val: dict, data: Dataset, data_cfg: DataConfig, path: Path, count: int = 16) -> bool:
+    """mistakes_why.png: Grad-CAM heat maps of the predicted class over the worst validation mistakes. A model the
+    explanation cannot handle costs the picture, never the run (False, with a warning)."""
+    from explain import Explainer, overlays
+
+    picked = worst_mistakes({**val, "labels": data.val.labels}, count)
+    predicted = [int(val["predicted"][i]) for i in picked]
+    meta = {"image_size": data_cfg.image_size, "channels": data_cfg.channels, "mean": data.mean, "std": data.std}
+    try:
+        drawn = overlays(Explainer(unwrap(model).eval(), meta), model_inputs(data.val, picked, data_cfg), predicted)
+    except Exception as e:
+        print(f"warning: no heat maps of the mistakes ({e.__class__.__name__}: {str(e)[:200]})", file=sys.stderr)
+        return False
+    plot_mistakes(drawn, [data.classes[int(data.val.labels[i])] for i in picked], [data.classes[c] for c in predicted],
+                  [float(val["confidence"][i]) for i in picked], path,
+                  title="where the model looked: Grad-CAM of the predicted class on the worst validation mistakes")
+    return True
+
+
+def write_label_issues(val: dict, split: ImageSet, classes: list[str], folder: Path, data_dir: str) -> int:
+    """label_issues.csv (every likely label error in the split, most likely first) and label_issues.png (the first
+    16), from the split's calibrated out-of-sample probabilities (cleanlab). Returns how many were found."""
+    probs = val["probabilities"].float().numpy()
+    ranked, why = label_issues(probs, split.labels.numpy())
+    if why:
+        print(f"likely label errors: not looked for ({why})")
+        return 0
+    name = (lambda i: os.path.relpath(split.paths[i], data_dir)) if split.paths is not None else str
+    with open(folder / "label_issues.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "image", "label", "model_says", "model_confidence", "confidence_in_label"])
+        for rank, i in enumerate(ranked, 1):
+            given, said = int(split.labels[i]), int(probs[i].argmax())
+            writer.writerow([rank, name(i), classes[given], classes[said], f"{probs[i, said]:.4f}", f"{probs[i, given]:.4f}"])
+    top = ranked[:16]
+    plot_mistakes(thumbnails(split, top), [classes[int(split.labels[i])] for i in top],
+                  [classes[int(probs[i].argmax())] for i in top], [float(probs[i].max()) for i in top],
+                  folder / "label_issues.png", labels=("labelled", "model says"),
+                  title="likely label errors in validation (cleanlab, most likely first)")
+    print(f"likely label errors in validation: {len(ranked)} of {len(split)} (cleanlab; label_issues.csv in the run)")
+    return len(ranked)
 
 
 def final_scores(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtime, best_epoch: int,
@@ -80,7 +139,7 @@ def final_scores(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, r
     return val, test, final
 
 
-def log_final(tracker: Tracker, checkpoint: Path, val: dict, test: dict | None, final: dict, data: Dataset,
+def log_final(tracker: Tracker, model, checkpoint: Path, val: dict, test: dict | None, final: dict, data: Dataset,
               data_cfg: DataConfig, cfg: TrainConfig, history: list[dict]) -> None:
     """The run's end in MLflow: final and per-class metrics, the pictures, the test split's report (make evaluate's:
     test/index.html), the checkpoint, the pyfunc model and its registration (champion or not)."""
@@ -100,7 +159,12 @@ def log_final(tracker: Tracker, checkpoint: Path, val: dict, test: dict | None, 
         plot_curves(history, Path(tmp) / "curves.png")
         plot_class_scores(data.classes, val["precision"], val["recall"], Path(tmp) / "per_class.png")
         plot_mistakes(*confident_mistakes(val, data.val, data.classes), Path(tmp) / "mistakes.png")
-        for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png", "per_class.png", "mistakes.png"):
+        names = ["confusion_matrix.png", "confusion_matrix_normalized.png", "curves.png", "per_class.png", "mistakes.png"]
+        if explain_mistakes(model, val, data, data_cfg, Path(tmp) / "mistakes_why.png"):
+            names.append("mistakes_why.png")
+        if write_label_issues(val, data.val, data.classes, Path(tmp), data_cfg.data_dir):
+            names += ["label_issues.png", "label_issues.csv"]
+        for name in names:
             tracker.log_artifact(str(Path(tmp) / name))
         if test is not None:
             for path in test_report(test, data, final["temperature"], Path(tmp) / "test").iterdir():
@@ -143,7 +207,8 @@ def calibrate(val: dict, val_labels: torch.Tensor, test: dict | None, test_label
             continue
         correct = result["predicted"] == labels
         before = expected_calibration_error(result["confidence"], correct)
-        result["confidence"] = probabilities(result["logits"], temperature).max(1).values
+        result["probabilities"] = probabilities(result["logits"], temperature).cpu()
+        result["confidence"] = result["probabilities"].max(1).values
         after = expected_calibration_error(result["confidence"], correct)
         metrics.update({f"{name}_ece_uncalibrated": before, f"{name}_ece": after})
         line += f" on {name} {before:.4f} -> {after:.4f}" + (" (fitted there)" if name == "val" else "")
@@ -165,4 +230,4 @@ def final_report(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, r
     if interrupted:
         print("stopped early: the plots, the MLflow model and its registration are logged when the run finishes")
         return
-    log_final(tracker, path, val, test, final, data, data_cfg, cfg, history)
+    log_final(tracker, model, path, val, test, final, data, data_cfg, cfg, history)

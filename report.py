@@ -22,7 +22,9 @@ CURVES = (("loss", "train_loss", "val_loss"), ("top-1 accuracy", "train_acc", "v
 PICTURES = (("confusion_matrix.png", "Confusion matrix (counts)"),
             ("confusion_matrix_normalized.png", "Confusion matrix (share of each true class)"),
             ("per_class.png", "Precision and recall per class"),
-            ("mistakes.png", "The most confidently wrong validation images"))
+            ("mistakes.png", "The most confidently wrong validation images"),
+            ("mistakes_why.png", "Where the model looked on those mistakes (Grad-CAM of the predicted class)"),
+            ("label_issues.png", "Likely label errors in validation (cleanlab; every one in label_issues.csv)"))
 
 
 def _pyplot():
@@ -89,8 +91,9 @@ def plot_class_scores(classes: list[str], precision: list[float], recall: list[f
 
 
 def plot_mistakes(images: list[np.ndarray], true: list[str], predicted: list[str], confidence: list[float],
-                  path: Path, split: str = "validation") -> None:
-    """A grid of HxW(xC) uint8 images, each titled with its true and (wrongly) predicted class."""
+                  path: Path, split: str = "validation", title: str = "", labels: tuple[str, str] = ("true", "predicted")) -> None:
+    """A grid of HxW(xC) uint8 images, each titled with its true and (wrongly) predicted class (or what `labels`
+    names them)."""
     plt = _pyplot()
     cols = min(4, max(1, len(images)))
     rows = max(1, -(-len(images) // cols))
@@ -99,10 +102,10 @@ def plot_mistakes(images: list[np.ndarray], true: list[str], predicted: list[str
         ax.axis("off")
     for ax, image, t, p, c in zip(axes.flat, images, true, predicted, confidence):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
-        ax.set_title(f"true: {t}\npredicted: {p} ({100 * c:.0f}%)", fontsize=8)
+        ax.set_title(f"{labels[0]}: {t}\n{labels[1]}: {p} ({100 * c:.0f}%)", fontsize=8)
     if not images:
-        axes[0, 0].text(0.5, 0.5, f"no mistakes on {split}", ha="center", va="center")
-    fig.suptitle(f"most confidently wrong {split} images")
+        axes[0, 0].text(0.5, 0.5, f"no mistakes on {split}" if not title else "none", ha="center", va="center")
+    fig.suptitle(title or f"most confidently wrong {split} images")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
