@@ -432,8 +432,12 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
             probs = await asyncio.gather(*(batcher.submit((served.predictor, x)) for x in images))
             if explain is not False:
                 targets = [int(p.argmax()) if explain is None else explain for p in probs]
-                heats = await asyncio.gather(*(batcher.submit((("explain", served.predictor), (x, c)))
-                                               for x, c in zip(images, targets)))
+                try:
+                    heats = await asyncio.gather(*(batcher.submit((("explain", served.predictor), (x, c)))
+                                                   for x, c in zip(images, targets)))
+                except (ValueError, RuntimeError) as e:  # a network Grad-CAM cannot follow (no spatial layer...)
+                    log.warning("cannot explain with %s: %s", served.describe(), e)
+                    raise HTTPException(409, f"this model cannot be explained: {str(e)[:200]}") from None
     except TimeoutError:
         # A thread cannot be killed: tell it to stop, and keep the request's queue places until it has (one
         # image's decode at most, bounded by the pixel limits), so admission never counts work that still runs.

@@ -95,6 +95,7 @@ def find_problems(classes: list[str], files: list[tuple[str, str, str]], results
         identical = bool(np.all(prints.thumbs[members] == prints.thumbs[members[0]]))
         groups.append({"members": index, "kind": ", ".join(kinds) or "within a class",
                        "match": "identical" if identical else "near"})
+    groups.sort(key=lambda g: ("conflicting" not in g["kind"], "across" not in g["kind"], -len(g["members"])))
     counts = {(split, name): 0 for split in {f[0] for f in files} | {"train"} for name in classes}
     for split, name, _ in files:
         counts[split, name] = counts.get((split, name), 0) + 1
@@ -167,7 +168,8 @@ def write_report(found: dict, root: Path, out_dir: Path) -> Path:
     parts = [f"<h1>Data check: {esc(str(root))}</h1>",
              "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in summary_lines(found)) + "</ul>",
              "<p>Every finding is in <a href=\"findings.csv\">findings.csv</a>, one row per file.</p>",
-             f"<h2>Duplicate groups ({len(found['groups'])}, largest first)</h2>"]
+             f"<h2>Duplicate groups ({len(found['groups'])}: conflicting labels first, then leaks, then the "
+             "largest)</h2>"]
     for g, group in enumerate(found["groups"][:LISTED]):
         cells = "".join(f"<figure>{thumbnail(files[i][2])}<figcaption>{esc(files[i][0])}/{esc(files[i][1])}<br>"
                         f"{esc(os.path.basename(files[i][2]))}</figcaption></figure>" for i in group["members"][:12])
@@ -184,7 +186,8 @@ def write_report(found: dict, root: Path, out_dir: Path) -> Path:
     page = out_dir / "index.html"
     with atomic_path(page) as tmp:
         tmp.write_text(PAGE.format(title=esc(f"Data check: {root.name}"), body="\n".join(parts)).replace(
-            "</style>", ".row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;font-size:11px}</style>"))
+            "</style>", ".row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;font-size:11px}"
+            "figure img{width:64px;height:64px;object-fit:contain;image-rendering:pixelated}</style>"))
     return page
 
 

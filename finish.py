@@ -83,7 +83,7 @@ def write_label_issues(val: dict, split: ImageSet, classes: list[str], folder: P
     if why:
         print(f"likely label errors: not looked for ({why})")
         return 0
-    name = (lambda i: os.path.relpath(split.paths[i], data_dir)) if split.paths is not None else str
+    name = (lambda i: os.path.relpath(split.paths[i], data_dir)) if split.paths is not None else (lambda i: f"val[{i}]")
     with open(folder / "label_issues.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "image", "label", "model_says", "model_confidence", "confidence_in_label"])
