@@ -339,6 +339,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
                 split.prints = prints.subset(np.arange(start, start + len(split)))
                 start += len(split)
         train, val, checks = check_splits(train, val, test, drawn="val" not in splits, classes=classes)
+        if len(val) == 0:
+            raise DataError(f"{data_dir}: every validation image has a near-copy in training (make check-data lists "
+                            f"them); add distinct images or a val/ folder")
     if cfg.dataset == "cifar10":
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     elif train.images is not None:  # a sample keeps the float copy small
@@ -369,15 +372,16 @@ def check_splits(train: ImageSet, val: ImageSet, test: ImageSet | None, drawn: b
     elif len(copied):
         lines.append(f"warning: {len(copied)} of val/'s {len(val)} images have a near-copy in train/: the validation "
                      f"score is inflated; remove the copies from one side")
+    # fingerprints and labels only from here: joining the splits' images would copy them all
+    seen = Fingerprints(np.concatenate([train.prints.hashes, val.prints.hashes]),
+                        np.concatenate([train.prints.thumbs, val.prints.thumbs]))
     if test is not None and len(test):
-        seen = train.joined(val)
-        leaked = np.unique(near_pairs(test.prints, seen.prints)[:, 0])
+        leaked = np.unique(near_pairs(test.prints, seen)[:, 0])
         if len(leaked):
             lines.append(f"warning: {len(leaked)} of test/'s {len(test)} images have a near-copy in train/ or "
                          f"val/: the test score is inflated; remove the copies from one side")
-    pool = train.joined(val)
     labels_of: dict[tuple, set] = {}
-    for h, thumb, label in zip(pool.prints.hashes.tolist(), pool.prints.thumbs, pool.labels.tolist()):
+    for h, thumb, label in zip(seen.hashes.tolist(), seen.thumbs, torch.cat([train.labels, val.labels]).tolist()):
         labels_of.setdefault((h, thumb.tobytes()), set()).add(label)
     conflicts = sum(len(found) > 1 for found in labels_of.values())
     if conflicts:

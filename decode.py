@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from fingerprint import Fingerprints, fingerprint
+from fingerprint import FINGERPRINT_SIDE, Fingerprints, fingerprint
 from transforms import draft, pil_to_uint8
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -90,9 +90,12 @@ class _Chunks(torch.utils.data.Dataset):
         errors = []
         for j, path in enumerate(paths):
             try:
-                image = open_image(path, self.size)  # a large JPEG drafted to the model's size: hashed at that size
+                image = open_image(path, self.size)  # a large JPEG drafted to the model's size (as the server does)
                 if prints is not None:
-                    prints.hashes[j], prints.thumbs[j] = fingerprint(image)
+                    # a JPEG drafted below FINGERPRINT_SIDE (the 1 px of check_files) is opened again for the hash
+                    large = image if self.size >= FINGERPRINT_SIDE or image.format != "JPEG" else \
+                        open_image(path, FINGERPRINT_SIDE)
+                    prints.hashes[j], prints.thumbs[j] = fingerprint(large)
                 array[j] = pil_to_uint8(image, self.size, self.channels, self.resize).numpy()
             except DataError as e:
                 errors.append(str(e))

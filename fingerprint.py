@@ -18,6 +18,8 @@ from PIL import Image
 HASH_BITS = 6  # pHash bits two near-duplicates may differ in (candidates)
 MATCH = 0.995  # thumbnail correlation a candidate pair must reach to count as a near-duplicate
 THUMB = 16  # thumbnail side, pixels
+FINGERPRINT_SIDE = 64  # pixels: an image is reduced to about this before it is hashed (pHash works at 32)
+PAIRS = 1 << 16  # candidate pairs compared at once, 128 MB of thumbnails (blank images make millions)
 ROWS = 128  # hashes compared against all the others at once: ROWS x N uint64 (60 MB for 60,000) in memory
 
 
@@ -26,6 +28,8 @@ def fingerprint(image: Image.Image) -> tuple[int, np.ndarray]:
     import imagehash
 
     gray = image.convert("L")
+    if min(gray.size) >= 2 * FINGERPRINT_SIDE:  # a cheap box reduction first: a full-size photo is not hashed whole
+        gray = gray.reduce(min(gray.size) // FINGERPRINT_SIDE)
     bits = imagehash.phash(gray).hash.flatten()
     thumb = np.asarray(gray.resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8).reshape(-1)
     return int(np.packbits(bits).view(">u8")[0]), thumb
@@ -70,10 +74,12 @@ def near_pairs(a: Fingerprints, b: Fingerprints | None = None) -> np.ndarray:
         if b is None:
             keep = i < j
             i, j = i[keep], j[keep]
-        # the same image, or a flat one (no thumbnail variation): identical hashes and thumbnails mean a copy
-        same = np.all(a.thumbs[i] == other.thumbs[j], axis=1)
-        match = same | (np.einsum("kd,kd->k", unit_a[i], unit_b[j]) >= MATCH)
-        found.append(np.stack([i[match], j[match]], 1))
+        for k in range(0, len(i), PAIRS):
+            ii, jj = i[k:k + PAIRS], j[k:k + PAIRS]
+            # the same image, or a flat one (no thumbnail variation): identical hashes and thumbnails mean a copy
+            same = np.all(a.thumbs[ii] == other.thumbs[jj], axis=1)
+            match = same | (np.einsum("kd,kd->k", unit_a[ii], unit_b[jj]) >= MATCH)
+            found.append(np.stack([ii[match], jj[match]], 1))
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
 
 
