@@ -56,6 +56,7 @@ from upload import UploadError, check_request_pixels, decode_upload, open_upload
 log = logging.getLogger("uvicorn.error")
 
 MAX_TOP_K = 1000
+EXPLAIN_COST = 4  # images' worth of inference one /explain takes, for admission
 MAX_CLASSES = 100_000  # a bound for class_index in the schema; the served model's own count is checked per request
 MAX_ERRORS = 5  # validation errors listed in a 422
 UI = Path(__file__).resolve().parent / "ui"  # the prediction page (GET /) and its files, served as they are
@@ -311,8 +312,11 @@ async def lifespan(app: FastAPI):
         start, rows = time.perf_counter(), []
         for key, group in itertools.groupby(items, key=lambda item: item[0]):
             inputs = [x for _, x in group]
-            if isinstance(key, tuple):
-                rows += list(key[1].explainer.heat(torch.stack([x for x, _ in inputs]), [c for _, c in inputs]))
+            if isinstance(key, tuple):  # a failed explanation is its requests' answer, not the whole batch's
+                try:
+                    rows += list(key[1].explainer.heat(torch.stack([x for x, _ in inputs]), [c for _, c in inputs]))
+                except Exception as e:
+                    rows += [e] * len(inputs)
             else:
                 rows += list(key.probabilities(torch.stack(inputs), cfg.tta))
         metrics.inference.observe(time.perf_counter() - start)
@@ -415,7 +419,9 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
     opened = await loop.run_in_executor(state.decode_pool, open_all, data_list, decode, config)
 
     batcher: MicroBatcher = state.batcher
-    extra = len(opened) - 1  # GateMiddleware admitted one image; a batch that passed the checks admits the rest here
+    # GateMiddleware admitted one image; a batch that passed the checks admits the rest here, and an explanation
+    # (a prediction, then a forward and backward pass of the eager model) counts as EXPLAIN_COST images
+    extra = len(opened) - 1 + (EXPLAIN_COST - 1) * len(opened) * (explain is not False)
     if extra:
         try:
             batcher.admit(extra, held=1)
@@ -432,12 +438,14 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
             probs = await asyncio.gather(*(batcher.submit((served.predictor, x)) for x in images))
             if explain is not False:
                 targets = [int(p.argmax()) if explain is None else explain for p in probs]
-                try:
-                    heats = await asyncio.gather(*(batcher.submit((("explain", served.predictor), (x, c)))
-                                                   for x, c in zip(images, targets)))
-                except (ValueError, RuntimeError) as e:  # a network Grad-CAM cannot follow (no spatial layer...)
-                    log.warning("cannot explain with %s: %s", served.describe(), e)
-                    raise HTTPException(409, f"this model cannot be explained: {str(e)[:200]}") from None
+                heats = await asyncio.gather(*(batcher.submit((("explain", served.predictor), (x, c)))
+                                               for x, c in zip(images, targets)))
+                failed = next((h for h in heats if isinstance(h, Exception)), None)
+                if isinstance(failed, torch.OutOfMemoryError):
+                    raise HTTPException(503, "out of memory while explaining: retry later", {"Retry-After": "5"})
+                if failed is not None:  # a network Grad-CAM cannot follow (no spatial layer...)
+                    log.warning("cannot explain with %s: %r", served.describe(), failed)
+                    raise HTTPException(409, f"this model cannot be explained: {str(failed)[:200]}")
     except TimeoutError:
         # A thread cannot be killed: tell it to stop, and keep the request's queue places until it has (one
         # image's decode at most, bounded by the pixel limits), so admission never counts work that still runs.

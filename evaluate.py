@@ -164,21 +164,26 @@ def files_shown(result: dict, picked: list[int], paths: list[str], root: Path, p
     and predicted class names, confidence, and with a PyTorch predictor "why": the Grad-CAM heat map of the predicted
     class over the model's input (explain.py)."""
     classes, found = result["classes"], []
+    explaining = getattr(predictor, "backend", "") == "torch"
     for i in picked:
+        shown = {"path": os.path.relpath(paths[i], root), "true": classes[int(result["labels"][i])],
+                 "predicted": classes[int(predicted[i])], "confidence": float(confidence[i])}
+        found.append(shown)
         try:
             thumbnail = open_image(paths[i])
-        except DataError:  # decoded a moment ago; gone or changed since: shown without it
+        except DataError:  # decoded a moment ago; gone or changed since: listed without its picture
             continue
         thumbnail.thumbnail((128, 128))
-        shown = {"path": os.path.relpath(paths[i], root), "image": np.asarray(thumbnail.convert("RGB")),
-                 "true": classes[int(result["labels"][i])], "predicted": classes[int(predicted[i])],
-                 "confidence": float(confidence[i])}
-        x = preprocess(paths[i], predictor.meta) if getattr(predictor, "backend", "") == "torch" else None
+        shown["image"] = np.asarray(thumbnail.convert("RGB"))
+        x = preprocess(paths[i], predictor.meta) if explaining else None
         if isinstance(x, torch.Tensor):
             from explain import overlays
 
-            shown["why"] = overlays(predictor.explainer, x[None], [int(predicted[i])])[0]
-        found.append(shown)
+            try:
+                shown["why"] = overlays(predictor.explainer, x[None], [int(predicted[i])])[0]
+            except Exception as e:  # the report stands without its heat maps
+                print(f"warning: no heat maps of the mistakes ({e.__class__.__name__}: {str(e)[:200]})", file=sys.stderr)
+                explaining = False
     return found
 
 
@@ -235,8 +240,9 @@ def write_report(result: dict, out_dir: Path, title: str, details: list[tuple[st
         report.plot_confusion(result["confusion"], classes, tmp / "confusion_matrix_normalized.png", normalized=True)
         report.plot_reliability(result["reliability"], result["ece"], tmp / "reliability.png")
         report.plot_coverage(result["coverage"], tmp / "coverage.png")
-        report.plot_mistakes([m["image"] for m in mistakes], [m["true"] for m in mistakes],
-                             [m["predicted"] for m in mistakes], [m["confidence"] for m in mistakes],
+        pictured = [m for m in mistakes if "image" in m]
+        report.plot_mistakes([m["image"] for m in pictured], [m["true"] for m in pictured],
+                             [m["predicted"] for m in pictured], [m["confidence"] for m in pictured],
                              tmp / "mistakes.png", split=split)
         explained = [m for m in mistakes if "why" in m]
         if explained:

@@ -18,23 +18,21 @@ from transforms import normalize
 
 DISPLAY_SIDE = 224  # overlays are drawn at least this large: a 32 px input is too small to see where the heat is
 HEAT_OPACITY = 0.55  # of the hottest point; the heat's colour fades out where the map is cold
-MIN_SIDE = 6  # of the feature map explained: the airbench net's last group is 3x3 at 32 px, too coarse to point
+MIN_SIDE = 5  # of the feature map explained: the airbench net's last group is 3x3 at 32 px, too coarse to point
 
 
 def cam_layer(model: nn.Module, channels: int, size: int) -> tuple[str, nn.Module]:
-    """(name, module) of the last layer whose output is a spatial map at least MIN_SIDE on a side (else the last one
-    more than 1x1), found by one forward pass with hooks: a timm backbone's last feature block at 224 px, the
-    airbench net's last conv group but one. In-place activations are passed over (their output is their input,
-    changed under the hook)."""
-    order: list[tuple[str, nn.Module]] = []
-    fine: list[tuple[str, nn.Module]] = []
+    """(name, module) of the layer explained: the last block (a module with children) whose output is a spatial map
+    at least MIN_SIDE on a side, found by one forward pass with hooks. That is a timm backbone's last feature block
+    (EfficientNet's bn2, 7x7 at 224 px, 5x5 at 160) and the airbench net's last conv group but one (7x7 at 32 px);
+    a net of plain layers (the baseline) gets its last such layer; failing all, the last map more than 1x1.
+    In-place activations are passed over (their output is their input, changed under the hook)."""
+    found: list[tuple[str, nn.Module, int, bool]] = []  # (name, module, smaller side, a block)
 
     def hook(name):
         def record(module, inputs, output):
             if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1:
-                order.append((name, module))
-                if min(output.shape[-2:]) >= MIN_SIDE:
-                    fine.append((name, module))
+                found.append((name, module, min(output.shape[-2:]), any(True for _ in module.children())))
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()
@@ -45,9 +43,12 @@ def cam_layer(model: nn.Module, channels: int, size: int) -> tuple[str, nn.Modul
     finally:
         for handle in handles:
             handle.remove()
-    if not order:
+    if not found:
         raise ValueError("the model has no layer with a spatial output to explain")
-    return (fine or order)[-1]
+    blocks = [f for f in found if f[3] and f[2] >= MIN_SIDE]
+    layers = [f for f in found if f[2] >= MIN_SIDE]
+    name, module, _, _ = (blocks or layers or found)[-1]
+    return name, module
 
 
 class Explainer:

@@ -92,6 +92,19 @@ def test_the_drawn_split_never_puts_copies_on_both_sides(planted, tmp_path, in_m
 
 
 @needs_images
+def test_small_jpegs_streamed_are_not_taken_for_copies(tmp_path):
+    """--no-in-memory checks the files at 1 px; their fingerprints must not come from a 4 px JPEG draft."""
+    for name in ("bag", "coat"):
+        (tmp_path / "jpegs" / name).mkdir(parents=True)
+        for path in sorted((SHARED / name).iterdir())[:60]:
+            Image.open(path).save(tmp_path / "jpegs" / name / f"{path.stem}.jpg", quality=90)
+    for in_memory in (True, False):
+        data = load_dataset(DataConfig(dataset="folder", data_dir=str(tmp_path / "jpegs"), image_size=28, channels=1,
+                                       val_fraction=0.3, in_memory=in_memory, workers=0))
+        assert len(data.val) == 36 and not data.checks, data.checks
+
+
+@needs_images
 def test_copies_across_folders_a_user_made_are_warned_about(planted):
     folder, _ = planted
     (folder / "train" / "bag" / "broken.png").rename(folder / "broken.bak")

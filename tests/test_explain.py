@@ -113,6 +113,23 @@ def test_explain_answers_with_the_prediction_and_a_map_that_moves_with_the_objec
         assert "/explain" in client.get("/openapi.json").json()["paths"]
 
 
+def test_a_model_grad_cam_cannot_follow_gets_a_409_and_predictions_go_on(trained):
+    _, path = trained
+    config = ServeConfig(model_path=str(path), device="cpu", threads=torch.get_num_threads())
+    with TestClient(api.create_app(config)) as client:
+        image = png(corners(0)[0])
+        assert client.post("/explain", json={"image_base64": image}).status_code == 200  # the explainer exists now
+
+        def broken(images, targets):
+            raise ValueError("no spatial layer")
+
+        client.app.state.served.predictor.explainer.heat = broken
+        response = client.post("/explain", json={"image_base64": image})
+        assert response.status_code == 409 and "no spatial layer" in response.json()["detail"]
+        assert client.post("/predict", json={"image_base64": image}).status_code == 200
+        assert client.get("/ready").status_code == 200
+
+
 def test_explain_with_an_onnx_model_is_refused_with_the_reason(trained, tmp_path):
     _, path = trained
     onnx = export.export(path, ["onnx"], tmp_path)["onnx"]
@@ -122,6 +139,15 @@ def test_explain_with_an_onnx_model_is_refused_with_the_reason(trained, tmp_path
         assert response.status_code == 409
         assert "ONNX" in response.json()["detail"] and ".pt" in response.json()["detail"]
         assert client.post("/predict", json={"image_base64": png(corners(0)[0])}).status_code == 200
+
+
+@pytest.mark.parametrize("arch, size, channels, layer", [("airbench", 32, 3, "features.3"), ("airbench", 28, 1, "features.3"),
+                                                         ("baseline", 32, 3, "features.7"),
+                                                         ("tf_efficientnet_lite0", 224, 1, "bn2"),
+                                                         ("tf_efficientnet_lite0", 160, 3, "bn2")])
+def test_the_layer_explained_is_the_last_block_with_a_fine_enough_map(arch, size, channels, layer):
+    cfg = ModelConfig(arch=arch, widths=(8, 16) if arch == "baseline" else (64, 128, 128), pretrained=False)
+    assert cam_layer(build_model(cfg, num_classes=3, image_size=size, in_chans=channels).eval(), channels, size)[0] == layer
 
 
 @pytest.mark.parametrize("arch, size", [("tf_efficientnet_lite0", 64), ("baseline", 32)])
