@@ -141,11 +141,12 @@ def test_explain_with_an_onnx_model_is_refused_with_the_reason(trained, tmp_path
         assert client.post("/predict", json={"image_base64": png(corners(0)[0])}).status_code == 200
 
 
-@pytest.mark.parametrize("arch, size, channels, layer", [("airbench", 32, 3, "features.3"), ("airbench", 28, 1, "features.3"),
+@pytest.mark.parametrize("arch, size, channels, layer", [("airbench", 32, 3, "features.4.conv1"),
+                                                         ("airbench", 28, 1, "features.4.conv1"),
                                                          ("baseline", 32, 3, "features.7"),
                                                          ("tf_efficientnet_lite0", 224, 1, "bn2"),
                                                          ("tf_efficientnet_lite0", 160, 3, "bn2")])
-def test_the_layer_explained_is_the_last_block_with_a_fine_enough_map(arch, size, channels, layer):
+def test_the_layer_explained_is_the_last_with_a_fine_enough_map(arch, size, channels, layer):
     cfg = ModelConfig(arch=arch, widths=(8, 16) if arch == "baseline" else (64, 128, 128), pretrained=False)
     assert cam_layer(build_model(cfg, num_classes=3, image_size=size, in_chans=channels).eval(), channels, size)[0] == layer
 
