@@ -137,6 +137,12 @@ def test_training_ranks_flipped_labels_first(tmp_path):
     from benchmarks.data_checks import latest_label_issues, validation_files
 
     listed = [str(folder / row["image"]) for row in latest_label_issues(env["MLFLOW_TRACKING_URI"], tmp_path)]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run = client.search_runs([client.get_experiment_by_name("data-checks").experiment_id])[0]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"mistakes_why.png", "label_issues.png", "label_issues.csv"} <= logged  # the run's report shows them
     in_val = flipped & validation_files(folder)
     assert len(in_val) >= 8
     found = set(listed[:len(in_val)]) & set(in_val)

@@ -82,8 +82,11 @@ def test_report_of_a_labelled_folder_agrees_with_predict_and_the_server(checkpoi
     page = (out / "index.html").read_text()
     assert all(f"<td>{c}</td>" in page for c in CLASSES) and "ok/broken.png" in page and "ECE" in page
     for picture in ("confusion_matrix.png", "confusion_matrix_normalized.png", "reliability.png", "coverage.png",
-                    "mistakes.png"):
+                    "mistakes.png", "mistakes_why.png", "label_issues.png"):
         assert (out / picture).stat().st_size > 1000 and f'src="{picture}"' in page
+    issues = read_csv(out / "label_issues.csv")  # cleanlab on these answers: every row a scored file, ranked
+    assert "Likely label errors" in page and [int(r["rank"]) for r in issues] == list(range(1, len(issues) + 1))
+    assert {r["path"] for r in issues} <= {r["path"] for r in rows}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
 
     # The same answers as make predict's CSV and as api.py's /predict on each file.
