@@ -55,8 +55,7 @@ class ImageSet:
             labels=torch.cat([self.labels, other.labels]),
             images=join(self.images, other.images, lambda a, b: torch.cat([a, b])),
             paths=join(self.paths, other.paths, lambda a, b: a + b),
-            prints=join(self.prints, other.prints, lambda a, b: Fingerprints(np.concatenate([a.hashes, b.hashes]),
-                                                                             np.concatenate([a.thumbs, b.thumbs]))),
+            prints=join(self.prints, other.prints, lambda a, b: Fingerprints.concat([a, b])),
         )
 
 
@@ -373,8 +372,7 @@ def check_splits(train: ImageSet, val: ImageSet, test: ImageSet | None, drawn: b
         lines.append(f"warning: {len(copied)} of val/'s {len(val)} images have a near-copy in train/: the validation "
                      f"score is inflated; remove the copies from one side")
     # fingerprints and labels only from here: joining the splits' images would copy them all
-    seen = Fingerprints(np.concatenate([train.prints.hashes, val.prints.hashes]),
-                        np.concatenate([train.prints.thumbs, val.prints.thumbs]))
+    seen = Fingerprints.concat([train.prints, val.prints])
     if test is not None and len(test):
         leaked = np.unique(near_pairs(test.prints, seen)[:, 0])
         if len(leaked):

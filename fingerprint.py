@@ -49,6 +49,11 @@ class Fingerprints:
     def __len__(self) -> int:
         return len(self.hashes)
 
+    @classmethod
+    def concat(cls, parts: list["Fingerprints"]) -> "Fingerprints":
+        """The parts' rows one after another."""
+        return cls(np.concatenate([p.hashes for p in parts]), np.concatenate([p.thumbs for p in parts]))
+
     def subset(self, index) -> "Fingerprints":
         index = np.asarray(index, dtype=np.int64)
         return Fingerprints(self.hashes[index], self.thumbs[index])
