@@ -159,16 +159,18 @@ def worst_mistakes(result: dict, count: int = MISTAKES) -> list[int]:
 
 
 def files_shown(result: dict, picked: list[int], paths: list[str], root: Path, predicted: torch.Tensor,
-                confidence: torch.Tensor, predictor=None) -> list[dict]:
-    """Images picked for a report as write_report takes them: path (under root), 128 px thumbnail (HxWx3 uint8), true
-    and predicted class names, confidence, and with a PyTorch predictor "why": the Grad-CAM heat map of the predicted
-    class over the model's input (explain.py)."""
+                confidence: torch.Tensor, predictor=None, pictured: int = MISTAKES) -> list[dict]:
+    """Images picked for a report as write_report takes them: path (under root), true and predicted class names,
+    confidence; for the first `pictured`, a 128 px thumbnail (HxWx3 uint8) and, with a PyTorch predictor, "why": the
+    Grad-CAM heat map of the predicted class over the model's input (explain.py)."""
     classes, found = result["classes"], []
     explaining = getattr(predictor, "backend", "") == "torch"
-    for i in picked:
+    for n, i in enumerate(picked):
         shown = {"path": os.path.relpath(paths[i], root), "true": classes[int(result["labels"][i])],
                  "predicted": classes[int(predicted[i])], "confidence": float(confidence[i])}
         found.append(shown)
+        if n >= pictured:
+            continue
         try:
             thumbnail = open_image(paths[i])
         except DataError:  # decoded a moment ago; gone or changed since: listed without its picture
@@ -199,10 +201,7 @@ def issues_from_files(result: dict, probs: torch.Tensor, paths: list[str], root:
     looked for ('' when they were)."""
     ranked, why = label_issues(probs.float().numpy(), result["labels"].numpy())
     said = probs.max(1)
-    shown = files_shown(result, ranked[:MISTAKES], paths, root, said.indices, said.values)
-    return shown + [{"path": os.path.relpath(paths[i], root), "true": result["classes"][int(result["labels"][i])],
-                     "predicted": result["classes"][int(said.indices[i])], "confidence": float(said.values[i])}
-                    for i in ranked[MISTAKES:]], why
+    return files_shown(result, ranked, paths, root, said.indices, said.values), why
 
 
 def write_predictions(result: dict, paths: list[str], root: Path, out: Path) -> None:
@@ -220,6 +219,13 @@ def write_predictions(result: dict, paths: list[str], root: Path, out: Path) -> 
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def plot_shown(shown: list[dict], picture: str, path: Path, **options) -> None:
+    """report.plot_mistakes of the files_shown rows that hold a `picture` ("image" or "why")."""
+    rows = [m for m in shown if picture in m]
+    report.plot_mistakes([m[picture] for m in rows], [m["true"] for m in rows], [m["predicted"] for m in rows],
+                         [m["confidence"] for m in rows], path, **options)
 
 
 def write_report(result: dict, out_dir: Path, title: str, details: list[tuple[str, str]] = (),
@@ -240,22 +246,14 @@ def write_report(result: dict, out_dir: Path, title: str, details: list[tuple[st
         report.plot_confusion(result["confusion"], classes, tmp / "confusion_matrix_normalized.png", normalized=True)
         report.plot_reliability(result["reliability"], result["ece"], tmp / "reliability.png")
         report.plot_coverage(result["coverage"], tmp / "coverage.png")
-        pictured = [m for m in mistakes if "image" in m]
-        report.plot_mistakes([m["image"] for m in pictured], [m["true"] for m in pictured],
-                             [m["predicted"] for m in pictured], [m["confidence"] for m in pictured],
-                             tmp / "mistakes.png", split=split)
+        plot_shown(mistakes, "image", tmp / "mistakes.png", split=split)
         explained = [m for m in mistakes if "why" in m]
         if explained:
-            report.plot_mistakes([m["why"] for m in explained], [m["true"] for m in explained],
-                                 [m["predicted"] for m in explained], [m["confidence"] for m in explained],
-                                 tmp / "mistakes_why.png", title="where the model looked: Grad-CAM of the predicted "
-                                                                 f"class on the worst {split} mistakes")
+            plot_shown(explained, "why", tmp / "mistakes_why.png",
+                       title=f"where the model looked: Grad-CAM of the predicted class on the worst {split} mistakes")
         if issues is not None:
-            pictured = [m for m in issues[0] if "image" in m]
-            report.plot_mistakes([m["image"] for m in pictured], [m["true"] for m in pictured],
-                                 [m["predicted"] for m in pictured], [m["confidence"] for m in pictured],
-                                 tmp / "label_issues.png", labels=("labelled", "model says"),
-                                 title="likely label errors (cleanlab, most likely first)")
+            plot_shown(issues[0], "image", tmp / "label_issues.png", labels=("labelled", "model says"),
+                       title="likely label errors (cleanlab, most likely first)")
         for picture in tmp.iterdir():
             os.replace(picture, out_dir / picture.name)
     metrics = {**metrics_json(result), "unreadable": len(unreadable)}
