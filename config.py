@@ -58,6 +58,8 @@ class DataConfig:
     crop_scale: float = _opt(0.0, "random-resized crops: smallest share of the image area a crop keeps (0 = off)")
     rotate90: bool = _opt(False, "also vertical flips and 90-degree rotations (for textures and inspection images "
                                  "whose label does not depend on orientation)")
+    erase: float = _opt(0.0, "random erasing: the share of training images that get one random rectangle (a fiftieth to a "
+                             "third of the area) blanked to the mean (0 = off)")
 
     def __post_init__(self):
         check(0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)")
@@ -65,6 +67,7 @@ class DataConfig:
         check(self.workers >= 0, "--workers must be >= 0")
         check(self.limit >= 0, "--limit must be >= 0")
         check(self.translate >= 0, "--translate must be >= 0")
+        check(0 <= self.erase <= 1, "--erase must be in [0, 1]")
         check(self.crop_scale == 0 or 0.05 <= self.crop_scale <= 1, "--crop-scale must be 0 (off) or in [0.05, 1]")
         check(self.dataset != "cifar10" or self.image_size == 32, "CIFAR-10 images are 32x32: use --image-size 32")
         check(self.dataset != "cifar10" or self.channels == 3, "CIFAR-10 images are RGB: use --channels 3")
@@ -112,8 +115,9 @@ class TrainConfig:
     weight_decay: float = _opt(0.0153, "SGD: weight decay per 1024 examples, decoupled from the learning rate; Adam: AdamW's decay")
     bias_lr_scale: float = _opt(64.0, "multiplier on the learning rate of normalization biases")
     label_smoothing: float = _opt(0.2, "label smoothing of the cross-entropy loss")
-    balance: Literal["none", "weights"] = _opt("none", "imbalanced classes: weights = class-weighted loss (inverse square "
-                                                      "root of each class's share)")
+    balance: Literal["none", "weights", "sample"] = _opt("none", "imbalanced classes: weights = class-weighted loss (inverse "
+                                                                "square root of each class's share); sample = draw "
+                                                                "every class equally often (oversampling)")
     select_metric: Literal["acc", "macro_f1"] = _opt("acc", "validation metric that picks the best checkpoint")
     freeze_epochs: float = _opt(0.0, "timm backbones: epochs that train only the new classifier head before the whole network")
     fixed_stages: int = _opt(0, "timm backbones: the stem and this many first stages keep their pretrained weights "
@@ -124,6 +128,8 @@ class TrainConfig:
     lr_end: float = _opt(0.07, "learning rate at the last step, as a share of the peak")
     lookahead: bool = _opt(True, "average weights every 5 steps (lookahead / EMA), from epoch 3 on")
     whiten_bias_epochs: float = _opt(3.0, "airbench only: epochs during which the whitening layer's bias trains")
+    average_best: int = _opt(1, "at the end, average the weights of the best this-many epochs and keep the average "
+                                "when it scores at least as well on validation (1 = the best epoch alone)")
     tta: int = _opt(2, "test-time augmentation for final evaluation: 0 none, 1 flip, 2 flip + 1px translations")
     patience: int = _opt(0, "stop after this many epochs without a better validation accuracy (0 = never)")
     seed: int = _opt(0, "seed of initialization, shuffling and augmentation")
@@ -164,6 +170,7 @@ class TrainConfig:
         check(self.fixed_stages >= 0, "--fixed-stages must be >= 0")
         check(0 < self.layer_decay <= 1, "--layer-decay must be in (0, 1]")
         check(self.tta in (0, 1, 2), "--tta must be 0, 1 or 2")
+        check(self.average_best >= 1, "--average-best must be >= 1")
         check(self.patience >= 0, "--patience must be >= 0")
         check(self.threads >= 0, "--threads must be >= 0")
         check(self.max_steps >= 0, "--max-steps must be >= 0")

@@ -400,14 +400,16 @@ def check_splits(train: ImageSet, val: ImageSet, test: ImageSet | None, drawn: b
 class InMemoryLoader:
     """Training batches from a uint8 tensor kept on the device, augmented a whole batch at a time.
 
-    Drops the last partial batch; each epoch is a fresh seeded shuffle, translation and flip pattern.
+    Drops the last partial batch; each epoch is a fresh seeded shuffle, translation and flip pattern, or with
+    `draw` (a weight per image) as many images drawn with replacement in proportion to it.
     With shard=(rank, world) (distributed training) every rank draws the same global batches and keeps its slice
     of each: together the ranks see exactly what one process would.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean, std, cfg: DataConfig,
-                 seed: int, device: torch.device, shard: tuple[int, int] = (0, 1)):
+                 seed: int, device: torch.device, shard: tuple[int, int] = (0, 1), draw: torch.Tensor | None = None):
         self.images, self.labels = images.to(device), labels.to(device)
+        self.draw = draw
         self.batch_size = batch_size
         self.mean, self.std, self.cfg = mean, std, cfg
         self.rank, self.world = shard
@@ -420,7 +422,10 @@ class InMemoryLoader:
 
     def __iter__(self):
         cfg = self.cfg
-        order = torch.randperm(len(self.labels), generator=self.generator)[:len(self) * self.batch_size]
+        if self.draw is None:
+            order = torch.randperm(len(self.labels), generator=self.generator)[:len(self) * self.batch_size]
+        else:
+            order = torch.multinomial(self.draw, len(self) * self.batch_size, replacement=True, generator=self.generator)
         flips = flip_mask(self.epoch, self.base_flips, cfg.flip, self.generator)
         self.epoch += 1
         # On a GPU a batch's augmentation is a dozen tiny kernel launches that cost more than the math:
@@ -430,7 +435,7 @@ class InMemoryLoader:
             index = order[start:start + chunk]
             device_index = index.to(self.images.device)
             x = augment_batch(self.images[device_index], flips[index], self.mean, self.std, cfg.translate,
-                              self.generator, cfg.crop_scale, cfg.rotate90)
+                              self.generator, cfg.crop_scale, cfg.rotate90, cfg.erase)
             for xb, yb in zip(x.split(self.batch_size), self.labels[device_index].split(self.batch_size)):
                 yield xb.tensor_split(self.world)[self.rank], yb.tensor_split(self.world)[self.rank]
 
@@ -446,20 +451,37 @@ class _FileImages(torch.utils.data.Dataset):
         return self.transform(open_image(self.paths[i], self.size)), self.labels[i]
 
 
+def balanced_draw(labels: torch.Tensor) -> torch.Tensor:
+    """A weight per image that draws every class equally often (oversampling the rare ones), as --balance sample."""
+    counts = torch.bincount(labels.cpu()).double()
+    return (1.0 / counts)[labels.cpu()]
+
+
 def train_loader(split: ImageSet, cfg: DataConfig, batch_size: int, seed: int, mean, std, device: torch.device,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), oversample: bool = False):
     """In-memory batches when the split is decoded, else per-image PIL transforms in worker processes; augmented
-    as cfg says, shuffled and augmented from seed.
+    as cfg says, shuffled and augmented from seed; with oversample, drawn with replacement so that every class
+    comes equally often (an epoch is still as many images as the split holds).
 
     batch_size is the global batch: with shard=(rank, world) each rank gets 1/world of every step's batch
     (streaming: a DistributedSampler, reshuffled per epoch by set_epoch)."""
+    draw = balanced_draw(split.labels) if oversample else None
     if split.images is not None:
-        return InMemoryLoader(split.images, split.labels, batch_size, mean, std, cfg, seed, device, shard)
+        return InMemoryLoader(split.images, split.labels, batch_size, mean, std, cfg, seed, device, shard, draw)
     transform = train_transform(cfg.image_size, mean, std, cfg.translate, cfg.flip != "none", cfg.channels,
-                                cfg.resize, cfg.crop_scale, cfg.rotate90)
+                                cfg.resize, cfg.crop_scale, cfg.rotate90, cfg.erase)
     workers = cfg.workers
     images = _FileImages(split.paths, split.labels, transform, cfg.image_size)
     rank, world = shard
+    if draw is not None:
+        if world > 1:
+            raise DataError("--balance sample needs the training images decoded in memory under torchrun (this folder "
+                            "streams them): use --balance weights")
+        sampler = torch.utils.data.WeightedRandomSampler(draw, steps_per_epoch(len(images), batch_size) * batch_size,
+                                                         generator=torch.Generator().manual_seed(seed))
+        return torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                           num_workers=workers, persistent_workers=workers > 0,
+                                           pin_memory=device.type == "cuda")
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(images, world, rank, shuffle=True, seed=seed, drop_last=True)
         return torch.utils.data.DataLoader(images, batch_size=batch_size // world, sampler=sampler, drop_last=True,

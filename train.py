@@ -56,6 +56,7 @@ class FitState:
     diverged: bool = False  # stopped by a NaN or infinite loss
     nonfinite_steps: int = 0  # in a row
     saved_epochs: int = 0  # epochs the last checkpoint holds: where --resume goes on from
+    top: list = field(default_factory=list)  # (score, epoch, weights) of the best --average-best epochs of this process's run
 
 
 MAX_SKIPPED_FP16_STEPS = 10
@@ -200,7 +201,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     """
     ranks = rt.ranks
     loader = train_loader(data.train, data_cfg, cfg.batch_size, cfg.seed, data.mean, data.std, rt.device,
-                          (ranks.rank, ranks.world))
+                          (ranks.rank, ranks.world), oversample=cfg.balance == "sample")
     # fp16 needs loss scaling against gradient underflow; with bf16 or fp32 the scaler does nothing.
     state = FitState(total_steps=total_steps(len(data.train), cfg.batch_size, cfg.epochs), patience_left=cfg.patience,
                      scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16))
@@ -300,6 +301,12 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
         state.stopped, state.diverged = f"{e}: training diverged (a lower --lr, or --precision fp32, may help)", True
     if state.stopped and not state.diverged:  # main() reports a divergence as the error it is
         tqdm.write(state.stopped)
+    if len(state.top) > 1 and not state.diverged and state.stopped != "interrupted":
+        val = try_average(model, state, lambda m: evaluate(
+            m, eval_batches(val_split, data.mean, data.std, eval_size, data_cfg, rt.device), len(data.classes), rt,
+            across_ranks=ranks.enabled), cfg.select_metric)
+        if val is not None and on_best and ranks.main:
+            on_best(state.best_epoch, {"val_acc": val["acc"], "val_macro_f1": val["macro_f1"]})
     if can_freeze or fixed:
         set_trainable(model, False)
     return state
@@ -314,10 +321,34 @@ def time_budget(cfg: TrainConfig, data: Dataset, start: float, world: int) -> Bu
     return Budget(parse_duration(cfg.time_budget), start, views, test_share, world)
 
 
+def average(states: list[dict]) -> dict:
+    """The mean of several state dicts of one model (integer buffers, such as BatchNorm's step count, from the first)."""
+    return {k: torch.stack([s[k] for s in states]).mean(0) if states[0][k].is_floating_point() else states[0][k]
+            for k in states[0]}
+
+
+def try_average(model, state: FitState, score, metric: str) -> dict | None:
+    """Score the average of the best epochs' weights on validation; when it does at least as well as the best epoch
+    alone, it becomes the best state (returns its validation scores), else None. Leaves the averaged weights loaded."""
+    epochs = sorted(epoch for _, epoch, _ in state.top)
+    model.load_state_dict(average([weights for _, _, weights in state.top]))
+    val = score(model)
+    better = val[metric] >= state.best_score
+    tqdm.write(f"average of epochs {', '.join(map(str, epochs))}: val acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}"
+               f" ({'kept' if better else 'not kept'}: best epoch {state.best_epoch} alone {metric} {state.best_score:.4f})")
+    if not better:
+        return None
+    state.best_score, state.best_state = val[metric], copy.deepcopy(model.state_dict())
+    return val
+
+
 def keep_best(model, state: FitState, score: float, epoch: int, cfg: TrainConfig) -> bool:
     """Keep the weights of an epoch that beats the best score so far (returns whether it did); count down the
     patience otherwise, and stop when it runs out."""
     improved = score > state.best_score
+    if cfg.average_best > 1 and (len(state.top) < cfg.average_best or score > state.top[-1][0]):
+        state.top = sorted(state.top + [(score, epoch, copy.deepcopy(model.state_dict()))],
+                           key=lambda t: -t[0])[:cfg.average_best]
     if improved:
         state.best_score, state.best_epoch = score, epoch
         state.best_state = copy.deepcopy(model.state_dict())

@@ -94,10 +94,10 @@ def _eval(image: Image.Image, size: int, mean, std, channels: int, resize: str) 
 
 
 def _train(image: Image.Image, size: int, mean, std, translate: int, flip: bool, channels: int, resize: str,
-           crop_scale: float, rotate90: bool) -> torch.Tensor:
+           crop_scale: float, rotate90: bool, erase: float) -> torch.Tensor:
     x = pil_to_uint8(image, size, channels, resize).unsqueeze(0)
     flips = torch.rand(1) < 0.5 if flip else torch.zeros(1, dtype=torch.bool)
-    return augment_batch(x, flips, mean, std, translate, None, crop_scale, rotate90).squeeze(0)
+    return augment_batch(x, flips, mean, std, translate, None, crop_scale, rotate90, erase).squeeze(0)
 
 
 # partials of module-level functions, not closures: data-loader workers started by spawn must pickle them
@@ -107,10 +107,10 @@ def eval_transform(size: int, mean, std, channels: int = 3, resize: str = "squas
 
 
 def train_transform(size: int, mean, std, translate: int, flip: bool, channels: int = 3, resize: str = "squash",
-                    crop_scale: float = 0.0, rotate90: bool = False):
+                    crop_scale: float = 0.0, rotate90: bool = False, erase: float = 0.0):
     """PIL image -> augmented, normalized tensor; the per-image path for streamed image folders (random flips)."""
     return functools.partial(_train, size=size, mean=mean, std=std, translate=translate, flip=flip,
-                             channels=channels, resize=resize, crop_scale=crop_scale, rotate90=rotate90)
+                             channels=channels, resize=resize, crop_scale=crop_scale, rotate90=rotate90, erase=erase)
 
 
 def channel_stats(images: torch.Tensor, index: torch.Tensor | None = None,
@@ -184,14 +184,37 @@ def random_crop_rotate(batch: torch.Tensor, crop_scale: float, rotate90: bool,
     return F.grid_sample(batch, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def random_erase(batch: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random erasing (Zhong et al.): with probability p an image gets one rectangle of 2-33% of its area, aspect
+    ratio 0.3-3.3, set to 0 (the mean, after normalization); NCHW float, as torchvision's RandomErasing per image."""
+    if p == 0:
+        return batch
+    n, _, h, w = batch.shape
+    area = torch.empty(n).uniform_(0.02, 0.33, generator=generator) * h * w
+    ratio = torch.empty(n).uniform_(math.log(0.3), math.log(3.3), generator=generator).exp()
+    eh = (area * ratio).sqrt().round().clamp(1, h)
+    ew = (area / ratio).sqrt().round().clamp(1, w)
+    top = (torch.rand(n, generator=generator) * (h - eh + 1)).floor()
+    left = (torch.rand(n, generator=generator) * (w - ew + 1)).floor()
+    on = torch.rand(n, generator=generator) < p
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + eh).view(-1, 1, 1))
+              & (cols >= left.view(-1, 1, 1)) & (cols < (left + ew).view(-1, 1, 1)) & on.view(-1, 1, 1))
+    return batch.masked_fill(inside.unsqueeze(1).to(batch.device), 0.0)
+
+
 def augment_batch(images: torch.Tensor, flips: torch.Tensor, mean, std, translate: int,
-                  generator: torch.Generator | None = None, crop_scale: float = 0.0, rotate90: bool = False) -> torch.Tensor:
-    """A batch of uint8 NCHW images -> normalized, cropped/rotated, translated, flipped float batch (training path)."""
+                  generator: torch.Generator | None = None, crop_scale: float = 0.0, rotate90: bool = False,
+                  erase: float = 0.0) -> torch.Tensor:
+    """A batch of uint8 NCHW images -> normalized, cropped/rotated, translated, flipped, partly erased float batch
+    (training path)."""
     x = normalize(images, mean, std)
     if crop_scale or rotate90:
         x = random_crop_rotate(x, crop_scale, rotate90, generator)
     x = random_translate(x, translate, generator)
-    return torch.where(flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+    return random_erase(x, erase, generator)
 
 
 def tta_views(x: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:

@@ -205,3 +205,27 @@ def test_streaming_loader_works_with_spawned_workers(folder_dir):
     loader.multiprocessing_context = multiprocessing.get_context("spawn")
     x, y = next(iter(loader))
     assert x.shape == (8, 3, 32, 32) and y.shape == (8,)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_oversampling_draws_every_class_about_equally(folder_dir, in_memory):
+    ds = data.load_dataset(DataConfig(dataset="folder", data_dir=str(folder_dir), in_memory=in_memory, workers=0))
+    keep = torch.cat([torch.nonzero(ds.train.labels == 0).flatten(), torch.nonzero(ds.train.labels == 1).flatten()[:4]])
+    split = ds.train.subset(keep.sort().values)  # all of one class's images against 4 of another's
+    counts = torch.bincount(split.labels)
+    assert counts.max() >= 3 * counts.min()
+    cfg = DataConfig(dataset="folder", workers=0, flip="random")
+    seen = torch.zeros(2)
+    for seed in range(20):
+        loader = data.train_loader(split, cfg, 4, seed, ds.mean, ds.std, torch.device("cpu"), oversample=True)
+        for _x, y in loader:
+            seen += torch.bincount(y, minlength=2)
+    assert len(loader) == len(split) // 4  # an epoch is still as long as the split
+    assert 0.35 < seen[0] / seen.sum() < 0.65
+
+
+def test_oversampling_under_torchrun_needs_decoded_images(folder_dir):
+    ds = data.load_dataset(DataConfig(dataset="folder", data_dir=str(folder_dir), in_memory=False, workers=0))
+    with pytest.raises(data.DataError, match="--balance weights"):
+        data.train_loader(ds.train, DataConfig(dataset="folder", workers=0), 8, 0, ds.mean, ds.std,
+                          torch.device("cpu"), shard=(0, 2), oversample=True)

@@ -453,3 +453,39 @@ def test_the_test_split_gets_make_evaluates_report_in_the_run(folder_dir, tmp_pa
     assert metrics["accuracy"] == pytest.approx(meta["metrics"]["test_acc"])
     assert metrics["ece"] == pytest.approx(meta["metrics"]["test_ece"])
     assert metrics["n"] == sum(metrics["per_class"][c]["support"] for c in meta["classes"])
+
+
+def test_average_of_state_dicts_means_the_floats_and_keeps_the_counters():
+    states = [{"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}, {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}]
+    out = train.average(states)
+    assert torch.equal(out["w"], torch.tensor([2.0, 4.0])) and out["n"].item() == 5
+
+
+@pytest.mark.parametrize("averaged_score, kept", [(0.80, True), (0.70, False)])
+def test_the_average_of_the_best_epochs_is_kept_only_when_validation_says_so(averaged_score, kept):
+    model = torch.nn.Linear(2, 1)
+    top = [(0.75, 3, {k: torch.full_like(v, 1.0) for k, v in model.state_dict().items()}),
+           (0.72, 5, {k: torch.full_like(v, 3.0) for k, v in model.state_dict().items()})]
+    state = train.FitState(best_score=0.75, best_epoch=3, best_state=top[0][2], top=top)
+    scored = []
+
+    def score(m):
+        scored.append(m.weight.detach().clone())
+        return {"acc": averaged_score, "macro_f1": 0.5}
+
+    val = train.try_average(model, state, score, "acc")
+    assert torch.equal(scored[0], torch.full((1, 2), 2.0))  # the validation pass saw the averaged weights
+    assert (val is not None) == kept
+    assert torch.equal(state.best_state["weight"], torch.full((1, 2), 2.0 if kept else 1.0))
+    assert state.best_score == (0.80 if kept else 0.75) and state.best_epoch == 3
+
+
+def test_average_best_runs_end_to_end_and_writes_the_kept_weights(cifar_dir, tmp_path, capsys):
+    out = tmp_path / "cnn.pt"
+    assert train.main(["--preset", "baseline", "--data-dir", str(cifar_dir), "--epochs", "4", "--batch-size", "32",
+                       "--out", str(out), "--no-mlflow", "--val-fraction", "0.2", "--average-best", "3"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("average of epochs"))
+    _, meta = load_checkpoint(out)
+    if "(kept" in line:  # the file holds the average, scored as the line says
+        assert f"val acc {meta['metrics']['val_acc']:.4f}" in line
+    assert len(line.split(":")[0].split(",")) == 3

@@ -124,3 +124,17 @@ def test_channel_stats_in_chunks_equal_the_plain_formula():
     x = images[index].float().div(255).transpose(0, 1).reshape(3, -1)
     mean, std = T.channel_stats(images, index, chunk=64)
     assert mean == pytest.approx(x.mean(1).tolist(), abs=1e-6) and std == pytest.approx(x.std(1).tolist(), abs=1e-6)
+
+
+def test_random_erasing_blanks_one_rectangle_in_the_chosen_share_of_images():
+    x = torch.ones(400, 1, 20, 30)
+    out = T.random_erase(x, 0.5, torch.Generator().manual_seed(0))
+    erased = out.eq(0)
+    hit = erased.flatten(1).any(1)
+    assert 150 < hit.sum() < 250  # about half the images
+    share = erased.flatten(1).float().mean(1)[hit]
+    assert share.min() >= 0.01 and share.max() <= 0.34  # a fiftieth to a third of the area (rounded)
+    rows, cols = erased[hit][:, 0].any(2), erased[hit][:, 0].any(1)  # one rectangle: its rows x its columns
+    assert torch.equal(erased[hit][:, 0], rows.unsqueeze(2) & cols.unsqueeze(1))
+    assert torch.equal(out[~hit], x[~hit])
+    assert torch.equal(T.random_erase(x, 0.0), x)
