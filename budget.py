@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass
 
 PLAN_AFTER_STEPS = 8  # whole-network steps timed before the first plan (after two more that warm the kernels up)
+KEEP_EPOCHS = 0.5  # a budget that holds fewer than this share of the chosen epochs at the chosen size lowers the size
+TRAINING_SHARE = 0.8  # of a budget, spent on training steps when the size is chosen (the rest: validation, reports)
+SMALLEST_SIZE = 96  # the lowest input size a budget chooses
 
 
 @dataclass
@@ -46,3 +49,13 @@ class Budget:
         whole = math.floor(left / full)
         left -= whole * full
         return this_epoch + whole * steps_per_epoch + max(0, math.floor((left - per_epoch) / step_seconds))
+
+
+def budget_size(seconds: float, size: int, step_seconds: float, steps: int) -> int:
+    """The input size to train at within `seconds`: `size` when at least KEEP_EPOCHS of the `steps` fit at
+    step_seconds each, else smaller, so that they do (a step's time taken as proportional to the pixels), in
+    multiples of 32 and not below SMALLEST_SIZE. The run's epochs are then fitted to the budget as it goes."""
+    share = TRAINING_SHARE * seconds / max(steps * step_seconds, 1e-9)
+    if share >= KEEP_EPOCHS or size <= SMALLEST_SIZE:
+        return size
+    return max(SMALLEST_SIZE, 32 * int(size * math.sqrt(share / KEEP_EPOCHS) // 32))

@@ -4,13 +4,15 @@
 
 The layers, each over the one before: config.py's defaults -> the preset -> what the data is like (for a folder
 without --preset: autoconfig.choose) -> the device (autoconfig.device_batch; then a batch larger than the training
-split is cut to fit it) -> the flags given. Every value not given comes with its reason, which train.py prints and
-logs; nothing downstream changes a setting.
+split is cut to fit it; on a CPU, an input size the data chose that leaves too few epochs within --time-budget is
+lowered, from the time of a few training steps measured then) -> the flags given. Every value not given comes with
+its reason, which train.py prints and logs; nothing downstream changes a setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Literal, NamedTuple, get_args, get_origin, get_type_hints
@@ -18,9 +20,11 @@ from typing import Literal, NamedTuple, get_args, get_origin, get_type_hints
 import torch
 
 import autoconfig
-from config import PRESETS, ConfigError, DataConfig, ModelConfig, TrainConfig
-from data import looks_like_folder, scan_training, summarize_folder, training_count
+from budget import KEEP_EPOCHS, budget_size
+from config import PRESETS, ConfigError, DataConfig, ModelConfig, TrainConfig, parse_duration
+from data import looks_like_folder, scan_training, summarize_folder, total_steps, training_count
 from model import SCRATCH_ARCHS
+from steptime import step_seconds
 
 SECTIONS = (DataConfig, ModelConfig, TrainConfig)
 DEFAULTS = {f.name: f.default for section in SECTIONS for f in fields(section)}
@@ -100,13 +104,36 @@ def layer(explicit: dict, cuda: bool) -> tuple[dict, list[str]]:
                                              {**chosen, **explicit}, cuda)
     values = {**values, **on_device}
     build(values)  # a value that cannot work is refused before the training folder is read
-    if "batch_size" not in explicit:  # the batch the preset, the data or the device chose fits the training split
+    if "batch_size" not in explicit or "image_size" in chosen:
         counts, has_val = pool_counts(values, stats)
         n_train = training_count(counts, values["limit"], values["val_fraction"], has_val)
-        if 0 < n_train < values["batch_size"]:
+        if "batch_size" not in explicit and 0 < n_train < values["batch_size"]:  # the batch fits the training split
             values["batch_size"] = 2 ** (n_train.bit_length() - 1)
             why = why + [f"batch_size={values['batch_size']}: the training split holds only {n_train} images"]
+        if "image_size" in chosen and values["time_budget"] and values["arch"] not in SCRATCH_ARCHS and not cuda:
+            values["image_size"], sized = size_for_budget(values, n_train, len(counts))
+            why = why + [sized]
     return values, reasons + why
+
+
+def size_for_budget(values: dict, n_train: int, classes: int) -> tuple[int, str]:
+    """The chosen input size, or a smaller one when too few of the chosen epochs would fit in --time-budget at it,
+    from the time of a few training steps measured now (on a CPU; under torchrun every process would measure its
+    own, so there the size stays); with the reason."""
+    size, budget = values["image_size"], values["time_budget"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return size, f"image_size={size}: kept under torchrun (the time budget sizes epochs only there)"
+    if values["threads"]:
+        torch.set_num_threads(values["threads"])
+    model_cfg = build(values)[1]
+    steps = total_steps(n_train, values["batch_size"], values["epochs"])
+    step_s = step_seconds(model_cfg, size, values["channels"], classes, values["batch_size"], values["fixed_stages"])
+    new = budget_size(parse_duration(budget), size, step_s, steps)
+    need = f"{values['epochs']:g} epochs at {size}px take about {steps * step_s:.0f}s ({step_s:.2f}s per step, measured)"
+    if new == size:
+        return size, f"image_size={size}: time budget {budget}: {need}; the budget trims epochs if they do not all fit"
+    return new, (f"image_size={new}: time budget {budget}: {need}, under {KEEP_EPOCHS:.0%} of them would fit, so the "
+                 f"input shrinks (a step's time goes with the pixels)")
 
 
 def pool_counts(values: dict, stats) -> tuple[tuple[int, ...], bool]:

@@ -4,8 +4,9 @@ import time
 
 import pytest
 
+import settings
 import train
-from budget import Budget
+from budget import SMALLEST_SIZE, Budget, budget_size
 from config import parse_duration
 from checkpoint import load_checkpoint
 
@@ -61,3 +62,27 @@ def test_a_run_with_more_epochs_than_its_budget_holds_trains_fewer_and_ends_in_t
     assert 1 <= epochs_run < 400
     assert load_checkpoint(out)[1]["metrics"]["best_epoch"] <= epochs_run
     assert elapsed < 6 + 20  # loading and saving come on top of the budget, which covers training and the report
+
+
+def test_a_budget_that_holds_too_few_epochs_lowers_the_input_size():
+    # 1000 steps of 1 s: 100% of them fit in 1250 s (80% of it is for training steps), so the size stays
+    assert budget_size(1250, 224, 1.0, 1000) == 224
+    assert budget_size(625, 224, 1.0, 1000) == 224  # half of them fit: the budget trims epochs instead
+    # a quarter fit: half the pixels would hold half of them -> 224 / sqrt(2) = 158 -> 128 in steps of 32
+    assert budget_size(312.5, 224, 1.0, 1000) == 128
+    assert budget_size(1, 224, 1.0, 1000) == SMALLEST_SIZE  # never below it
+    assert budget_size(1, 64, 1.0, 1000) == 64  # nor raised to it
+
+
+def test_a_folder_run_under_a_budget_measures_its_steps_and_prints_the_size_it_chose(tmp_path):
+    from test_folder_defaults import write_folder
+
+    folder = write_folder(tmp_path / "big", (40, 40), (200, 200), "L")
+    data_cfg, _, _, reasons = settings.decide(["--data-dir", str(folder), "--time-budget", "1s", "--device", "cpu"])
+    assert data_cfg.image_size == SMALLEST_SIZE
+    assert any(r.startswith(f"image_size={SMALLEST_SIZE}: time budget 1s: 30 epochs at 192px take about") for r in reasons)
+    data_cfg, _, _, reasons = settings.decide(["--data-dir", str(folder), "--time-budget", "100h", "--device", "cpu"])
+    assert data_cfg.image_size == 192 and any(r.startswith("image_size=192: time budget 100h") for r in reasons)
+    data_cfg, _, _, reasons = settings.decide(["--data-dir", str(folder), "--time-budget", "1s", "--device", "cpu",
+                                               "--image-size", "160"])
+    assert data_cfg.image_size == 160 and not any("budget" in r for r in reasons)  # a given size is kept
