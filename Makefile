@@ -79,7 +79,7 @@ evaluate: $(READY)  ## score MODEL (default: what make serve serves) on DATA_DIR
 check-data: $(READY)  ## check DATA_DIR before trusting a score on it: unreadable files, duplicates (within a class, across classes, across train/val/test), small classes, odd sizes; report in OUT (default reports/check-<folder>)
 	$(PY) datacheck.py $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(OUT),--out-dir $(OUT)) $(ARGS)
 
-export: $(READY)  ## TorchScript and ONNX files next to models/cnn.pt (CHECKPOINT=path for another), with its metadata
+export: $(READY)  ## TorchScript, ONNX and int8 ONNX files next to models/cnn.pt (CHECKPOINT=path for another), with its metadata
 	$(PY) export.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
 
 serve: $(READY)  ## serve models/cnn.pt on http://$(HOST):$(PORT); WORKERS=N for N processes (metrics summed across them)

@@ -1,18 +1,21 @@
-"""Export a checkpoint (models/cnn.pt) to TorchScript and ONNX files beside it, for serving without this code.
+"""Export a checkpoint (models/cnn.pt) to TorchScript, ONNX and int8 ONNX files beside it, for serving without this code.
 
 Both take uint8 images, N x C x H x W as transforms.pil_to_uint8 makes them (C, H and W from the checkpoint), and return
 logits: the checkpoint's normalization is inside the graph, test-time augmentation is not; calibrated probabilities
 are softmax(logits / temperature). Both carry the checkpoint's metadata as JSON (classes, image_size, channels,
 resize, mean, std, temperature, tta_temperatures, model_config, format_version, metrics, mlflow_run_id): ONNX in
 its metadata_props under "cater", TorchScript as the extra file "cater.json". Files are written atomically.
+The int8 model (quantize.py) is calibrated on the checkpoint's training images and scored beside fp32 on its
+validation images: the data the checkpoint names, or --data-dir.
 
-    python export.py                              # models/cnn.pt -> models/cnn.torchscript.pt, models/cnn.onnx
+    python export.py                              # models/cnn.pt -> models/cnn.torchscript.pt, .onnx, .int8.onnx
     python export.py --checkpoint other.pt --formats onnx
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -26,9 +29,12 @@ from torch import nn
 
 from atomic import atomic_path
 from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
+from config import DataConfig
+from data import DataError, load_dataset
 from predictor import METADATA_KEY
+from quantize import CALIBRATION_IMAGES, compare, quantize, uint8_images
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "onnx", "int8")
 META_FIELDS = ("classes", "image_size", "channels", "resize", "mean", "std", "temperature", "tta_temperatures",
                "model_config", "metrics", "mlflow_run_id")
 
@@ -56,7 +62,8 @@ def metadata(meta: dict) -> str:
 
 def output_paths(checkpoint: Path, out_dir: Path | None) -> dict[str, Path]:
     folder = out_dir or checkpoint.parent
-    return {"torchscript": folder / f"{checkpoint.stem}.torchscript.pt", "onnx": folder / f"{checkpoint.stem}.onnx"}
+    return {"torchscript": folder / f"{checkpoint.stem}.torchscript.pt", "onnx": folder / f"{checkpoint.stem}.onnx",
+            "int8": folder / f"{checkpoint.stem}.int8.onnx"}
 
 
 def example_input(meta: dict, batch: int = 2) -> torch.Tensor:
@@ -90,19 +97,44 @@ def export_onnx(module: Uint8Classifier, meta: dict, path: Path) -> Path:
     return path
 
 
-def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None) -> dict[str, Path]:
+def export_int8(module: Uint8Classifier, meta: dict, path: Path, fp32: Path | None, data_dir: str | None) -> Path:
+    """The int8 model, from the fp32 ONNX file (written to a temporary one when not asked for), calibrated on the
+    checkpoint's training images; prints its validation scores beside fp32's."""
+    if not meta.get("data_config"):
+        raise DataError("the checkpoint does not say what data it was trained on: pass --data-dir")
+    known = {f.name for f in dataclasses.fields(DataConfig)}  # a checkpoint from another version may name others
+    saved = {k: v for k, v in meta["data_config"].items() if k in known}
+    cfg = DataConfig(**{**saved, "in_memory": False, **({"data_dir": data_dir} if data_dir else {})})
+    data = load_dataset(cfg)
+    if data.classes != meta["classes"]:
+        raise DataError(f"{cfg.data_dir} holds classes {data.classes}, the checkpoint {meta['classes']}: pass the "
+                        f"--data-dir it was trained on")
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp_dir:
+        fp32 = fp32 or export_onnx(module, meta, Path(tmp_dir) / "fp32.onnx")
+        quantize(fp32, path, uint8_images(data.train, cfg, CALIBRATION_IMAGES))
+        scores = compare(fp32, path, uint8_images(data.val, cfg), data.val.labels)
+    print(f"int8 against fp32 on {scores['images']} validation images: accuracy {100 * scores['int8_acc']:.2f}% "
+          f"(fp32 {100 * scores['fp32_acc']:.2f}%), same top-1 answer for {100 * scores['agreement']:.2f}%; "
+          f"{scores['int8_img_s']:.0f} images/s (fp32 {scores['fp32_img_s']:.0f}, "
+          f"{scores['int8_img_s'] / scores['fp32_img_s']:.2f}x) in ONNX Runtime")
+    return path
+
+
+def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None, data_dir: str | None = None) -> dict[str, Path]:
     """Write the requested formats for the checkpoint; returns {format: path}."""
     model, meta = load_checkpoint(checkpoint)
     model = model.float().to("cpu", memory_format=torch.contiguous_format).eval()
     module = Uint8Classifier(model, meta["mean"], meta["std"]).eval()
     paths = output_paths(checkpoint, out_dir)
     paths["onnx"].parent.mkdir(parents=True, exist_ok=True)
-    writers = {"torchscript": export_torchscript, "onnx": export_onnx}
+    writers = {"torchscript": export_torchscript, "onnx": export_onnx,
+               "int8": lambda m, meta, path: export_int8(m, meta, path, written.get("onnx"), data_dir)}
     written = {}
-    with tqdm(formats, desc="export", unit="format", leave=False) as progress:  # ONNX of a backbone takes a while
-        for fmt in progress:
+    with tqdm(total=len(formats), desc="export", unit="format", leave=False) as progress:  # ONNX of a backbone takes a while
+        for fmt in sorted(formats, key=FORMATS.index):  # int8 starts from the fp32 ONNX file
             progress.set_postfix_str(fmt)
             written[fmt] = writers[fmt](module, meta, paths[fmt])
+            progress.update()
     return written
 
 
@@ -123,14 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="models/cnn.pt", help="checkpoint written by train.py")
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, from: {', '.join(FORMATS)}")
     parser.add_argument("--out-dir", default=None, help="folder for the exported files (default: the checkpoint's)")
+    parser.add_argument("--data-dir", default=None, help="int8: the training data to calibrate on and score with "
+                                                         "(default: the data the checkpoint was trained on)")
     args = parser.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     if not formats or (bad := [f for f in formats if f not in FORMATS]):
         parser.error(f"--formats: pick from {', '.join(FORMATS)}" + (f" (unknown: {', '.join(bad)})" if formats else ""))
     try:
-        paths = export(Path(args.checkpoint), formats, Path(args.out_dir) if args.out_dir else None)
+        paths = export(Path(args.checkpoint), formats, Path(args.out_dir) if args.out_dir else None, args.data_dir)
     except CheckpointError as e:
         print(f"error: --checkpoint: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"error: int8 calibration data: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # the exporter refused the model, or the folder is not writable
         print(f"error: export of {args.checkpoint} failed: {e.__class__.__name__}: {e}", file=sys.stderr)

@@ -11,10 +11,13 @@ import torch
 from PIL import Image
 
 import export
+import quantize
+import train
 from checkpoint import load_checkpoint, save_checkpoint
 from config import ModelConfig
 from conftest import class_image
 from model import build_model
+from predictor import OnnxPredictor
 from transforms import normalize, pil_to_uint8
 
 FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist" / "train"
@@ -50,7 +53,7 @@ def checkpoint(tmp_path: Path, arch: str, channels: int, image_size: int, resize
 ])
 def test_exports_match_the_checkpoint_on_real_images(tmp_path, arch, channels, image_size, resize):
     path = checkpoint(tmp_path, arch, channels, image_size, resize)
-    paths = export.export(path, list(export.FORMATS))
+    paths = export.export(path, ["torchscript", "onnx"])
     assert paths == {"torchscript": tmp_path / "cnn.torchscript.pt", "onnx": tmp_path / "cnn.onnx"}
 
     model, meta = load_checkpoint(path)
@@ -66,7 +69,7 @@ def test_exports_match_the_checkpoint_on_real_images(tmp_path, arch, channels, i
     assert np.abs(scripted - expected).max() <= TOLERANCE
     assert np.ptp(expected[:, 0]) > 1e-3  # the logits depend on the image: the comparison means something
 
-    for fmt in export.FORMATS:
+    for fmt in paths:
         info = export.read_metadata(paths[fmt])
         assert info["classes"] == ["crack", "ok", "scratch"] and info["image_size"] == image_size
         assert info["channels"] == channels and info["resize"] == resize and info["input"] == "uint8 NxCxHxW"
@@ -98,9 +101,38 @@ def test_cli_errors_name_the_flag(tmp_path, capsys):
 
 def test_cli_writes_both_files(tmp_path, capsys):
     path = checkpoint(tmp_path, "airbench", 3, 32, "squash")
-    assert export.main(["--checkpoint", str(path), "--out-dir", str(tmp_path / "out")]) == 0
+    assert export.main(["--checkpoint", str(path), "--formats", "torchscript,onnx", "--out-dir", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "cnn.torchscript.pt" in out and "cnn.onnx" in out
     assert onnx.load(str(tmp_path / "out" / "cnn.onnx")).graph.input[0].name == "images"
     assert export.main(["--checkpoint", str(path), "--formats", "onnx", "--out-dir", str(tmp_path / "new" / "dir")]) == 0
     assert (tmp_path / "new" / "dir" / "cnn.onnx").is_file()
+
+
+def test_int8_model_is_calibrated_on_the_training_data_and_served_like_fp32(cifar_dir, tmp_path, capsys):
+    path = tmp_path / "cnn.pt"
+    assert train.main(["--preset", "baseline", "--data-dir", str(cifar_dir), "--epochs", "8", "--batch-size", "32",
+                       "--out", str(path), "--no-mlflow", "--val-fraction", "0.2"]) == 0
+    capsys.readouterr()
+    assert export.main(["--checkpoint", str(path)]) == 0  # every format, int8 from the fp32 ONNX file
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("int8 against fp32"))
+    agreement = float(line.split("same top-1 answer for ")[1].split("%")[0])
+    assert agreement >= 95 and "images/s" in line and "cnn.int8.onnx" in out
+    int8 = tmp_path / "cnn.int8.onnx"
+    graph = onnx.load(str(int8)).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # quantized, in QDQ form
+    assert [n.op_type for n in graph.node if n.name in quantize.excluded_nodes(onnx.load(str(tmp_path / "cnn.onnx")))]
+    served = OnnxPredictor(int8, threads=1)  # what CATER_MODEL_PATH=...int8.onnx loads
+    assert served.meta["classes"] == load_checkpoint(path)[1]["classes"]
+    images = torch.stack([pil_to_uint8(im, 32, 3, "squash") for im in real_images()])
+    probs = served.probabilities(images, tta=0)
+    assert probs.shape == (8, 10) and torch.allclose(probs.sum(1), torch.ones(8), atol=1e-4)
+
+
+def test_int8_without_its_training_data_is_a_clear_error(tmp_path, capsys):
+    path = checkpoint(tmp_path, "airbench", 3, 32, "squash")  # written without a data_config
+    assert export.main(["--checkpoint", str(path), "--formats", "int8"]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert export.main(["--checkpoint", str(path), "--formats", "int8", "--data-dir", str(tmp_path / "nope")]) == 2
+    assert not (tmp_path / "cnn.int8.onnx").exists()

@@ -1,0 +1,100 @@
+"""int8 ONNX models: ONNX Runtime static quantization of an exported fp32 model, calibrated on training images, and
+the comparison with fp32 on validation images (accuracy, top-1 agreement, images/s) in one run.
+
+QDQ format, weights int8 per output channel, activations uint8 with ranges read from the calibration images
+(MinMax); the first convolution (it sees the raw normalized pixels) and the classifier layer stay in fp32, as ONNX
+Runtime's guide advises for the layers most sensitive to rounding. The file keeps the fp32 model's metadata, so the
+server loads it like any export.py ONNX file.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from atomic import atomic_path
+from config import DataConfig
+from data import ImageSet
+from decode import decode_files
+from predictor import METADATA_KEY
+
+CALIBRATION_IMAGES = 512  # training images whose activations set the int8 ranges
+CALIBRATION_BATCH = 32
+TIMING_BATCH = 64
+
+
+def excluded_nodes(model: onnx.ModelProto) -> list[str]:
+    """The first Conv and the last Gemm/MatMul of the graph: kept in fp32."""
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    dense = [n.name for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    return convs[:1] + dense[-1:]
+
+
+def quantize(fp32_path: Path, int8_path: Path, calibration: torch.Tensor) -> Path:
+    """Write the int8 model of fp32_path (an export.py ONNX file) to int8_path, atomically; calibration: uint8
+    NCHW training images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Batches(CalibrationDataReader):
+        def __init__(self, name: str):
+            self.batches = iter([{name: b.numpy()} for b in calibration.split(CALIBRATION_BATCH)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    model = onnx.load(str(fp32_path))
+    with tempfile.TemporaryDirectory(dir=int8_path.parent) as tmp_dir:
+        out = Path(tmp_dir) / "int8.onnx"
+        quantize_static(str(fp32_path), str(out), Batches(model.graph.input[0].name), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=excluded_nodes(model))
+        quantized = onnx.load(str(out))
+    del quantized.metadata_props[:]
+    for entry in model.metadata_props:  # the classes, sizes and temperatures the server reads
+        if entry.key == METADATA_KEY:
+            quantized.metadata_props.add(key=entry.key, value=entry.value)
+    with atomic_path(int8_path) as tmp:
+        onnx.save(quantized, str(tmp))
+    return int8_path
+
+
+def uint8_images(split: ImageSet, cfg: DataConfig, count: int = 0, seed: int = 0) -> torch.Tensor:
+    """The split's images as the model takes them (uint8 NCHW): all, or a seeded sample of `count`."""
+    if count and count < len(split):
+        split = split.subset(torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:count].sort().values)
+    if split.images is not None:
+        return split.images
+    return decode_files(split.paths, cfg.image_size, cfg.channels, cfg.resize, cfg.workers, desc="decode")
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def predict(path: Path, images: torch.Tensor, threads: int = 0) -> tuple[np.ndarray, float]:
+    """(top-1 class per image, images/s) of an ONNX model over uint8 images, TIMING_BATCH at a time, after one
+    warm-up batch."""
+    session = _session(path, threads)
+    name = session.get_inputs()[0].name
+    session.run(None, {name: images[:TIMING_BATCH].numpy()})
+    start = time.perf_counter()
+    top = [session.run(None, {name: b.numpy()})[0].argmax(1) for b in images.split(TIMING_BATCH)]
+    return np.concatenate(top), len(images) / (time.perf_counter() - start)
+
+
+def compare(fp32_path: Path, int8_path: Path, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy and images/s of both models on the same labelled images, and how often their top-1 answers agree."""
+    fp32, fp32_speed = predict(fp32_path, images)
+    int8, int8_speed = predict(int8_path, images)
+    truth = labels.numpy()
+    return {"images": len(images), "fp32_acc": float((fp32 == truth).mean()), "int8_acc": float((int8 == truth).mean()),
+            "agreement": float((fp32 == int8).mean()), "fp32_img_s": fp32_speed, "int8_img_s": int8_speed}
