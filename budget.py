@@ -22,7 +22,7 @@ class Budget:
 
     seconds: float
     started: float
-    views: int = 0  # TTA views the final report scores validation with, beside the plain pass (0: no TTA)
+    views: int = 0  # validation passes at the end beside the plain one: TTA views, the averaged weights (--average-best)
     test_share: float = 0.0  # test images per validation image (the test split is scored once, without TTA)
     world: int = 1  # processes: each times its shard of validation, the final report runs on one
 

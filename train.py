@@ -317,6 +317,7 @@ def time_budget(cfg: TrainConfig, data: Dataset, start: float, world: int) -> Bu
     if not cfg.time_budget:
         return None
     views = len(tta_views(torch.zeros(1, 1, 2, 2), cfg.tta)) if cfg.tta else 0
+    views += cfg.average_best > 1  # the averaged weights' validation pass
     test_share = (len(data.test) if data.test else 0) / max(1, len(data.val))
     return Budget(parse_duration(cfg.time_budget), start, views, test_share, world)
 
