@@ -120,7 +120,8 @@ def export_int8(module: Uint8Classifier, meta: dict, path: Path, fp32: Path | No
     return path
 
 
-def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None, data_dir: str | None = None) -> dict[str, Path]:
+def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None,
+           data_dir: str | None = None) -> dict[str, Path]:
     """Write the requested formats for the checkpoint; returns {format: path}."""
     model, meta = load_checkpoint(checkpoint)
     model = model.float().to("cpu", memory_format=torch.contiguous_format).eval()
@@ -130,7 +131,8 @@ def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None, da
     writers = {"torchscript": export_torchscript, "onnx": export_onnx,
                "int8": lambda m, meta, path: export_int8(m, meta, path, written.get("onnx"), data_dir)}
     written = {}
-    with tqdm(total=len(formats), desc="export", unit="format", leave=False) as progress:  # ONNX of a backbone takes a while
+    # ONNX of a backbone takes a while
+    with tqdm(total=len(formats), desc="export", unit="format", leave=False) as progress:
         for fmt in sorted(formats, key=FORMATS.index):  # int8 starts from the fp32 ONNX file
             progress.set_postfix_str(fmt)
             written[fmt] = writers[fmt](module, meta, paths[fmt])

@@ -50,8 +50,8 @@ def quantize(fp32_path: Path, int8_path: Path, calibration: torch.Tensor) -> Pat
     model = onnx.load(str(fp32_path))
     with tempfile.TemporaryDirectory(dir=int8_path.parent) as tmp_dir:
         out = Path(tmp_dir) / "int8.onnx"
-        quantize_static(str(fp32_path), str(out), Batches(model.graph.input[0].name), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        quantize_static(str(fp32_path), str(out), Batches(model.graph.input[0].name), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=excluded_nodes(model))
         quantized = onnx.load(str(out))
     del quantized.metadata_props[:]
@@ -66,7 +66,8 @@ def quantize(fp32_path: Path, int8_path: Path, calibration: torch.Tensor) -> Pat
 def uint8_images(split: ImageSet, cfg: DataConfig, count: int = 0, seed: int = 0) -> torch.Tensor:
     """The split's images as the model takes them (uint8 NCHW): all, or a seeded sample of `count`."""
     if count and count < len(split):
-        split = split.subset(torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:count].sort().values)
+        picked = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:count]
+        split = split.subset(picked.sort().values)
     if split.images is not None:
         return split.images
     return decode_files(split.paths, cfg.image_size, cfg.channels, cfg.resize, cfg.workers, desc="decode")
