@@ -98,7 +98,7 @@ bench-train: $(READY)  ## time the presets against the seed baseline on CIFAR-10
 bench-serve: $(READY)  ## load-test api.py (PyTorch and ONNX Runtime) against a naive handler, LitServe and mlflow models serve
 	$(PY) benchmarks/serve_load.py $(ARGS)
 
-bench-folder: $(READY)  ## default vs README-hint flags on Fashion-MNIST and ELPV image folders, and peak RSS at 10k x 224px
+bench-folder: $(READY)  ## the defaults on Fashion-MNIST and ELPV, 3 seeds, every run listed (ARGS="--flagsets default,oversample" for more); peak RSS at 10k x 224px
 	$(PY) benchmarks/folder_bench.py $(ARGS)
 
 clean:  ## remove MLflow runs and checkpoints (keeps data and .venv)

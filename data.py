@@ -475,12 +475,13 @@ def train_loader(split: ImageSet, cfg: DataConfig, batch_size: int, seed: int, m
     rank, world = shard
     if draw is not None:
         if world > 1:
-            raise DataError("--balance sample needs the training images decoded in memory under torchrun (this folder "
-                            "streams them): use --balance weights")
+            raise DataError("--balance sample under torchrun needs the training images in memory (--in-memory), "
+                            "or use --balance weights")
+        generator = torch.Generator().manual_seed(seed)  # the loader's too: --resume saves and restores its state
         sampler = torch.utils.data.WeightedRandomSampler(draw, steps_per_epoch(len(images), batch_size) * batch_size,
-                                                         generator=torch.Generator().manual_seed(seed))
+                                                         generator=generator)
         return torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                           num_workers=workers, persistent_workers=workers > 0,
+                                           num_workers=workers, persistent_workers=workers > 0, generator=generator,
                                            pin_memory=device.type == "cuda")
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(images, world, rank, shuffle=True, seed=seed, drop_last=True)

@@ -30,7 +30,7 @@ from torch import nn
 from atomic import atomic_path
 from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 from config import DataConfig
-from data import DataError, load_dataset
+from data import DataError, load_dataset, looks_like_folder
 from predictor import METADATA_KEY
 from quantize import CALIBRATION_IMAGES, compare, quantize, uint8_images
 
@@ -97,14 +97,23 @@ def export_onnx(module: Uint8Classifier, meta: dict, path: Path) -> Path:
     return path
 
 
+def int8_data(meta: dict, data_dir: str | None) -> DataConfig:
+    """Where the int8 model's calibration and validation images come from: the data the checkpoint was trained on,
+    at data_dir when given; never downloaded."""
+    known = {f.name for f in dataclasses.fields(DataConfig)}  # a checkpoint from another version may name others
+    saved = {k: v for k, v in (meta.get("data_config") or {}).items() if k in known}
+    if not saved and not data_dir:
+        raise DataError("the checkpoint does not say what data it was trained on: pass --data-dir")
+    if not saved:  # the checkpoint's own input settings, the split settings' defaults
+        saved = {"image_size": meta["image_size"], "channels": meta["channels"], "resize": meta["resize"],
+                 "dataset": "folder" if looks_like_folder(Path(data_dir)) else "cifar10"}
+    return DataConfig(**{**saved, "in_memory": False, "download": False, **({"data_dir": data_dir} if data_dir else {})})
+
+
 def export_int8(module: Uint8Classifier, meta: dict, path: Path, fp32: Path | None, data_dir: str | None) -> Path:
     """The int8 model, from the fp32 ONNX file (written to a temporary one when not asked for), calibrated on the
     checkpoint's training images; prints its validation scores beside fp32's."""
-    if not meta.get("data_config"):
-        raise DataError("the checkpoint does not say what data it was trained on: pass --data-dir")
-    known = {f.name for f in dataclasses.fields(DataConfig)}  # a checkpoint from another version may name others
-    saved = {k: v for k, v in meta["data_config"].items() if k in known}
-    cfg = DataConfig(**{**saved, "in_memory": False, **({"data_dir": data_dir} if data_dir else {})})
+    cfg = int8_data(meta, data_dir)
     data = load_dataset(cfg)
     if data.classes != meta["classes"]:
         raise DataError(f"{cfg.data_dir} holds classes {data.classes}, the checkpoint {meta['classes']}: pass the "
@@ -113,16 +122,17 @@ def export_int8(module: Uint8Classifier, meta: dict, path: Path, fp32: Path | No
         fp32 = fp32 or export_onnx(module, meta, Path(tmp_dir) / "fp32.onnx")
         quantize(fp32, path, uint8_images(data.train, cfg, CALIBRATION_IMAGES))
         scores = compare(fp32, path, uint8_images(data.val, cfg), data.val.labels)
-    print(f"int8 against fp32 on {scores['images']} validation images: accuracy {100 * scores['int8_acc']:.2f}% "
-          f"(fp32 {100 * scores['fp32_acc']:.2f}%), same top-1 answer for {100 * scores['agreement']:.2f}%; "
-          f"{scores['int8_img_s']:.0f} images/s (fp32 {scores['fp32_img_s']:.0f}, "
-          f"{scores['int8_img_s'] / scores['fp32_img_s']:.2f}x) in ONNX Runtime")
+    tqdm.write(f"int8 against fp32 on {scores['images']} validation images: accuracy {100 * scores['int8_acc']:.2f}% "
+               f"(fp32 {100 * scores['fp32_acc']:.2f}%), same top-1 answer for {100 * scores['agreement']:.2f}%; "
+               f"{scores['int8_img_s']:.0f} images/s (fp32 {scores['fp32_img_s']:.0f}, "
+               f"{scores['int8_img_s'] / scores['fp32_img_s']:.2f}x) in ONNX Runtime")
     return path
 
 
-def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None,
-           data_dir: str | None = None) -> dict[str, Path]:
-    """Write the requested formats for the checkpoint; returns {format: path}."""
+def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None, data_dir: str | None = None,
+           int8_optional: bool = False) -> dict[str, Path]:
+    """Write the requested formats for the checkpoint; returns {format: path}. With int8_optional, an int8 model
+    whose training data cannot be read is skipped with a note instead of failing the export."""
     model, meta = load_checkpoint(checkpoint)
     model = model.float().to("cpu", memory_format=torch.contiguous_format).eval()
     module = Uint8Classifier(model, meta["mean"], meta["std"]).eval()
@@ -135,7 +145,12 @@ def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None,
     with tqdm(total=len(formats), desc="export", unit="format", leave=False) as progress:
         for fmt in sorted(formats, key=FORMATS.index):  # int8 starts from the fp32 ONNX file
             progress.set_postfix_str(fmt)
-            written[fmt] = writers[fmt](module, meta, paths[fmt])
+            try:
+                written[fmt] = writers[fmt](module, meta, paths[fmt])
+            except DataError as e:
+                if not (fmt == "int8" and int8_optional):
+                    raise
+                tqdm.write(f"int8 skipped: its calibration data cannot be read ({e}); pass --data-dir")
             progress.update()
     return written
 
@@ -155,16 +170,18 @@ def read_metadata(path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="models/cnn.pt", help="checkpoint written by train.py")
-    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, from: {', '.join(FORMATS)}")
+    parser.add_argument("--formats", default=None, help=f"comma-separated, from: {', '.join(FORMATS)} (default: all; "
+                                                         f"int8 is skipped when its training data cannot be read)")
     parser.add_argument("--out-dir", default=None, help="folder for the exported files (default: the checkpoint's)")
     parser.add_argument("--data-dir", default=None, help="int8: the training data to calibrate on and score with "
                                                          "(default: the data the checkpoint was trained on)")
     args = parser.parse_args(argv)
-    formats = [f for f in args.formats.split(",") if f]
+    formats = [f for f in (args.formats or ",".join(FORMATS)).split(",") if f]
     if not formats or (bad := [f for f in formats if f not in FORMATS]):
         parser.error(f"--formats: pick from {', '.join(FORMATS)}" + (f" (unknown: {', '.join(bad)})" if formats else ""))
     try:
-        paths = export(Path(args.checkpoint), formats, Path(args.out_dir) if args.out_dir else None, args.data_dir)
+        paths = export(Path(args.checkpoint), formats, Path(args.out_dir) if args.out_dir else None, args.data_dir,
+                       int8_optional=args.formats is None and args.data_dir is None)
     except CheckpointError as e:
         print(f"error: --checkpoint: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ server loads it like any export.py ONNX file.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +58,8 @@ def quantize(fp32_path: Path, int8_path: Path, calibration: torch.Tensor) -> Pat
     del quantized.metadata_props[:]
     for entry in model.metadata_props:  # the classes, sizes and temperatures the server reads
         if entry.key == METADATA_KEY:
-            quantized.metadata_props.add(key=entry.key, value=entry.value)
+            info = {**json.loads(entry.value), "quantized": "int8 (ONNX Runtime static, QDQ, per channel)"}
+            quantized.metadata_props.add(key=entry.key, value=json.dumps(info))
     with atomic_path(int8_path) as tmp:
         onnx.save(quantized, str(tmp))
     return int8_path

@@ -24,6 +24,7 @@ from budget import KEEP_EPOCHS, budget_size
 from config import PRESETS, ConfigError, DataConfig, ModelConfig, TrainConfig, parse_duration
 from data import looks_like_folder, scan_training, summarize_folder, total_steps, training_count
 from model import SCRATCH_ARCHS
+from resume import last_path
 from steptime import step_seconds
 
 SECTIONS = (DataConfig, ModelConfig, TrainConfig)
@@ -123,10 +124,13 @@ def size_for_budget(values: dict, n_train: int, classes: int) -> tuple[int, str]
     size, budget = values["image_size"], values["time_budget"]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return size, f"image_size={size}: kept under torchrun (the time budget sizes epochs only there)"
+    if values["resume"] and (saved := resumed_size(last_path(values["out"]))):
+        return saved, f"image_size={saved}: the size the run being resumed chose for its time budget"
     if values["threads"]:
         torch.set_num_threads(values["threads"])
     model_cfg = build(values)[1]
     steps = total_steps(n_train, values["batch_size"], values["epochs"])
+    steps = min(steps, values["max_steps"] or steps)
     step_s = step_seconds(model_cfg, size, values["channels"], classes, values["batch_size"], values["fixed_stages"])
     new = budget_size(parse_duration(budget), size, step_s, steps)
     need = f"{values['epochs']:g} epochs at {size}px take about {steps * step_s:.0f}s ({step_s:.2f}s per step, measured)"
@@ -134,6 +138,14 @@ def size_for_budget(values: dict, n_train: int, classes: int) -> tuple[int, str]
         return size, f"image_size={size}: time budget {budget}: {need}; the budget trims epochs if they do not all fit"
     return new, (f"image_size={new}: time budget {budget}: {need}, under {KEEP_EPOCHS:.0%} of them would fit, so the "
                  f"input shrinks (a step's time goes with the pixels)")
+
+
+def resumed_size(last: Path) -> int | None:
+    """The input size saved in a last checkpoint, if there is a readable one (resume.load_last checks the rest)."""
+    try:
+        return torch.load(last, map_location="cpu", weights_only=True)["settings"]["image_size"]
+    except Exception:  # none, unreadable or another format: the size is measured, and resuming explains itself
+        return None
 
 
 def pool_counts(values: dict, stats) -> tuple[tuple[int, ...], bool]:

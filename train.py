@@ -56,7 +56,9 @@ class FitState:
     diverged: bool = False  # stopped by a NaN or infinite loss
     nonfinite_steps: int = 0  # in a row
     saved_epochs: int = 0  # epochs the last checkpoint holds: where --resume goes on from
-    top: list = field(default_factory=list)  # (score, epoch, weights) of the best --average-best epochs of this process's run
+    # (score, epoch, weights) of the best --average-best epochs; not in the last checkpoint: a resumed run averages
+    # the epochs it trained itself
+    top: list = field(default_factory=list)
 
 
 MAX_SKIPPED_FP16_STEPS = 10
@@ -408,6 +410,9 @@ def prepare(argv: list[str] | None) -> Run:
     data_cfg, model_cfg, cfg, reasons = decide(argv)
     ranks = distributed.from_env()
     distributed.check_restarts(ranks)
+    if cfg.balance == "sample" and ranks.enabled and not data_cfg.in_memory:
+        raise ConfigError("--balance sample under torchrun needs the training images in memory (--in-memory), "
+                          "or use --balance weights")
     if cfg.batch_size % ranks.world:
         raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch: with {ranks.world} processes it "
                           f"must be a multiple of {ranks.world}")

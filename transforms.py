@@ -197,11 +197,11 @@ def random_erase(batch: torch.Tensor, p: float, generator: torch.Generator | Non
     top = (torch.rand(n, generator=generator) * (h - eh + 1)).floor()
     left = (torch.rand(n, generator=generator) * (w - ew + 1)).floor()
     on = torch.rand(n, generator=generator) < p
-    rows = torch.arange(h).view(1, h, 1)
-    cols = torch.arange(w).view(1, 1, w)
-    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + eh).view(-1, 1, 1))
-              & (cols >= left.view(-1, 1, 1)) & (cols < (left + ew).view(-1, 1, 1)) & on.view(-1, 1, 1))
-    return batch.masked_fill(inside.unsqueeze(1).to(batch.device), 0.0)
+    top, left, eh, ew, on = (t.to(batch.device).view(-1, 1, 1) for t in (top, left, eh, ew, on))
+    rows = torch.arange(h, device=batch.device).view(1, h, 1)
+    cols = torch.arange(w, device=batch.device).view(1, 1, w)
+    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew) & on
+    return batch.masked_fill(inside.unsqueeze(1), 0.0)
 
 
 def augment_batch(images: torch.Tensor, flips: torch.Tensor, mean, std, translate: int,

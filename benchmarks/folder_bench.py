@@ -325,6 +325,8 @@ def main() -> int:
     flagsets = [f for f in args.flagsets.split(",") if f]
     if bad := [d for d in datasets if d not in DATASETS] + [f for f in flagsets if f not in FLAGSETS]:
         parser.error(f"unknown dataset or flag set: {', '.join(bad)}")
+    if idle := [f for f in flagsets if not any(d in FLAGSETS[f] for d in datasets)]:
+        parser.error(f"flag set {', '.join(idle)} runs on none of --datasets {','.join(datasets)}")
     if args.seeds < 1 or args.rss_images < 10:
         parser.error("--seeds must be >= 1 and --rss-images >= 10")
     extra = shlex.split(args.extra)

@@ -3,6 +3,7 @@
 import time
 
 import pytest
+import torch
 
 import settings
 import train
@@ -86,3 +87,17 @@ def test_a_folder_run_under_a_budget_measures_its_steps_and_prints_the_size_it_c
     data_cfg, _, _, reasons = settings.decide(["--data-dir", str(folder), "--time-budget", "1s", "--device", "cpu",
                                                "--image-size", "160"])
     assert data_cfg.image_size == 160 and not any("budget" in r for r in reasons)  # a given size is kept
+
+
+def test_a_resumed_run_keeps_the_size_its_budget_chose(tmp_path):
+    from test_folder_defaults import write_folder
+
+    from resume import last_path
+
+    folder = write_folder(tmp_path / "big", (40, 40), (200, 200), "L")
+    out = tmp_path / "cnn.pt"
+    torch.save({"settings": {"image_size": 128}}, last_path(out))  # what the budget chose when the run began
+    flags = ["--data-dir", str(folder), "--time-budget", "1s", "--device", "cpu", "--out", str(out)]
+    data_cfg, _, _, reasons = settings.decide(flags + ["--resume"])
+    assert data_cfg.image_size == 128 and any(r.startswith("image_size=128: the size the run being resumed") for r in reasons)
+    assert settings.decide(flags).data.image_size == SMALLEST_SIZE  # not resuming: measured again

@@ -109,30 +109,37 @@ def test_cli_writes_both_files(tmp_path, capsys):
     assert (tmp_path / "new" / "dir" / "cnn.onnx").is_file()
 
 
-def test_int8_model_is_calibrated_on_the_training_data_and_served_like_fp32(cifar_dir, tmp_path, capsys):
+def test_int8_model_is_calibrated_on_the_training_data_and_served_like_fp32(folder_dir, tmp_path, capsys):
     path = tmp_path / "cnn.pt"
-    assert train.main(["--preset", "baseline", "--data-dir", str(cifar_dir), "--epochs", "8", "--batch-size", "32",
-                       "--out", str(path), "--no-mlflow", "--val-fraction", "0.2"]) == 0
+    assert train.main(["--preset", "baseline", "--data-dir", str(folder_dir), "--image-size", "32", "--epochs", "8",
+                       "--batch-size", "16", "--out", str(path), "--no-mlflow", "--workers", "0"]) == 0
     capsys.readouterr()
     assert export.main(["--checkpoint", str(path)]) == 0  # every format, int8 from the fp32 ONNX file
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("int8 against fp32"))
     agreement = float(line.split("same top-1 answer for ")[1].split("%")[0])
-    assert agreement >= 95 and "images/s" in line and "cnn.int8.onnx" in out
-    int8 = tmp_path / "cnn.int8.onnx"
-    graph = onnx.load(str(int8)).graph
+    assert agreement >= 95 and "images/s" in line and "cnn.int8.onnx" in out  # 3 classes that look unalike
+    fp32_graph, graph = onnx.load(str(tmp_path / "cnn.onnx")).graph, onnx.load(str(tmp_path / "cnn.int8.onnx")).graph
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # quantized, in QDQ form
-    assert [n.op_type for n in graph.node if n.name in quantize.excluded_nodes(onnx.load(str(tmp_path / "cnn.onnx")))]
-    served = OnnxPredictor(int8, threads=1)  # what CATER_MODEL_PATH=...int8.onnx loads
-    assert served.meta["classes"] == load_checkpoint(path)[1]["classes"]
+    weights = {i.name for i in graph.initializer}
+    kept = [n for n in graph.node if n.name in quantize.excluded_nodes(onnx.load(str(tmp_path / "cnn.onnx")))]
+    assert len(kept) == 2 and all(n.input[1] in weights for n in kept)  # first conv and classifier: fp32 weights
+    assert len(graph.node) > len(fp32_graph.node)
+    served = OnnxPredictor(tmp_path / "cnn.int8.onnx", threads=1)  # what CATER_MODEL_PATH=...int8.onnx loads
+    assert served.meta["classes"] == ["crack", "ok", "scratch"] and served.meta["quantized"].startswith("int8")
     images = torch.stack([pil_to_uint8(im, 32, 3, "squash") for im in real_images()])
     probs = served.probabilities(images, tta=0)
-    assert probs.shape == (8, 10) and torch.allclose(probs.sum(1), torch.ones(8), atol=1e-4)
+    assert probs.shape == (8, 3) and torch.allclose(probs.sum(1), torch.ones(8), atol=1e-4)
 
 
-def test_int8_without_its_training_data_is_a_clear_error(tmp_path, capsys):
+def test_int8_needs_its_training_data_unless_it_was_not_asked_for(folder_dir, tmp_path, capsys):
     path = checkpoint(tmp_path, "airbench", 3, 32, "squash")  # written without a data_config
     assert export.main(["--checkpoint", str(path), "--formats", "int8"]) == 2
     assert "--data-dir" in capsys.readouterr().err
     assert export.main(["--checkpoint", str(path), "--formats", "int8", "--data-dir", str(tmp_path / "nope")]) == 2
-    assert not (tmp_path / "cnn.int8.onnx").exists()
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "cnn.int8.onnx").exists()
+    assert export.main(["--checkpoint", str(path)]) == 0  # plain `make export`: the other formats, and a note
+    out = capsys.readouterr().out
+    assert "int8 skipped" in out and "cnn.onnx" in out and not (tmp_path / "cnn.int8.onnx").exists()
+    assert export.main(["--checkpoint", str(path), "--formats", "int8", "--data-dir", str(folder_dir)]) == 0
+    assert (tmp_path / "cnn.int8.onnx").is_file()  # a checkpoint that does not name its data, given a folder

@@ -488,4 +488,6 @@ def test_average_best_runs_end_to_end_and_writes_the_kept_weights(cifar_dir, tmp
     _, meta = load_checkpoint(out)
     if "(kept" in line:  # the file holds the average, scored as the line says
         assert f"val acc {meta['metrics']['val_acc']:.4f}" in line
+    else:  # the file holds the best epoch alone, whose score the line gives
+        assert line.endswith(f"alone acc {meta['metrics']['val_acc']:.4f})")
     assert len(line.split(":")[0].split(",")) == 3
