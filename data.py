@@ -477,11 +477,10 @@ def train_loader(split: ImageSet, cfg: DataConfig, batch_size: int, seed: int, m
         if world > 1:
             raise DataError("--balance sample under torchrun needs the training images in memory (--in-memory), "
                             "or use --balance weights")
-        generator = torch.Generator().manual_seed(seed)  # the loader's too: --resume saves and restores its state
         sampler = torch.utils.data.WeightedRandomSampler(draw, steps_per_epoch(len(images), batch_size) * batch_size,
-                                                         generator=generator)
+                                                         generator=torch.Generator().manual_seed(seed))
         return torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=sampler, drop_last=True,
-                                           num_workers=workers, persistent_workers=workers > 0, generator=generator,
+                                           num_workers=workers, persistent_workers=workers > 0,
                                            pin_memory=device.type == "cuda")
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(images, world, rank, shuffle=True, seed=seed, drop_last=True)

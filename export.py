@@ -29,8 +29,8 @@ from torch import nn
 
 from atomic import atomic_path
 from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
-from config import DataConfig
-from data import DataError, load_dataset, looks_like_folder
+from config import ConfigError, DataConfig
+from data import DataError, holds_cifar10, load_dataset
 from predictor import METADATA_KEY
 from quantize import CALIBRATION_IMAGES, compare, quantize, uint8_images
 
@@ -106,8 +106,12 @@ def int8_data(meta: dict, data_dir: str | None) -> DataConfig:
         raise DataError("the checkpoint does not say what data it was trained on: pass --data-dir")
     if not saved:  # the checkpoint's own input settings, the split settings' defaults
         saved = {"image_size": meta["image_size"], "channels": meta["channels"], "resize": meta["resize"],
-                 "dataset": "folder" if looks_like_folder(Path(data_dir)) else "cifar10"}
-    return DataConfig(**{**saved, "in_memory": False, "download": False, **({"data_dir": data_dir} if data_dir else {})})
+                 "dataset": "cifar10" if holds_cifar10(Path(data_dir)) else "folder"}
+    try:
+        return DataConfig(**{**saved, "in_memory": False, "download": False,
+                             **({"data_dir": data_dir} if data_dir else {})})
+    except ConfigError as e:  # e.g. CIFAR-10 for a model whose input is not 32 px RGB
+        raise DataError(f"{data_dir}: does not fit this model ({e})") from None
 
 
 def export_int8(module: Uint8Classifier, meta: dict, path: Path, fp32: Path | None, data_dir: str | None) -> Path:
@@ -150,7 +154,8 @@ def export(checkpoint: Path, formats: list[str], out_dir: Path | None = None, da
             except DataError as e:
                 if not (fmt == "int8" and int8_optional):
                     raise
-                tqdm.write(f"int8 skipped: its calibration data cannot be read ({e}); pass --data-dir")
+                tqdm.write(f"int8 skipped: the data to calibrate it on cannot be read ({e}); "
+                           f"`--formats int8 --data-dir <training data>` writes it")
             progress.update()
     return written
 

@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple, get_args, get_origin, get_type_hints
 import torch
 
 import autoconfig
-from budget import KEEP_EPOCHS, budget_size
+from budget import KEEP_EPOCHS, TRAINING_SHARE, budget_size
 from config import PRESETS, ConfigError, DataConfig, ModelConfig, TrainConfig, parse_duration
 from data import looks_like_folder, scan_training, summarize_folder, total_steps, training_count
 from model import SCRATCH_ARCHS
@@ -133,11 +133,12 @@ def size_for_budget(values: dict, n_train: int, classes: int) -> tuple[int, str]
     steps = min(steps, values["max_steps"] or steps)
     step_s = step_seconds(model_cfg, size, values["channels"], classes, values["batch_size"], values["fixed_stages"])
     new = budget_size(parse_duration(budget), size, step_s, steps)
-    need = f"{values['epochs']:g} epochs at {size}px take about {steps * step_s:.0f}s ({step_s:.2f}s per step, measured)"
+    need = f"{steps} steps at {size}px take about {steps * step_s:.0f}s ({step_s:.2f}s per step, measured)"
     if new == size:
         return size, f"image_size={size}: time budget {budget}: {need}; the budget trims epochs if they do not all fit"
-    return new, (f"image_size={new}: time budget {budget}: {need}, under {KEEP_EPOCHS:.0%} of them would fit, so the "
-                 f"input shrinks (a step's time goes with the pixels)")
+    return new, (f"image_size={new}: time budget {budget}: {need}, under {KEEP_EPOCHS:.0%} of them would fit in the "
+                 f"{TRAINING_SHARE:.0%} of it left for training steps, so the input shrinks (a step's time goes with "
+                 f"the pixels)")
 
 
 def resumed_size(last: Path) -> int | None:

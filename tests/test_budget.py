@@ -81,7 +81,7 @@ def test_a_folder_run_under_a_budget_measures_its_steps_and_prints_the_size_it_c
     folder = write_folder(tmp_path / "big", (40, 40), (200, 200), "L")
     data_cfg, _, _, reasons = settings.decide(["--data-dir", str(folder), "--time-budget", "1s", "--device", "cpu"])
     assert data_cfg.image_size == SMALLEST_SIZE
-    assert any(r.startswith(f"image_size={SMALLEST_SIZE}: time budget 1s: 30 epochs at 192px take about") for r in reasons)
+    assert any(r.startswith(f"image_size={SMALLEST_SIZE}: time budget 1s: 120 steps at 192px take about") for r in reasons)
     data_cfg, _, _, reasons = settings.decide(["--data-dir", str(folder), "--time-budget", "100h", "--device", "cpu"])
     assert data_cfg.image_size == 192 and any(r.startswith("image_size=192: time budget 100h") for r in reasons)
     data_cfg, _, _, reasons = settings.decide(["--data-dir", str(folder), "--time-budget", "1s", "--device", "cpu",
