@@ -49,6 +49,9 @@ FLAGSETS = {  # name -> dataset -> flags; a flag set runs on the datasets it nam
     # what the README hinted before the defaults learned image folders
     "readme-hint": {"fashion": ["--image-size", "32", "--workers", "0", "--arch", "airbench"],
                     "elpv": ["--image-size", "96", "--batch-size", "64", "--epochs", "30", "--arch", "airbench"]},
+    # the defaults at a smaller input, fewer epochs: minutes, for iterating on ELPV (a direction the same way:
+    # --flagsets oversample --extra "--image-size 128 --epochs 6")
+    "proxy": {"elpv": ["--image-size", "128", "--epochs", "6"]},
     # the directions of issue 21, each the defaults with one change
     "oversample": {"elpv": ["--balance", "sample"]},
     "average3": {"elpv": ["--average-best", "3"], "fashion": ["--average-best", "3"]},
