@@ -22,7 +22,7 @@ from atomic import atomic_path
 from config import DataConfig
 from data import ImageSet
 from decode import decode_files
-from predictor import METADATA_KEY
+from predictor import METADATA_KEY, OnnxPredictor
 
 CALIBRATION_IMAGES = 512  # training images whose activations set the int8 ranges
 CALIBRATION_BATCH = 32
@@ -75,18 +75,10 @@ def uint8_images(split: ImageSet, cfg: DataConfig, count: int = 0, seed: int = 0
     return decode_files(split.paths, cfg.image_size, cfg.channels, cfg.resize, cfg.workers, desc="decode")
 
 
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def predict(path: Path, images: torch.Tensor, threads: int = 0) -> tuple[np.ndarray, float]:
     """(top-1 class per image, images/s) of an ONNX model over uint8 images, TIMING_BATCH at a time, after one
     warm-up batch."""
-    session = _session(path, threads)
+    session = OnnxPredictor(path, threads).session  # as the server runs it
     name = session.get_inputs()[0].name
     session.run(None, {name: images[:TIMING_BATCH].numpy()})
     start = time.perf_counter()

@@ -229,6 +229,11 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
             first_epoch = epochs
     eval_size = eval_batch_size(model, data_cfg.image_size)
     val_split = data.val.subset(torch.arange(ranks.rank, len(data.val), ranks.world)) if ranks.enabled else data.val
+
+    def validate(m) -> dict:  # this rank's shard of validation, summed over the ranks
+        return evaluate(m, eval_batches(val_split, data.mean, data.std, eval_size, data_cfg, rt.device),
+                        len(data.classes), rt, across_ranks=ranks.enabled)
+
     sampler = getattr(loader, "sampler", None)
     start = time.perf_counter() - (state.history[-1]["elapsed_s"] if state.history else 0.0)
     budget = time_budget(cfg, data, start, ranks.world)
@@ -269,9 +274,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
             eval_start = time.perf_counter()
             # under DDP the bare model: DDP's forward would broadcast BatchNorm buffers, a collective that every
             # rank must join (they are in sync already: DDP broadcasts them before every training step)
-            val = evaluate(model if ranks.enabled else net,
-                           eval_batches(val_split, data.mean, data.std, eval_size, data_cfg, rt.device),
-                           len(data.classes), rt, across_ranks=ranks.enabled)
+            val = validate(model if ranks.enabled else net)
             eval_seconds = time.perf_counter() - eval_start
             metrics.update(val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
                            epoch=epoch + 1, elapsed_s=time.perf_counter() - start)
@@ -304,9 +307,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     if state.stopped and not state.diverged:  # main() reports a divergence as the error it is
         tqdm.write(state.stopped)
     if len(state.top) > 1 and not state.diverged and state.stopped != "interrupted":
-        val = try_average(model, state, lambda m: evaluate(
-            m, eval_batches(val_split, data.mean, data.std, eval_size, data_cfg, rt.device), len(data.classes), rt,
-            across_ranks=ranks.enabled), cfg.select_metric)
+        val = try_average(model, state, validate, cfg.select_metric)
         if val is not None and on_best and ranks.main:
             on_best(state.best_epoch, {"val_acc": val["acc"], "val_macro_f1": val["macro_f1"]})
     if can_freeze or fixed:
@@ -349,12 +350,13 @@ def keep_best(model, state: FitState, score: float, epoch: int, cfg: TrainConfig
     """Keep the weights of an epoch that beats the best score so far (returns whether it did); count down the
     patience otherwise, and stop when it runs out."""
     improved = score > state.best_score
-    if cfg.average_best > 1 and (len(state.top) < cfg.average_best or score > state.top[-1][0]):
-        state.top = sorted(state.top + [(score, epoch, copy.deepcopy(model.state_dict()))],
-                           key=lambda t: -t[0])[:cfg.average_best]
+    in_top = cfg.average_best > 1 and (len(state.top) < cfg.average_best or score > state.top[-1][0])
+    weights = copy.deepcopy(model.state_dict()) if improved or in_top else None  # one copy serves both
+    if in_top:
+        state.top = sorted(state.top + [(score, epoch, weights)], key=lambda t: -t[0])[:cfg.average_best]
     if improved:
         state.best_score, state.best_epoch = score, epoch
-        state.best_state = copy.deepcopy(model.state_dict())
+        state.best_state = weights
         state.patience_left = cfg.patience
     else:
         state.patience_left -= 1
