@@ -95,7 +95,7 @@ mlflow-server: $(READY)  ## team tracking server: runs and registry in PostgreSQ
 bench-train: $(READY)  ## time the presets against the seed baseline on CIFAR-10 (DATA_DIR, default ../shared/data)
 	$(PY) benchmarks/train_speed.py --data-dir $(or $(DATA_DIR),../shared/data) $(ARGS)
 
-bench-serve: $(READY)  ## load-test api.py (PyTorch and ONNX Runtime) against a naive handler, LitServe and mlflow models serve
+bench-serve: $(READY)  ## load-test api.py (PyTorch, ONNX Runtime fp32 and int8) against a naive handler, LitServe, BentoML and mlflow models serve, then a 1,024-connection burst
 	$(PY) benchmarks/serve_load.py $(ARGS)
 
 bench-folder: $(READY)  ## the defaults on Fashion-MNIST and ELPV, 3 seeds, every run listed (ARGS="--flagsets default,oversample" for more); peak RSS at 10k x 224px

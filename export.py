@@ -127,7 +127,8 @@ def export_int8(module: Uint8Classifier, meta: dict, path: Path, fp32: Path | No
         quantize(fp32, path, uint8_images(data.train, cfg, CALIBRATION_IMAGES))
         scores = compare(fp32, path, uint8_images(data.val, cfg), data.val.labels)
     tqdm.write(f"int8 against fp32 on {scores['images']} validation images: accuracy {100 * scores['int8_acc']:.2f}% "
-               f"(fp32 {100 * scores['fp32_acc']:.2f}%), same top-1 answer for {100 * scores['agreement']:.2f}%; "
+               f"(fp32 {100 * scores['fp32_acc']:.2f}%), same top-1 answer for {100 * scores['agreement']:.2f}% "
+               f"(fp32 against itself with every pixel moved by one gray level: {100 * scores['noise_agreement']:.2f}%); "
                f"{scores['int8_img_s']:.0f} images/s (fp32 {scores['fp32_img_s']:.0f}, "
                f"{scores['int8_img_s'] / scores['fp32_img_s']:.2f}x) in ONNX Runtime")
     return path

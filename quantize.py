@@ -86,10 +86,20 @@ def predict(path: Path, images: torch.Tensor, threads: int = 0) -> tuple[np.ndar
     return np.concatenate(top), len(images) / (time.perf_counter() - start)
 
 
+def nudged(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The images with every pixel moved by -1, 0 or +1 gray level at random: a change no one can see."""
+    noise = torch.randint(-1, 2, images.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.int16)
+    return (images.to(torch.int16) + noise).clamp(0, 255).to(torch.uint8)
+
+
 def compare(fp32_path: Path, int8_path: Path, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Accuracy and images/s of both models on the same labelled images, and how often their top-1 answers agree."""
+    """Accuracy and images/s of both models on the same labelled images, how often their top-1 answers agree, and,
+    as the yardstick for that agreement, how often fp32 keeps its own answer when every pixel moves by one gray
+    level: a model whose answers flip under that flips under int8's rounding as much."""
     fp32, fp32_speed = predict(fp32_path, images)
     int8, int8_speed = predict(int8_path, images)
+    fp32_nudged, _ = predict(fp32_path, nudged(images))
     truth = labels.numpy()
     return {"images": len(images), "fp32_acc": float((fp32 == truth).mean()), "int8_acc": float((int8 == truth).mean()),
-            "agreement": float((fp32 == int8).mean()), "fp32_img_s": fp32_speed, "int8_img_s": int8_speed}
+            "agreement": float((fp32 == int8).mean()), "noise_agreement": float((fp32 == fp32_nudged).mean()),
+            "fp32_img_s": fp32_speed, "int8_img_s": int8_speed}

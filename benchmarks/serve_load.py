@@ -1,17 +1,24 @@
-"""Serving load benchmark: api.py (PyTorch and ONNX Runtime backends), a naive one-forward-per-request FastAPI
-handler, the same model behind LitServe with its batching (benchmarks/litserve_server.py), and `mlflow models serve`.
+"""Serving load benchmark: api.py (PyTorch, ONNX Runtime fp32 and int8 backends), a naive one-forward-per-request
+FastAPI handler, the same model behind LitServe and BentoML with their batching (benchmarks/litserve_server.py,
+benchmarks/bentoml_service.py), and `mlflow models serve`.
 
 Each server is started here on a free loopback port, one at a time, and driven by the same asyncio load generator
-(aiohttp) with the same images at each concurrency level, for a fixed number of requests per level; then stopped.
+(aiohttp) with the same images at each concurrency level, for a fixed number of requests per level; then a burst:
+--burst connections at once for --burst-seconds, each sending its next request when the last one was answered or
+gave up after --burst-timeout seconds (a client's timeout). The burst reports the answers by status, the goodput
+(200s per second), the p99 of the 200s, and the requests that timed out or lost their connection; then the server is
+stopped.
 
 Images: 256 32x32 PNGs of CIFAR-10 records (data_batch_5.bin: the official test batch is not in ../shared/data),
 plus 8 "photos": other CIFAR-10 images upscaled to 640x480 and saved as JPEG, sent after every 33 PNGs (1 request
 in 34). Peak RSS is that of the server's whole process tree (mlflow serve runs uvicorn in a child process).
-api-onnx is api.py serving the checkpoint exported by export.py to a temporary ONNX file (CATER_MODEL_PATH=....onnx).
-Every server gets the image file bytes, base64 in JSON: api.py, LitServe and the naive server as {"image_base64": ...}, mlflow
-as its pyfunc signature (mlflow_model.py) takes them, {"dataframe_split": {"columns": ["image"], "data": [[...]]}}.
+api-onnx is api.py serving the checkpoint exported by export.py to a temporary ONNX file (CATER_MODEL_PATH=....onnx),
+api-int8 the same with the int8 file export.py writes beside it (calibrated on the checkpoint's training data).
+Every server gets the image file bytes, base64 in JSON: api.py, LitServe and the naive server as {"image_base64": ...},
+BentoML as its batchable API takes them, {"image_base64": [...]}, mlflow as its pyfunc signature (mlflow_model.py)
+takes them, {"dataframe_split": {"columns": ["image"], "data": [[...]]}}.
 
-    python benchmarks/serve_load.py --checkpoint models/cnn.pt                 # the full run, all five servers
+    python benchmarks/serve_load.py --checkpoint models/cnn.pt                 # the full run, every server
     python benchmarks/serve_load.py --requests 200 --servers api naive         # a quick look
 
 CATER_* variables in the environment reach api.py (e.g. CATER_THREADS, CATER_MAX_BATCH_SIZE, CATER_MAX_WAIT_MS),
@@ -27,6 +34,7 @@ import io
 import itertools
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -46,9 +54,10 @@ from PIL import Image  # noqa: E402
 
 import export  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from machine import free_port  # noqa: E402
+from machine import calib_img_s, cpu_name, free_port  # noqa: E402
 
-SERVERS = ["api", "api-onnx", "naive", "litserve", "mlflow"]
+SERVERS = ["api", "api-onnx", "api-int8", "naive", "litserve", "bentoml", "mlflow"]
+PEERS = ["litserve", "bentoml", "naive", "mlflow"]  # the other servers of the same model, for the targets
 PNGS_PER_PHOTO = 33  # a 640x480 JPEG request after every 33 PNG requests
 
 
@@ -59,7 +68,7 @@ class Server:
     env: dict
     ready_path: str
     predict_path: str
-    payload: str  # "base64" (api, naive) or "dataframe" (mlflow)
+    payload: str  # "base64" (api, naive, litserve), "list" (bentoml) or "dataframe" (mlflow)
 
 
 @dataclass
@@ -85,6 +94,30 @@ class Result:
     @property
     def rps(self) -> float:
         return (self.requests - self.errors) / self.seconds
+
+
+@dataclass
+class Burst:
+    server: str
+    connections: int
+    seconds: float = 0.0  # from the first request to the last answer or timeout
+    statuses: dict = field(default_factory=dict)  # HTTP status -> answers
+    ok_latencies: list = field(default_factory=list)  # seconds, the 200s
+    timeouts: int = 0  # requests not answered within the client's timeout
+    errors: int = 0  # connections refused, reset or closed without an answer
+    first_error: str = ""
+    rss_peak: float = 0.0
+
+    @property
+    def answers(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def goodput(self) -> float:
+        return self.statuses.get(200, 0) / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.ok_latencies, q)) * 1000 if self.ok_latencies else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,6 +154,8 @@ def request_bodies(files: list[tuple[str, bytes]], kind: str, meta: dict) -> lis
         image = base64.b64encode(data).decode()
         if kind == "base64":
             return json.dumps({"image_base64": image}).encode()
+        if kind == "list":
+            return json.dumps({"image_base64": [image]}).encode()
         return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image]]}}).encode()
 
     small_bodies = [body(d) for _, d in small]
@@ -237,6 +272,44 @@ async def drive(url: str, bodies: list[tuple[str, bytes]], concurrency: int, n_r
         result.rss_peak = max(result.rss_peak, result.rss_end)
 
 
+async def burst(url: str, bodies: list[tuple[str, bytes]], seconds: float, timeout: float, proc: psutil.Process,
+                result: Burst) -> None:
+    """result.connections clients at once, each on its own connection, for `seconds`: each sends its next request as
+    soon as the last one was answered (whatever the status) or gave up after `timeout` seconds, as wrk does."""
+    headers = {"Content-Type": "application/json"}
+    n = result.connections
+    connector = aiohttp.TCPConnector(limit=n)
+
+    async def client(session, i, deadline):
+        while time.perf_counter() < deadline:
+            _, body = bodies[i % len(bodies)]
+            i += n
+            start = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                result.statuses[r.status] = result.statuses.get(r.status, 0) + 1
+                if r.status == 200:
+                    result.ok_latencies.append(time.perf_counter() - start)
+            except asyncio.TimeoutError:
+                result.timeouts += 1
+            except aiohttp.ClientError as e:
+                result.errors += 1
+                result.first_error = result.first_error or f"{e.__class__.__name__}: {e}"
+
+    async def sample_memory():
+        while True:
+            result.rss_peak = max(result.rss_peak, tree_rss_mb(proc))
+            await asyncio.sleep(0.1)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        sampler = asyncio.create_task(sample_memory())
+        start = time.perf_counter()
+        await asyncio.gather(*(client(session, i, start + seconds) for i in range(n)))
+        result.seconds = time.perf_counter() - start
+        sampler.cancel()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -253,7 +326,23 @@ def print_table(results: list[Result]) -> None:
             print(f"         first error: {r.first_error}")
 
 
-def print_targets(results: list[Result]) -> None:
+def print_bursts(bursts: list[Burst]) -> None:
+    header = f"{'server':<9} {'conns':>5} {'seconds':>7} {'answers/s':>9} {'200s/s':>7} {'200 p50 ms':>10} " \
+             f"{'200 p99 ms':>10} {'503s':>6} {'other':>6} {'timeouts':>8} {'conn errors':>11} {'peak RSS MB':>11}"
+    print(header)
+    print("-" * len(header))
+    for b in bursts:
+        other = {k: v for k, v in b.statuses.items() if k not in (200, 503)}
+        print(f"{b.server:<9} {b.connections:>5} {b.seconds:>7.1f} {b.answers / b.seconds:>9.1f} {b.goodput:>7.1f} "
+              f"{b.pct(50):>10.0f} {b.pct(99):>10.0f} {b.statuses.get(503, 0):>6} {sum(other.values()):>6} "
+              f"{b.timeouts:>8} {b.errors:>11} {b.rss_peak:>11.0f}")
+        if other:
+            print(f"          other statuses: {other}")
+        if b.errors:
+            print(f"          first connection error: {b.first_error}")
+
+
+def print_targets(results: list[Result], bursts: list[Burst]) -> None:
     def find(server, concurrency):
         return next((r for r in results if r.server == server and r.concurrency == concurrency), None)
 
@@ -269,14 +358,28 @@ def print_targets(results: list[Result]) -> None:
     if api32 and mlflow32:
         ratio = api32.rps / mlflow32.rps
         print(f"  concurrency 32: api / mlflow = {ratio:.2f}x req/s (target >= 5x: {verdict(ratio >= 5)})")
-    lit32 = find("litserve", 32)
-    if api32 and lit32:
-        ratio = api32.rps / lit32.rps
-        print(f"  concurrency 32: api / litserve = {ratio:.2f}x req/s (target >= 1.0x: {verdict(ratio >= 1.0)}), p99 "
-              f"{api32.pct(99):.1f} ms vs {lit32.pct(99):.1f} ms (target lower: {verdict(api32.pct(99) < lit32.pct(99))})")
+    peers32 = [r for r in results if r.server in PEERS and r.concurrency == 32]
+    if api32 and peers32:
+        best = max(peers32, key=lambda r: r.rps)
+        ratio = api32.rps / best.rps
+        print(f"  concurrency 32: api / the best peer ({best.server}) = {ratio:.2f}x req/s (target >= 1.2x: "
+              f"{verdict(ratio >= 1.2)}), p99 {api32.pct(99):.1f} ms vs {best.pct(99):.1f} ms "
+              f"(target lower: {verdict(api32.pct(99) < best.pct(99))})")
     if api32 and onnx32:
         print(f"  concurrency 32: api-onnx / api = {onnx32.rps / api32.rps:.2f}x req/s, p99 {onnx32.pct(99):.1f} ms "
               f"vs {api32.pct(99):.1f} ms (ONNX Runtime vs PyTorch behind the same server)")
+    int8_32 = find("api-int8", 32)
+    if onnx32 and int8_32:
+        print(f"  concurrency 32: api-int8 / api-onnx = {int8_32.rps / onnx32.rps:.2f}x req/s, p99 "
+              f"{int8_32.pct(99):.1f} ms vs {onnx32.pct(99):.1f} ms (int8 vs fp32 in ONNX Runtime, same server)")
+    api_burst = next((b for b in bursts if b.server == "api"), None)
+    peer_bursts = [b for b in bursts if b.server in PEERS]
+    if api_burst and peer_bursts:
+        best = max(peer_bursts, key=lambda b: b.goodput)
+        print(f"  burst of {api_burst.connections}: api {api_burst.goodput:.1f} 200s/s, the best peer ({best.server}) "
+              f"{best.goodput:.1f} (target the most: {verdict(api_burst.goodput > best.goodput)}); api timeouts "
+              f"{api_burst.timeouts}, connection errors {api_burst.errors} (target none: "
+              f"{verdict(api_burst.timeouts == 0 and api_burst.errors == 0)})")
     if api32:
         print(f"  concurrency 32: api p99 = {api32.pct(99):.1f} ms (target <= 50 ms: {verdict(api32.pct(99) <= 50)})")
     if api1:
@@ -297,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="models/cnn.pt", help="checkpoint written by train.py")
     parser.add_argument("--data-dir", default="../shared/data", help="folder holding cifar-10-batches-bin/")
     parser.add_argument("--requests", type=int, default=5000, help="measured requests per server and concurrency level")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--warmup", type=int, default=300, help="requests sent to each server before measuring")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlflow.db'}",
@@ -309,6 +412,15 @@ def main(argv: list[str] | None = None) -> int:
                                                                          "split among them for torch's threads)")
     parser.add_argument("--litserve-fast-queue", action=argparse.BooleanOptionalAction, default=True,
                         help="LitServe's fast_queue (ZeroMQ)")
+    parser.add_argument("--burst", type=int, default=1024, help="connections of the burst after the levels (0: none)")
+    parser.add_argument("--burst-seconds", type=float, default=8.0, help="how long the burst sends requests")
+    parser.add_argument("--burst-timeout", type=float, default=5.0, help="a burst client gives up on a request after "
+                                                                        "this many seconds (counted as a timeout)")
+    # BentoML's settings (benchmarks/bentoml_service.py): as its guides advise for a CPU model with adaptive batching
+    parser.add_argument("--bentoml-batch", type=int, default=32, help="BentoML's max_batch_size (and concurrency)")
+    parser.add_argument("--bentoml-latency-ms", type=int, default=500, help="BentoML's max_latency_ms: requests that "
+                                                                           "would wait longer get 503")
+    parser.add_argument("--bentoml-workers", type=int, default=0, help="BentoML's workers (0: one per core)")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for a server to be ready")
     parser.add_argument("--logs", default="bench-results", help="folder for the servers' logs")
     args = parser.parse_args(argv)
@@ -319,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.burst:  # the load generator's connections and the server's, on the same machine
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 4 * args.burst:
+            print(f"error: --burst {args.burst} needs about {4 * args.burst} open files; the hard limit is {hard}",
+                  file=sys.stderr)
+            return 2
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4 * args.burst), hard))
     files = image_files(data_dir, n_small=256, n_photos=8)
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
@@ -326,19 +445,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"images: 256 CIFAR-10 32x32 PNGs (data_batch_5.bin), 8 CIFAR-10 images upscaled to 640x480 JPEG "
           f"(1 request in {PNGS_PER_PHOTO + 1}); per server {args.warmup} warm-up requests, then per level "
           f"2x concurrency more and {args.requests} measured")
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    calib_img_s()  # prints its line, at the start and at the end
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}\n")
 
     servers = []
-    exports = tempfile.TemporaryDirectory(prefix="serve-load-")  # the ONNX file of api-onnx, removed at exit
+    exports = tempfile.TemporaryDirectory(prefix="serve-load-")  # the ONNX files of api-onnx and api-int8, removed at exit
+    formats = [f for f, name in (("onnx", "api-onnx"), ("int8", "api-int8")) if name in args.servers]
+    exported = export.export(checkpoint, formats, Path(exports.name), int8_optional=True) if formats else {}
     for name in args.servers:
         port = free_port()
         env = {"BENCH_URL": f"http://127.0.0.1:{port}"}
-        if name in ("api", "api-onnx"):
+        if name in ("api", "api-onnx", "api-int8"):
             model = checkpoint
-            if name == "api-onnx":
-                model = export.export(checkpoint, ["onnx"], Path(exports.name))["onnx"]
-                print(f"api-onnx: serving {model}, exported from the checkpoint\n")
+            if name != "api":
+                model = exported.get(name.removeprefix("api-"))
+                if model is None:
+                    print(f"{name}: skipped, export.py wrote no {name.removeprefix('api-')} file (see above)\n")
+                    continue
+                print(f"{name}: serving {model}, exported from the checkpoint\n")
             env.update(CATER_MODEL_PATH=str(model), CATER_HOST="127.0.0.1", CATER_PORT=str(port))
             servers.append(Server(name, [sys.executable, str(REPO / "api.py")], env, "/ready", "/predict", "base64"))
         elif name == "litserve":
@@ -348,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
                                          str(args.litserve_timeout), "--workers", str(args.litserve_workers),
                                          *(["--fast-queue"] if args.litserve_fast_queue else [])],
                                   env, "/health", "/predict", "base64"))
+        elif name == "bentoml":
+            env.update(BENTO_CHECKPOINT=str(checkpoint), BENTO_MAX_BATCH_SIZE=str(args.bentoml_batch),
+                       BENTO_MAX_LATENCY_MS=str(args.bentoml_latency_ms), BENTO_WORKERS=str(args.bentoml_workers))
+            servers.append(Server(name, [sys.executable, "-m", "bentoml", "serve", "benchmarks.bentoml_service:Classifier",
+                                         "--host", "127.0.0.1", "--port", str(port)],
+                                  env, "/readyz", "/predict", "list"))
         elif name == "naive":
             servers.append(Server(name, [sys.executable, str(REPO / "benchmarks" / "naive_server.py"),
                                          "--checkpoint", str(checkpoint), "--port", str(port)],
@@ -367,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlflow: serving runs:/{meta['mlflow_run_id']}/model from {args.tracking_uri}, the logged pyfunc model "
               "(mlflow_model.py): base64 image files in a dataframe_split body\n")
 
-    results = []
+    results, bursts = [], []
     for server in servers:
         bodies = request_bodies(files, server.payload, meta)
         try:
@@ -385,12 +516,25 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(result)
                 print(f"  {server.name:<8} c={concurrency:<3} {result.rps:8.1f} req/s  p99 {result.pct(99):7.2f} ms  "
                       f"errors {result.errors}", flush=True)
+            if args.burst:
+                result = Burst(server.name, args.burst)
+                asyncio.run(burst(url, bodies, args.burst_seconds, args.burst_timeout, process, result))
+                bursts.append(result)
+                print(f"  {server.name:<8} burst of {args.burst}: {result.goodput:.1f} 200s/s, p99 of the 200s "
+                      f"{result.pct(99):.0f} ms, statuses {result.statuses}, timeouts {result.timeouts}, "
+                      f"connection errors {result.errors}", flush=True)
         finally:
             stop(proc)
     exports.cleanup()
     print()
+    calib_img_s()
+    print()
     print_table(results)
-    print_targets(results)
+    if bursts:
+        print(f"\nburst: {args.burst} connections for {args.burst_seconds:g} s, each request given up after "
+              f"{args.burst_timeout:g} s")
+        print_bursts(bursts)
+    print_targets(results, bursts)
     return 0
 
 

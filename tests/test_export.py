@@ -119,6 +119,8 @@ def test_int8_model_is_calibrated_on_the_training_data_and_served_like_fp32(fold
     line = next(line for line in out.splitlines() if line.startswith("int8 against fp32"))
     agreement = float(line.split("same top-1 answer for ")[1].split("%")[0])
     assert agreement >= 95 and "images/s" in line and "cnn.int8.onnx" in out  # 3 classes that look unalike
+    yardstick = float(line.split("moved by one gray level: ")[1].split("%")[0])
+    assert 90 <= yardstick <= 100  # fp32 against itself on images no one could tell apart
     fp32_graph, graph = onnx.load(str(tmp_path / "cnn.onnx")).graph, onnx.load(str(tmp_path / "cnn.int8.onnx")).graph
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # quantized, in QDQ form
     weights = {i.name for i in graph.initializer}
@@ -143,3 +145,11 @@ def test_int8_needs_its_training_data_unless_it_was_not_asked_for(folder_dir, tm
     assert "int8 skipped" in out and "cnn.onnx" in out and not (tmp_path / "cnn.int8.onnx").exists()
     assert export.main(["--checkpoint", str(path), "--formats", "int8", "--data-dir", str(folder_dir)]) == 0
     assert (tmp_path / "cnn.int8.onnx").is_file()  # a checkpoint that does not name its data, given a folder
+
+
+def test_nudged_images_move_by_at_most_one_gray_level_and_stay_in_range():
+    images = torch.tensor([[[[0, 255, 128, 1, 254] * 40]]], dtype=torch.uint8)
+    moved = quantize.nudged(images)
+    diff = moved.to(torch.int16) - images.to(torch.int16)
+    assert moved.dtype == torch.uint8 and diff.abs().max() == 1 and set(diff.unique().tolist()) == {-1, 0, 1}
+    assert torch.equal(moved, quantize.nudged(images))  # seeded: the same yardstick run to run

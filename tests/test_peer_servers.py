@@ -1,5 +1,6 @@
-"""benchmarks/litserve_server.py, the LitServe side of `make bench-serve`, is a real server process here: it must
-answer what api.py answers for the same image, or the benchmark compares different work."""
+"""The peers of `make bench-serve`, benchmarks/litserve_server.py (LitServe) and benchmarks/bentoml_service.py
+(BentoML), are real server processes here: each must answer what api.py answers for the same image, or the benchmark
+compares different work."""
 
 import base64
 import io
@@ -24,8 +25,19 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = [f"c{i}" for i in range(10)]
 
 
+def litserve(path: Path, port: int) -> tuple[list[str], dict, str]:
+    return ([sys.executable, str(REPO / "benchmarks" / "litserve_server.py"), "--checkpoint", str(path),
+             "--port", str(port), "--workers", "1"], {}, "/health")
+
+
+def bentoml(path: Path, port: int) -> tuple[list[str], dict, str]:
+    return ([sys.executable, "-m", "bentoml", "serve", "benchmarks.bentoml_service:Classifier", "--host", "127.0.0.1",
+             "--port", str(port)], {"BENTO_CHECKPOINT": str(path), "BENTO_WORKERS": "1"}, "/readyz")
+
+
 @pytest.mark.full
-def test_litserve_server_answers_as_api_does(tmp_path):
+@pytest.mark.parametrize("peer", [litserve, bentoml])
+def test_peer_server_answers_as_api_does(peer, tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = CnnClassifier(ModelConfig(arch="airbench", widths=(8, 16, 16)), num_classes=10).eval()
     with torch.no_grad():
@@ -42,15 +54,20 @@ def test_litserve_server_answers_as_api_does(tmp_path):
     expected = postprocess(predictor.probabilities(pixels, 0)[0], CLASSES, 3, 0).model_dump()
 
     port = free_port()
-    cmd = [sys.executable, str(REPO / "benchmarks" / "litserve_server.py"), "--checkpoint", str(path), "--port", str(port),
-           "--workers", "1"]
-    with server_process(cmd, {}, tmp_path / "litserve.log", f"http://127.0.0.1:{port}/health", timeout=120):
+    cmd, env, ready = peer(path, port)
+    monkeypatch.chdir(REPO)  # bentoml serve imports the service as a module of the repo
+    with server_process(cmd, env, tmp_path / "peer.log", f"http://127.0.0.1:{port}{ready}", timeout=120):
         url = f"http://127.0.0.1:{port}/predict"
-        answer = httpx.post(url, json={"image_base64": base64.b64encode(buf.getvalue()).decode()}, timeout=30)
-        assert answer.status_code == 200
-        got = answer.json()
+
+        def post(data: bytes) -> httpx.Response:
+            image = base64.b64encode(data).decode()  # BentoML's batchable API takes a list, and answers one
+            return httpx.post(url, json={"image_base64": [image] if peer is bentoml else image}, timeout=30)
+
+        answer = post(buf.getvalue())
+        assert answer.status_code == 200, answer.text
+        got = answer.json()[0] if peer is bentoml else answer.json()
         assert got["class_index"] == expected["class_index"] and got["class_name"] == expected["class_name"]
         assert [c["class_index"] for c in got["top_k"]] == [c["class_index"] for c in expected["top_k"]]
         assert abs(got["confidence"] - expected["confidence"]) < 1e-4
-        bad = httpx.post(url, json={"image_base64": base64.b64encode(b"not an image").decode()}, timeout=30)
-        assert bad.status_code == 400 and "not an image" in bad.json()["detail"]
+        bad = post(b"not an image")
+        assert bad.status_code == 400 and "not an image" in bad.text
