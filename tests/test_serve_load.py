@@ -1,0 +1,62 @@
+"""benchmarks/serve_load.py's burst against a real aiohttp server on loopback: what it counts (statuses, the 200s'
+latencies, timeouts) and how its clients treat a 503 (at once, or after Retry-After with --burst-polite)."""
+
+import asyncio
+import sys
+from pathlib import Path
+
+import psutil
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import serve_load  # noqa: E402
+from conftest import free_port  # noqa: E402
+
+BODIES = [("png32", b'{"image_base64": "x"}')]
+
+
+async def run_burst(handler, connections: int, seconds: float, timeout: float, polite: bool) -> serve_load.Burst:
+    app = web.Application()
+    app.router.add_post("/predict", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    result = serve_load.Burst("test", connections)
+    try:
+        await serve_load.burst(f"http://127.0.0.1:{port}/predict", BODIES, seconds, timeout, psutil.Process(), result,
+                               polite)
+    finally:
+        await runner.cleanup()
+    return result
+
+
+def test_burst_counts_statuses_and_the_200s_latencies():
+    calls = []
+
+    async def every_other_refused(request):
+        await request.read()
+        calls.append(1)
+        if len(calls) % 2:
+            return web.json_response({"detail": "busy"}, status=503, headers={"Retry-After": "1"})
+        await asyncio.sleep(0.01)
+        return web.json_response({"class_index": 0})
+
+    rude = asyncio.run(run_burst(every_other_refused, 4, 0.5, 2.0, polite=False))
+    assert set(rude.statuses) == {200, 503} and rude.answers == len(calls) > 20
+    assert len(rude.ok_latencies) == rude.statuses[200] and min(rude.ok_latencies) >= 0.01
+    assert rude.timeouts == rude.errors == 0 and rude.goodput > 0 and rude.pct(99) >= 10
+
+    calls.clear()  # clients that wait a second after each 503 send far fewer requests in half a second
+    polite = asyncio.run(run_burst(every_other_refused, 4, 0.5, 2.0, polite=True))
+    assert polite.statuses.get(503, 0) <= 4 + 1 and polite.answers < rude.answers / 3
+
+
+def test_a_request_past_the_client_timeout_is_a_timeout_not_an_answer():
+    async def stalls(request):
+        await asyncio.sleep(1.0)
+        return web.json_response({"class_index": 0})
+
+    result = asyncio.run(run_burst(stalls, 3, 0.1, 0.3, polite=False))
+    assert result.timeouts == 3 and result.answers == 0 and result.ok_latencies == []
+    assert 0.3 <= result.seconds < 1.0
