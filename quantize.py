@@ -95,7 +95,7 @@ def nudged(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
 def compare(fp32_path: Path, int8_path: Path, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """Accuracy and images/s of both models on the same labelled images, how often their top-1 answers agree, and,
     as the yardstick for that agreement, how often fp32 keeps its own answer when every pixel moves by one gray
-    level: a model whose answers flip under that flips under int8's rounding as much."""
+    level: a model whose answers flip under that is fragile, and int8's rounding flips them too."""
     fp32, fp32_speed = predict(fp32_path, images)
     int8, int8_speed = predict(int8_path, images)
     fp32_nudged, _ = predict(fp32_path, nudged(images))

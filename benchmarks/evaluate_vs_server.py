@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from calibration import expected_calibration_error  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
 from evaluate import labelled_files  # noqa: E402
-from machine import free_port, markdown_table  # noqa: E402
-from serve_load import Server, start, stop  # noqa: E402
+from machine import markdown_table  # noqa: E402
+from serve_load import PORT, Server, start, stop  # noqa: E402
 
 
 def run_evaluate(folder: Path, checkpoint: Path, out: Path) -> tuple[dict, dict[str, dict]]:
@@ -45,13 +45,11 @@ def run_evaluate(folder: Path, checkpoint: Path, out: Path) -> tuple[dict, dict[
 
 def ask_server(checkpoint: Path, root: Path, paths: list[str], logs: Path) -> dict[str, dict]:
     """path (under root) -> the /predict answer."""
-    port = free_port()
-    env = {"BENCH_URL": f"http://127.0.0.1:{port}", "CATER_MODEL_PATH": str(checkpoint), "CATER_PORT": str(port),
-           "CATER_HOST": "127.0.0.1", "CATER_TTA": "0"}
-    proc = start(Server("api", [sys.executable, str(REPO / "api.py")], env, "/ready", "/predict", "base64"),
-                 logs / "evaluate_vs_server_api.log", timeout=180)
+    env = {"CATER_MODEL_PATH": str(checkpoint), "CATER_PORT": PORT, "CATER_HOST": "127.0.0.1", "CATER_TTA": "0"}
+    proc, base = start(Server("api", [sys.executable, str(REPO / "api.py")], env, "/ready", "/predict", "base64"),
+                       logs / "evaluate_vs_server_api.log", timeout=180)
     try:
-        with httpx.Client(base_url=env["BENCH_URL"], timeout=60) as client:
+        with httpx.Client(base_url=base, timeout=60) as client:
             def answer(path: str) -> dict:
                 image = base64.b64encode((root / path).read_bytes()).decode()
                 for _ in range(10):  # a 503 (the queue is full) says when to come back

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from machine import calib_img_s, cpu_name, free_port, markdown_table  # noqa: E402
-from serve_load import Result, Server, cifar_images, drive, start, stop  # noqa: E402
+from machine import calib_img_s, cpu_name, markdown_table  # noqa: E402
+from serve_load import PORT, Result, Server, cifar_images, drive, start, stop  # noqa: E402
 
 
 def write_pngs(data_dir: Path, count: int, folder: Path) -> list[bytes]:
@@ -54,15 +54,13 @@ def time_predict(checkpoint: Path, folder: Path, out: Path) -> float:
 
 def serve_rate(checkpoint: Path, files: list[bytes], concurrency: int, requests: int, logs: Path) -> Result:
     """api.py answering one /predict request per file at the given concurrency."""
-    port = free_port()
-    env = {"BENCH_URL": f"http://127.0.0.1:{port}", "CATER_MODEL_PATH": str(checkpoint), "CATER_PORT": str(port),
-           "CATER_HOST": "127.0.0.1"}
+    env = {"CATER_MODEL_PATH": str(checkpoint), "CATER_PORT": PORT, "CATER_HOST": "127.0.0.1"}
     server = Server("api", [sys.executable, str(REPO / "api.py")], env, "/ready", "/predict", "base64")
     bodies = [("png32", json.dumps({"image_base64": base64.b64encode(d).decode()}).encode()) for d in files]
-    proc = start(server, logs / "predict_speed_api.log", timeout=180)
+    proc, base = start(server, logs / "predict_speed_api.log", timeout=180)
     try:
         result = Result("api", concurrency, requests, 0.0)
-        asyncio.run(drive(env["BENCH_URL"] + "/predict", bodies, concurrency, requests, psutil.Process(proc.pid), result))
+        asyncio.run(drive(base + "/predict", bodies, concurrency, requests, psutil.Process(proc.pid), result))
     finally:
         stop(proc)
     return result

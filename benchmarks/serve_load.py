@@ -60,6 +60,7 @@ from machine import calib_img_s, cpu_name, free_port  # noqa: E402
 SERVERS = ["api", "api-onnx", "api-int8", "naive", "litserve", "bentoml", "mlflow"]
 PEERS = ["litserve", "bentoml", "naive", "mlflow"]  # the other servers of the same model, for the targets
 PNGS_PER_PHOTO = 33  # a 640x480 JPEG request after every 33 PNG requests
+PORT = "{port}"  # in a server's command and environment: the free port picked as it starts
 
 
 @dataclass
@@ -101,7 +102,7 @@ class Result:
 class Burst:
     server: str
     connections: int
-    seconds: float = 0.0  # from the first request to the last answer or timeout
+    seconds: float = 0.0  # from the first request to the last answer or timeout (the backlog's drain included)
     statuses: dict = field(default_factory=dict)  # HTTP status -> answers
     ok_latencies: list = field(default_factory=list)  # seconds, the 200s
     timeouts: int = 0  # requests not answered within the client's timeout
@@ -174,9 +175,13 @@ def request_bodies(files: list[tuple[str, bytes]], kind: str, meta: dict) -> lis
 
 
 def tree_rss_mb(proc: psutil.Process) -> float:
-    """RSS of the server process and all its children (mlflow serve runs uvicorn in a child)."""
+    """RSS of the server process and all its children (mlflow serve runs uvicorn in a child); 0 once it is gone."""
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in tree:
         try:
             total += p.memory_info().rss
         except psutil.Error:
@@ -184,11 +189,24 @@ def tree_rss_mb(proc: psutil.Process) -> float:
     return total / 2**20
 
 
-def start(server: Server, log_path: Path, timeout: float) -> subprocess.Popen:
+async def peak_rss_mb(proc: psutil.Process, stop: asyncio.Event) -> float:
+    """The highest tree_rss_mb, sampled every 0.1 s until `stop` is set."""
+    peak = 0.0
+    while not stop.is_set():
+        peak = max(peak, tree_rss_mb(proc))
+        await asyncio.sleep(0.1)
+    return peak
+
+
+def start(server: Server, log_path: Path, timeout: float) -> tuple[subprocess.Popen, str]:
+    """The server started on a port free right now (a burst cycles thousands of client ports), and its base URL."""
+    port = str(free_port())
+    command = [c.replace(PORT, port) for c in server.command]
+    env = {k: v.replace(PORT, port) for k, v in server.env.items()}
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(server.command, cwd=REPO, env={**os.environ, **server.env}, stdout=log,
+        proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    base = server.env["BENCH_URL"]
+    base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
 
     async def poll() -> bool:
@@ -209,7 +227,7 @@ def start(server: Server, log_path: Path, timeout: float) -> subprocess.Popen:
         stop(proc)
         tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
         raise RuntimeError(f"{server.name} did not become ready (log {log_path}):\n    " + "\n    ".join(tail))
-    return proc
+    return proc, base
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -252,25 +270,21 @@ async def drive(url: str, bodies: list[tuple[str, bytes]], concurrency: int, n_r
                 result.errors += 1
                 result.first_error = result.first_error or error
 
-    async def sample_memory(stop_event):
-        while not stop_event.is_set():
-            result.rss_peak = max(result.rss_peak, tree_rss_mb(proc))
-            await asyncio.sleep(0.1)
-
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(worker(session, 2 * concurrency) for _ in range(concurrency)))  # warm-up, not counted
         counter = itertools.count()
         result.latencies, result.errors, result.first_error = {}, 0, ""
         result.rss_start = tree_rss_mb(proc)
-        stop_event = asyncio.Event()
-        sampler = asyncio.create_task(sample_memory(stop_event))
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(peak_rss_mb(proc, stop))
         start = time.perf_counter()
-        await asyncio.gather(*(worker(session, n_requests) for _ in range(concurrency)))
+        try:
+            await asyncio.gather(*(worker(session, n_requests) for _ in range(concurrency)))
+        finally:
+            stop.set()
         result.seconds = time.perf_counter() - start
-        stop_event.set()
-        await sampler
         result.rss_end = tree_rss_mb(proc)
-        result.rss_peak = max(result.rss_peak, result.rss_end)
+        result.rss_peak = max(await sampler, result.rss_end)
 
 
 async def burst(url: str, bodies: list[tuple[str, bytes]], seconds: float, timeout: float, proc: psutil.Process,
@@ -303,17 +317,16 @@ async def burst(url: str, bodies: list[tuple[str, bytes]], seconds: float, timeo
                 result.errors += 1
                 result.first_error = result.first_error or f"{e.__class__.__name__}: {e}"
 
-    async def sample_memory():
-        while True:
-            result.rss_peak = max(result.rss_peak, tree_rss_mb(proc))
-            await asyncio.sleep(0.1)
-
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        sampler = asyncio.create_task(sample_memory())
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(peak_rss_mb(proc, stop))
         start = time.perf_counter()
-        await asyncio.gather(*(client(session, i, start + seconds) for i in range(n)))
+        try:
+            await asyncio.gather(*(client(session, i, start + seconds) for i in range(n)))
+        finally:
+            stop.set()
         result.seconds = time.perf_counter() - start
-        sampler.cancel()
+        result.rss_peak = await sampler
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,7 +396,7 @@ def print_targets(results: list[Result], bursts: list[Burst]) -> None:
     peer_bursts = [b for b in bursts if b.server in PEERS]
     if peer_bursts:
         best = max(peer_bursts, key=lambda b: b.goodput)
-        for b in (b for b in bursts if b.server.startswith("api")):
+        for b in [b for b in bursts if b.server.startswith("api")]:
             print(f"  burst of {b.connections}: {b.server} {b.goodput:.1f} 200s/s, the best peer ({best.server}) "
                   f"{best.goodput:.1f} (target the most: {verdict(b.goodput > best.goodput)}); timeouts "
                   f"{b.timeouts}, connection errors {b.errors} (target none: {verdict(b.timeouts + b.errors == 0)})")
@@ -401,6 +414,13 @@ def print_targets(results: list[Result], bursts: list[Burst]) -> None:
               f"peak {max(r.rss_peak for r in api):.0f} MB")
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Load-test api.py against a naive handler and mlflow models serve.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -410,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--warmup", type=int, default=300, help="requests sent to each server before measuring")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
-    parser.add_argument("--api-workers", type=int, nargs="+", default=[1],
+    parser.add_argument("--api-workers", type=positive, nargs="+", default=[1],
                         help="api.py's server processes (CATER_WORKERS): each count is a server of its own")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlflow.db'}",
                         help="MLflow store holding the run that logged the checkpoint's model")
@@ -421,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                          "split among them for torch's threads)")
     parser.add_argument("--litserve-fast-queue", action=argparse.BooleanOptionalAction, default=True,
                         help="LitServe's fast_queue (ZeroMQ)")
-    parser.add_argument("--burst", type=int, default=1024, help="connections of the burst after the levels (0: none)")
+    parser.add_argument("--burst", type=int, default=1024, help="connections of the burst after the levels (0: none); "
+                                                                "its 200s/s count the backlog's drain after it too")
     parser.add_argument("--burst-seconds", type=float, default=8.0, help="how long the burst sends requests")
     parser.add_argument("--burst-timeout", type=float, default=5.0, help="a burst client gives up on a request after "
                                                                         "this many seconds (counted as a timeout)")
@@ -445,9 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.burst:  # the load generator's connections and the server's, on the same machine
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard != resource.RLIM_INFINITY and hard < 4 * args.burst:
-            print(f"error: --burst {args.burst} needs about {4 * args.burst} open files; the hard limit is {hard}",
-                  file=sys.stderr)
+            print(f"error: --burst {args.burst} needs about {4 * args.burst} open files; the hard limit is {hard} "
+                  f"(a smaller --burst, or --burst 0 for none)", file=sys.stderr)
             return 2
+        # The servers started here inherit the raised limit; api.py bounds its connections itself (1,000).
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4 * args.burst), hard))
     files = image_files(data_dir, n_small=256, n_photos=8)
     logs = Path(args.logs)
@@ -465,8 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     formats = [f for f, name in (("onnx", "api-onnx"), ("int8", "api-int8")) if name in args.servers]
     exported = export.export(checkpoint, formats, Path(exports.name), int8_optional=True) if formats else {}
     for name in args.servers:
-        port = free_port()
-        env = {"BENCH_URL": f"http://127.0.0.1:{port}"}
+        env = {}
         if name in ("api", "api-onnx", "api-int8"):
             model = checkpoint
             if name != "api":
@@ -476,14 +497,13 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"{name}: serving {model}, exported from the checkpoint\n")
             for workers in args.api_workers:  # a server per process count: "api", "api x2", ...
-                env = {"BENCH_URL": f"http://127.0.0.1:{port}", "CATER_MODEL_PATH": str(model),
-                       "CATER_HOST": "127.0.0.1", "CATER_PORT": str(port), "CATER_WORKERS": str(workers)}
+                env = {"CATER_MODEL_PATH": str(model), "CATER_HOST": "127.0.0.1", "CATER_PORT": PORT,
+                       "CATER_WORKERS": str(workers)}
                 servers.append(Server(name if workers == 1 else f"{name} x{workers}", [sys.executable, str(REPO / "api.py")],
                                       env, "/ready", "/predict", "base64"))
-                port = free_port()
         elif name == "litserve":
             servers.append(Server(name, [sys.executable, str(REPO / "benchmarks" / "litserve_server.py"),
-                                         "--checkpoint", str(checkpoint), "--port", str(port),
+                                         "--checkpoint", str(checkpoint), "--port", PORT,
                                          "--max-batch-size", str(args.litserve_batch), "--batch-timeout",
                                          str(args.litserve_timeout), "--workers", str(args.litserve_workers),
                                          *(["--fast-queue"] if args.litserve_fast_queue else [])],
@@ -492,11 +512,11 @@ def main(argv: list[str] | None = None) -> int:
             env.update(BENTO_CHECKPOINT=str(checkpoint), BENTO_MAX_BATCH_SIZE=str(args.bentoml_batch),
                        BENTO_MAX_LATENCY_MS=str(args.bentoml_latency_ms), BENTO_WORKERS=str(args.bentoml_workers))
             servers.append(Server(name, [sys.executable, "-m", "bentoml", "serve", "benchmarks.bentoml_service:Classifier",
-                                         "--host", "127.0.0.1", "--port", str(port)],
+                                         "--host", "127.0.0.1", "--port", PORT],
                                   env, "/readyz", "/predict", "list"))
         elif name == "naive":
             servers.append(Server(name, [sys.executable, str(REPO / "benchmarks" / "naive_server.py"),
-                                         "--checkpoint", str(checkpoint), "--port", str(port)],
+                                         "--checkpoint", str(checkpoint), "--port", PORT],
                                   env, "/health", "/predict", "base64"))
         else:
             run_id = meta.get("mlflow_run_id")
@@ -507,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             env.update(MLFLOW_TRACKING_URI=args.tracking_uri,
                        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
             servers.append(Server(name, [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
-                                         "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
+                                         "--env-manager", "local", "-p", PORT, "-h", "127.0.0.1"],
                                   env, "/ping", "/invocations", "dataframe"))
     if any(s.name == "mlflow" for s in servers):
         print(f"mlflow: serving runs:/{meta['mlflow_run_id']}/model from {args.tracking_uri}, the logged pyfunc model "
@@ -517,11 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     for server in servers:
         bodies = request_bodies(files, server.payload, meta)
         try:
-            proc = start(server, logs / f"serve_{server.name.replace(' ', '_')}.log", args.startup_timeout)
+            proc, base = start(server, logs / f"serve_{server.name.replace(' ', '_')}.log", args.startup_timeout)
         except RuntimeError as e:
             print(f"{e}\n{server.name}: skipped\n")
             continue
-        url, process = server.env["BENCH_URL"] + server.predict_path, psutil.Process(proc.pid)
+        url, process = base + server.predict_path, psutil.Process(proc.pid)
         try:
             # Some servers are slow for their first hundreds of requests (mlflow's took ~300 ms each): not measured.
             asyncio.run(drive(url, bodies, 8, args.warmup, process, Result(server.name, 8, args.warmup, 0.0)))

@@ -120,7 +120,7 @@ def test_int8_model_is_calibrated_on_the_training_data_and_served_like_fp32(fold
     agreement = float(line.split("same top-1 answer for ")[1].split("%")[0])
     assert agreement >= 95 and "images/s" in line and "cnn.int8.onnx" in out  # 3 classes that look unalike
     yardstick = float(line.split("moved by one gray level: ")[1].split("%")[0])
-    assert 90 <= yardstick <= 100  # fp32 against itself on images no one could tell apart
+    assert yardstick >= 90  # fp32 against itself on images no one could tell apart
     fp32_graph, graph = onnx.load(str(tmp_path / "cnn.onnx")).graph, onnx.load(str(tmp_path / "cnn.int8.onnx")).graph
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # quantized, in QDQ form
     weights = {i.name for i in graph.initializer}

@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # they import each other by name
 import serve_load  # noqa: E402
 from conftest import free_port  # noqa: E402
 
