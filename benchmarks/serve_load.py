@@ -189,13 +189,25 @@ def tree_rss_mb(proc: psutil.Process) -> float:
     return total / 2**20
 
 
-async def peak_rss_mb(proc: psutil.Process, stop: asyncio.Event) -> float:
-    """The highest tree_rss_mb, sampled every 0.1 s until `stop` is set."""
-    peak = 0.0
-    while not stop.is_set():
-        peak = max(peak, tree_rss_mb(proc))
-        await asyncio.sleep(0.1)
-    return peak
+async def measured(proc: psutil.Process, clients: list) -> tuple[float, float]:
+    """Run the client coroutines to their end: (seconds they took, the highest tree_rss_mb meanwhile, sampled every
+    0.1 s)."""
+    stop = asyncio.Event()
+
+    async def peak_rss_mb() -> float:
+        peak = 0.0
+        while not stop.is_set():
+            peak = max(peak, tree_rss_mb(proc))
+            await asyncio.sleep(0.1)
+        return peak
+
+    sampler = asyncio.create_task(peak_rss_mb())
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*clients)
+    finally:
+        stop.set()
+    return time.perf_counter() - start, await sampler
 
 
 def start(server: Server, log_path: Path, timeout: float) -> tuple[subprocess.Popen, str]:
@@ -275,16 +287,9 @@ async def drive(url: str, bodies: list[tuple[str, bytes]], concurrency: int, n_r
         counter = itertools.count()
         result.latencies, result.errors, result.first_error = {}, 0, ""
         result.rss_start = tree_rss_mb(proc)
-        stop = asyncio.Event()
-        sampler = asyncio.create_task(peak_rss_mb(proc, stop))
-        start = time.perf_counter()
-        try:
-            await asyncio.gather(*(worker(session, n_requests) for _ in range(concurrency)))
-        finally:
-            stop.set()
-        result.seconds = time.perf_counter() - start
+        result.seconds, peak = await measured(proc, [worker(session, n_requests) for _ in range(concurrency)])
         result.rss_end = tree_rss_mb(proc)
-        result.rss_peak = max(await sampler, result.rss_end)
+        result.rss_peak = max(peak, result.rss_end)
 
 
 async def burst(url: str, bodies: list[tuple[str, bytes]], seconds: float, timeout: float, proc: psutil.Process,
@@ -318,15 +323,8 @@ async def burst(url: str, bodies: list[tuple[str, bytes]], seconds: float, timeo
                 result.first_error = result.first_error or f"{e.__class__.__name__}: {e}"
 
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        stop = asyncio.Event()
-        sampler = asyncio.create_task(peak_rss_mb(proc, stop))
-        start = time.perf_counter()
-        try:
-            await asyncio.gather(*(client(session, i, start + seconds) for i in range(n)))
-        finally:
-            stop.set()
-        result.seconds = time.perf_counter() - start
-        result.rss_peak = await sampler
+        deadline = time.perf_counter() + seconds
+        result.seconds, result.rss_peak = await measured(proc, [client(session, i, deadline) for i in range(n)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
