@@ -122,6 +122,9 @@ class TrainConfig:
     freeze_epochs: float = _opt(0.0, "timm backbones: epochs that train only the new classifier head before the whole network")
     fixed_stages: int = _opt(0, "timm backbones: the stem and this many first stages keep their pretrained weights "
                                 "and BatchNorm statistics for the whole run (no backward through them: faster steps)")
+    progressive: float = _opt(0.0, "progressive resizing: the first 3/4 of the epochs train at sizes rising from this "
+                                   "share of --image-size to the full size (e.g. 0.6; 0 = off); validation and the "
+                                   "saved model use the full size")
     layer_decay: float = _opt(1.0, "learning-rate factor per layer from the head down (timm backbones; 1 = same rate everywhere)")
     warmup: float = _opt(0.23, "share of steps spent warming the learning rate up to its peak")
     lr_start: float = _opt(0.2, "learning rate at step 0, as a share of the peak")
@@ -168,6 +171,7 @@ class TrainConfig:
         check(self.lr_start >= 0 and self.lr_end >= 0, "--lr-start and --lr-end must be >= 0")
         check(self.freeze_epochs >= 0, "--freeze-epochs must be >= 0")
         check(self.fixed_stages >= 0, "--fixed-stages must be >= 0")
+        check(self.progressive == 0 or 0.25 <= self.progressive <= 1, "--progressive must be 0 (off) or in [0.25, 1]")
         check(0 < self.layer_decay <= 1, "--layer-decay must be in (0, 1]")
         check(self.tta in (0, 1, 2), "--tta must be 0, 1 or 2")
         check(self.average_best >= 1, "--average-best must be >= 1")

@@ -40,14 +40,19 @@ from runtime import Runtime
 from scores import class_scores
 
 
-EVAL_PIXELS = 1000 * 32 * 32  # pixels per evaluation batch for our nets: 1000 CIFAR-sized images
-BACKBONE_EVAL_PIXELS = 64 * 160 * 160  # and for an ImageNet backbone: 1000 images at 160 px peaked at 8.5 GB
+# Pixels per evaluation batch, (our nets, an ImageNet backbone). A GPU wants large batches (1000 images of 160 px
+# through a backbone peaked at 8.5 GB); a CPU runs small ones faster, their activations staying in its caches: on
+# the 2-core Xeon 100 CIFAR-sized images went 1.5x faster than 1000 through airbench, 8 of 224 px 1.6x faster than
+# 32 through Lite0 (docs/results.md#own-images-the-directions-of-issue-21-2026-12-05).
+CPU_EVAL_PIXELS = (100 * 32 * 32, 8 * 224 * 224)
+GPU_EVAL_PIXELS = (1000 * 32 * 32, 64 * 160 * 160)
 
 
-def eval_batch_size(model: torch.nn.Module, image_size: int) -> int:
-    """Evaluation batch size that keeps activation memory about constant whatever the input size."""
-    pixels = EVAL_PIXELS if isinstance(model, CnnClassifier) else BACKBONE_EVAL_PIXELS
-    return max(8, min(1000, pixels // image_size ** 2))
+def eval_batch_size(model: torch.nn.Module, image_size: int, device: torch.device) -> int:
+    """Evaluation batch size for the device that keeps activation memory about constant whatever the input size."""
+    ours, backbone = CPU_EVAL_PIXELS if device.type == "cpu" else GPU_EVAL_PIXELS
+    pixels = ours if isinstance(model, CnnClassifier) else backbone
+    return max(4, min(1000, pixels // image_size ** 2))
 
 
 @torch.no_grad()

@@ -104,7 +104,7 @@ def final_scores(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, r
     """The best weights scored on validation (per image too, and with TTA when cfg.tta) and on test when there is
     one; calibrated; printed with a per-class table. Returns (the validation result, the test result or None, the
     final metrics)."""
-    size = eval_batch_size(model, data_cfg.image_size)
+    size = eval_batch_size(model, data_cfg.image_size, rt.device)
 
     def batches(split, name: str):
         return tqdm(eval_batches(split, data.mean, data.std, size, data_cfg, rt.device), desc=f"evaluate {name}",

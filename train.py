@@ -35,7 +35,7 @@ from runtime import Runtime, runtime, unwrap
 from scores import class_weights
 from settings import decide
 from tracking import Tracker, check_tracking_server, git_commit, log_missing_epochs
-from transforms import tta_views
+from transforms import progressive_size, tta_views
 
 LOOKAHEAD_START_EPOCH = 3  # let the weights move freely first; averaging early only slows learning
 LOOKAHEAD_EVERY = 5
@@ -70,9 +70,11 @@ class NonFiniteLoss(ArithmeticError):
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch: int, epochs: int,
-                    cfg: TrainConfig, rt: Runtime, weights: torch.Tensor | None = None, fixed=(), plan=None) -> dict:
-    """One pass over the loader (or up to state.total_steps). `plan`, when given, is called once, with the seconds per
-    step timed over this epoch's first steps and the steps done, and may lower state.total_steps (a time budget)."""
+                    cfg: TrainConfig, rt: Runtime, weights: torch.Tensor | None = None, fixed=(), plan=None,
+                    size: int = 0) -> dict:
+    """One pass over the loader (or up to state.total_steps), its batches resized to `size` when given (progressive
+    resizing). `plan`, when given, is called once, with the seconds per step timed over this epoch's first steps and
+    the steps done, and may lower state.total_steps (a time budget)."""
     model.train()
     hold_statistics(fixed)
     smoothing = cfg.label_smoothing
@@ -104,7 +106,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
             bar.total = steps
             bar.refresh()
         x, y = next(batches)
-        x, y = rt.prepare(x.to(rt.device, non_blocking=True)), y.to(rt.device, non_blocking=True)
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        if size and x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = rt.prepare(x)
         data_seconds += time.perf_counter() - t0
 
         with rt.autocast():
@@ -227,7 +232,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
         tqdm.write(f"resumed after epoch {first_epoch} of {epochs} (step {state.step}) from {last}")
         if state.stopped:  # the run had stopped early: nothing left to train
             first_epoch = epochs
-    eval_size = eval_batch_size(model, data_cfg.image_size)
+    eval_size = eval_batch_size(model, data_cfg.image_size, rt.device)
     val_split = data.val.subset(torch.arange(ranks.rank, len(data.val), ranks.world)) if ranks.enabled else data.val
 
     def validate(m) -> dict:  # this rank's shard of validation, summed over the ranks
@@ -269,17 +274,20 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
                 net, wrapped_for = rt.wrap(model, cfg.compile), trainable
             if isinstance(sampler, torch.utils.data.DistributedSampler):
                 sampler.set_epoch(epoch)
-            plan = first_plan if budget and not planned and epoch >= whole_from else None
-            metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt, weights, fixed, plan)
+            size = progressive_size(epoch, epochs, data_cfg.image_size, cfg.progressive)
+            to_full = (data_cfg.image_size / size) ** 2  # a budget plans with full-size steps: what later epochs cost
+            plan = (lambda s, done: first_plan(s * to_full, done)) if budget and not planned and epoch >= whole_from else None
+            metrics = train_one_epoch(net, loader, optimizer, scheduler, state, epoch, epochs, cfg, rt, weights, fixed,
+                                      plan, size)
             eval_start = time.perf_counter()
             # under DDP the bare model: DDP's forward would broadcast BatchNorm buffers, a collective that every
             # rank must join (they are in sync already: DDP broadcasts them before every training step)
             val = validate(model if ranks.enabled else net)
             eval_seconds = time.perf_counter() - eval_start
             metrics.update(val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
-                           epoch=epoch + 1, elapsed_s=time.perf_counter() - start)
+                           epoch=epoch + 1, elapsed_s=time.perf_counter() - start, train_size=size)
             if budget:  # the plan, corrected by what this epoch took (or first made, after a short epoch)
-                replan(metrics["step_seconds"], 0, eval_seconds + bookkeeping, eval_seconds,
+                replan(metrics["step_seconds"] * to_full, 0, eval_seconds + bookkeeping, eval_seconds,
                        announce=not planned and epoch >= whole_from)
                 planned = planned or epoch >= whole_from
                 epochs = math.ceil(state.total_steps / len(loader))
@@ -288,7 +296,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
             tqdm.write(f"epoch {epoch + 1:>3}/{epochs}  train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f}"
                        f"  val loss {val['loss']:.4f} acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else '  '}"
                        f"  lr {metrics['learning_rate']:.2e}  {metrics['epoch_seconds']:.1f}s  {metrics['images_per_s']:.0f} img/s"
-                       f"  data {100 * metrics['data_share']:.1f}%")
+                       f"  data {100 * metrics['data_share']:.1f}%{f'  {size}px' if cfg.progressive else ''}")
             bookkeeping_start = time.perf_counter()
             if on_best and improved and ranks.main:
                 on_best(epoch + 1, metrics)

@@ -15,7 +15,9 @@ from PIL import Image
 
 import evaluate
 import predict
+from config import ModelConfig
 from conftest import class_image, free_port, tiny_checkpoint
+from model import CnnClassifier
 from scores import class_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,3 +217,11 @@ def test_score_is_class_scores_of_the_answers_plus_calibration():
     assert result["coverage"][0] == {"review_below": 0.0, "coverage": 1.0, "accuracy": 0.6, "reviewed": 0}
     assert result["coverage"][1]["coverage"] == 0.8 and result["coverage"][1]["accuracy"] == 0.75  # p = 0.5
     assert sum(b["n"] for b in result["reliability"]) == 5 and 0 < result["ece"] < 1
+
+
+def test_evaluation_batches_are_small_on_a_cpu_and_large_on_a_gpu():
+    net, backbone = CnnClassifier(ModelConfig(), 10), torch.nn.Conv2d(3, 8, 3)  # a timm backbone is "not ours"
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [evaluate.eval_batch_size(net, 32, d) for d in (cpu, gpu)] == [100, 1000]
+    assert [evaluate.eval_batch_size(backbone, 224, d) for d in (cpu, gpu)] == [8, 32]
+    assert evaluate.eval_batch_size(backbone, 512, cpu) == 4  # never fewer than 4

@@ -89,6 +89,15 @@ def test_folder_dataset_trains_streaming(folder_dir, tmp_path):
     assert "test_acc" in meta["metrics"]
 
 
+def test_progressive_resizing_trains_small_first_and_keeps_the_full_size(cifar_dir, tmp_path):
+    out = tmp_path / "cnn.pt"
+    assert train.main(["--data-dir", str(cifar_dir), "--epochs", "4", "--batch-size", "32", "--out", str(out),
+                       "--no-mlflow", "--tta", "0", "--precision", "fp32", "--progressive", "0.5"]) == 0
+    model, meta = load_checkpoint(out)
+    assert [m["train_size"] for m in meta["history"]] == [16, 24, 24, 32]
+    assert meta["image_size"] == 32 and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
 def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
     assert train.main(["--data-dir", str(tmp_path / "nowhere"), "--no-download", "--no-mlflow"]) == 2
     assert "nowhere" in capsys.readouterr().err

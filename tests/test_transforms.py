@@ -138,3 +138,12 @@ def test_random_erasing_blanks_one_rectangle_in_the_chosen_share_of_images():
     assert torch.equal(erased[hit][:, 0], rows.unsqueeze(2) & cols.unsqueeze(1))
     assert torch.equal(out[~hit], x[~hit])
     assert torch.equal(T.random_erase(x, 0.0), x)
+
+
+def test_progressive_resizing_rises_to_the_full_size_and_ends_there():
+    sizes = [T.progressive_size(e, 12, 224, 0.6) for e in range(12)]
+    assert sizes[0] == 128 and sizes[-3:] == [224] * 3  # about 0.6 x 224 first; the last quarter at full size
+    assert sizes == sorted(sizes) and all(s % 32 == 0 for s in sizes)
+    assert [T.progressive_size(e, 4, 32, 0.5) for e in range(4)] == [16, 24, 24, 32]  # small images: multiples of 8
+    assert T.progressive_size(0, 1, 224, 0.5) == 224  # a one-epoch run trains at the size it serves
+    assert [T.progressive_size(e, 12, 224, 0.0) for e in range(12)] == [224] * 12  # off
