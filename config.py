@@ -129,6 +129,9 @@ class TrainConfig:
     warmup: float = _opt(0.23, "share of steps spent warming the learning rate up to its peak")
     lr_start: float = _opt(0.2, "learning rate at step 0, as a share of the peak")
     lr_end: float = _opt(0.07, "learning rate at the last step, as a share of the peak")
+    ema: float = _opt(0.0, "keep an exponential moving average of the weights, its decay warmed up from 0 to at most "
+                           "this (timm's ModelEmaV3; e.g. 0.999); validation, the best checkpoint and the final report "
+                           "use the average (0 = off)")
     lookahead: bool = _opt(True, "average weights every 5 steps (lookahead / EMA), from epoch 3 on")
     whiten_bias_epochs: float = _opt(3.0, "airbench only: epochs during which the whitening layer's bias trains")
     average_best: int = _opt(1, "at the end, average the weights of the best this-many epochs and keep the average "
@@ -174,6 +177,7 @@ class TrainConfig:
         check(self.progressive == 0 or 0.25 <= self.progressive <= 1, "--progressive must be 0 (off) or in [0.25, 1]")
         check(0 < self.layer_decay <= 1, "--layer-decay must be in (0, 1]")
         check(self.tta in (0, 1, 2), "--tta must be 0, 1 or 2")
+        check(self.ema == 0 or 0.5 <= self.ema < 1, "--ema must be 0 (off) or in [0.5, 1)")
         check(self.average_best >= 1, "--average-best must be >= 1")
         check(self.patience >= 0, "--patience must be >= 0")
         check(self.threads >= 0, "--threads must be >= 0")

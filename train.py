@@ -37,6 +37,7 @@ from settings import decide
 from tracking import Tracker, check_tracking_server, git_commit, log_missing_epochs
 from transforms import progressive_size, tta_views
 
+EMA_WARMUP_POWER = 3 / 4  # timm's advice for runs of well under a million steps: decay 1 - (1 + step)^-3/4
 LOOKAHEAD_START_EPOCH = 3  # let the weights move freely first; averaging early only slows learning
 LOOKAHEAD_EVERY = 5
 
@@ -46,6 +47,7 @@ class FitState:
     step: int = 0
     total_steps: int = 0
     lookahead: Lookahead | None = None
+    ema: torch.nn.Module | None = None  # timm's ModelEmaV3 (--ema): the averaged weights in .module
     scaler: torch.amp.GradScaler | None = None
     history: list = field(default_factory=list)
     best_score: float = -1.0
@@ -121,6 +123,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
         scaler.update()
         scheduler.step()
         state.step += 1
+        if state.ema is not None:
+            state.ema.update(unwrap(model), step=state.step)
         i += 1
 
         if cfg.lookahead and epoch >= LOOKAHEAD_START_EPOCH and state.step % LOOKAHEAD_EVERY == 0:
@@ -199,10 +203,10 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
         last: Path | None = None, last_extra: dict | None = None, resumed: dict | None = None) -> FitState:
     """Train, evaluating on validation after each epoch and keeping the best weights; Ctrl-C stops cleanly.
 
-    After each epoch rank 0 calls on_best(epoch, metrics) if the epoch improved, then writes the `last` checkpoint
-    (resume.py; with last_extra in it), then calls on_epoch(epoch, metrics). In that order a kill between two of
-    them loses nothing: before the `last` write, --resume redoes the epoch (and writes its best weights again);
-    after it, the epoch was not logged yet, so it is logged once. `resumed` (what resume.load_last read) continues
+    After each epoch rank 0 calls on_best(epoch, metrics, module holding the new best weights) if the epoch
+    improved, then writes the `last` checkpoint (resume.py; with last_extra in it), then calls on_epoch(epoch,
+    metrics). In that order a kill between two of them loses nothing: before the `last` write, --resume redoes the
+    epoch (and writes its best weights again); after it, the epoch was not logged yet, so it is logged once. `resumed` (what resume.load_last read) continues
     a run after its last finished epoch. Under torchrun every rank trains on its shard of each global batch and
     evaluates its shard of the validation split; gradients and counts are summed over the ranks.
     """
@@ -221,6 +225,9 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
         set_trainable(model, False, fixed)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, state.total_steps, cfg))
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+        state.ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True, warmup_power=EMA_WARMUP_POWER)
     whiten = whitening_layer(model)
     can_freeze = cfg.freeze_epochs > 0 and hasattr(model, "get_classifier")
     net, wrapped_for = None, None
@@ -282,7 +289,8 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
             eval_start = time.perf_counter()
             # under DDP the bare model: DDP's forward would broadcast BatchNorm buffers, a collective that every
             # rank must join (they are in sync already: DDP broadcasts them before every training step)
-            val = validate(model if ranks.enabled else net)
+            scored = state.ema.module if state.ema is not None else model  # the weights validation picks from
+            val = validate(scored if ranks.enabled or state.ema is not None else net)
             eval_seconds = time.perf_counter() - eval_start
             metrics.update(val_loss=val["loss"], val_acc=val["acc"], val_macro_f1=val["macro_f1"],
                            epoch=epoch + 1, elapsed_s=time.perf_counter() - start, train_size=size)
@@ -292,14 +300,14 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
                 planned = planned or epoch >= whole_from
                 epochs = math.ceil(state.total_steps / len(loader))
             state.history.append(metrics)
-            improved = keep_best(model, state, val[cfg.select_metric], epoch + 1, cfg)
+            improved = keep_best(scored, state, val[cfg.select_metric], epoch + 1, cfg)
             tqdm.write(f"epoch {epoch + 1:>3}/{epochs}  train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f}"
                        f"  val loss {val['loss']:.4f} acc {val['acc']:.4f} macro-F1 {val['macro_f1']:.4f}{' *' if improved else '  '}"
                        f"  lr {metrics['learning_rate']:.2e}  {metrics['epoch_seconds']:.1f}s  {metrics['images_per_s']:.0f} img/s"
                        f"  data {100 * metrics['data_share']:.1f}%{f'  {size}px' if cfg.progressive else ''}")
             bookkeeping_start = time.perf_counter()
             if on_best and improved and ranks.main:
-                on_best(epoch + 1, metrics)
+                on_best(epoch + 1, metrics, scored)
             if ranks.main and last is not None:
                 save(last, epoch + 1, model, optimizer, scheduler, state, loader, last_extra)
             if on_epoch and ranks.main:
@@ -317,7 +325,7 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     if len(state.top) > 1 and not state.diverged and state.stopped != "interrupted":
         val = try_average(model, state, validate, cfg.select_metric)
         if val is not None and on_best and ranks.main:
-            on_best(state.best_epoch, {"val_acc": val["acc"], "val_macro_f1": val["macro_f1"]})
+            on_best(state.best_epoch, {"val_acc": val["acc"], "val_macro_f1": val["macro_f1"]}, model)
     if can_freeze or fixed:
         set_trainable(model, False)
     return state
@@ -378,6 +386,7 @@ def save(last: Path, epoch: int, model, optimizer, scheduler, state: FitState, l
     save_last(last, epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
               scheduler=scheduler.state_dict(), scaler=state.scaler.state_dict(), step=state.step,
               total_steps=state.total_steps, lookahead=state.lookahead.slow if state.lookahead else None, history=state.history,
+              ema=state.ema.module.state_dict() if state.ema is not None else None,
               best_score=state.best_score, best_epoch=state.best_epoch, best_state=state.best_state,
               patience_left=state.patience_left, stopped=state.stopped, rng=rng_states(loader), **(extra or {}))
     state.saved_epochs = epoch
@@ -393,6 +402,8 @@ def restore(saved: dict, model, optimizer, scheduler, state: FitState, loader, d
     state.total_steps = min(state.total_steps, saved.get("total_steps", state.total_steps))  # as a time budget left it
     state.best_score, state.best_epoch, state.best_state = saved["best_score"], saved["best_epoch"], saved["best_state"]
     state.stopped = saved["stopped"]
+    if state.ema is not None:  # the same --ema as the saved run (resume checks): its average was saved
+        state.ema.module.load_state_dict(saved["ema"])
     if saved["lookahead"] is not None:
         state.lookahead = Lookahead({k: v.to(device) for k, v in saved["lookahead"].items()})
     restore_rng(saved["rng"], loader)
@@ -507,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                          extra={"train_config": flat_params(cfg), "data_config": flat_params(run.data_cfg)})
         start = time.perf_counter() - (resumed["history"][-1]["elapsed_s"] if resumed and resumed["history"] else 0.0)
 
-        def on_best(epoch, metrics):  # the best model so far is on disk at every moment of the run
-            save_checkpoint(cfg.out, model, metrics={"val_acc": metrics["val_acc"],
+        def on_best(epoch, metrics, best):  # the best weights so far (`best`) are on disk at every moment of the run
+            save_checkpoint(cfg.out, best, metrics={"val_acc": metrics["val_acc"],
                                                      "val_macro_f1": metrics["val_macro_f1"], "epoch": epoch}, **ckpt_info)
             saved.append(epoch)  # after the write: an interrupted write leaves the previous file
 

@@ -39,6 +39,7 @@ def test_smoke_sets_small_run_unless_given():
     (["--val-fraction", "1.5"], "--val-fraction"),
     (["--tta", "3"], "--tta"),
     (["--progressive", "0.1"], "--progressive"),
+    (["--ema", "1"], "--ema"),
     (["--preset", "baseline", "--widths", "8", "8", "8"], "--widths"),
 ])
 def test_bad_values_are_refused_naming_the_flag(argv, message, capsys):

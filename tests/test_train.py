@@ -142,6 +142,33 @@ def test_muon_learns_the_toy_data_and_resumes_exactly(cifar_dir, tmp_path, monke
                                                                            rel=1e-6)
 
 
+@pytest.mark.full
+def test_ema_weights_are_the_ones_validated_saved_and_resumed(cifar_dir, tmp_path, monkeypatch):
+    def flags(out, *extra):
+        return ["--data-dir", str(cifar_dir), "--epochs", "4", "--batch-size", "32", "--out", str(out), "--no-mlflow",
+                "--tta", "0", "--val-fraction", "0.2", "--precision", "fp32", "--threads", "1", *extra]
+
+    assert train.main(flags(tmp_path / "plain" / "cnn.pt")) == 0
+    assert train.main(flags(tmp_path / "a" / "cnn.pt", "--ema", "0.9")) == 0
+    _, plain = load_checkpoint(tmp_path / "plain" / "cnn.pt")
+    _, straight = load_checkpoint(tmp_path / "a" / "cnn.pt")
+    # The same training steps (the average only reads the weights), validated through other weights
+    assert [h["train_loss"] for h in straight["history"]] == pytest.approx([h["train_loss"] for h in plain["history"]])
+    assert [h["val_loss"] for h in straight["history"]] != pytest.approx([h["val_loss"] for h in plain["history"]])
+    best = straight["history"][int(straight["metrics"]["best_epoch"]) - 1]
+    assert straight["metrics"]["val_acc"] == pytest.approx(best["val_acc"])  # the checkpoint holds the average
+
+    # The average travels in the last checkpoint: stopped after epoch 2 and resumed, validation scores the same.
+    out = tmp_path / "b" / "cnn.pt"
+    monkeypatch.setattr(train, "save_last", stop_after_epoch(2))
+    assert train.main(flags(out, "--ema", "0.9", "--resume")) == 0
+    monkeypatch.setattr(train, "save_last", resume.save_last)
+    assert train.main(flags(out, "--ema", "0.9", "--resume")) == 0
+    _, resumed = load_checkpoint(out)
+    assert [h["val_loss"] for h in resumed["history"]] == pytest.approx([h["val_loss"] for h in straight["history"]],
+                                                                         rel=1e-6)
+
+
 def test_muon_is_refused_for_nets_without_batchnorm_after_every_conv(cifar_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:  # a CLI error, before any data is read
         train.main(["--data-dir", str(cifar_dir), "--preset", "baseline", "--optimizer", "muon", "--no-mlflow"])
