@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from atomic import atomic_path
+from config import DataConfig, ModelConfig, TrainConfig, flat_params
 
 FORMAT = "cater-last-1"
 # Settings that may differ between a run and its resumption: they change neither the result nor what was logged.
@@ -66,7 +67,8 @@ def load_last(path: Path, settings: dict) -> dict | None:
         raise ResumeError(f"cannot read {path} ({e.__class__.__name__}: {str(e)[:200]}): delete it to start over") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ResumeError(f"{path} is not a last checkpoint this version of train.py wrote: delete it to start over")
-    saved = state["settings"]
+    # a setting newer than the saved run's train.py counts as its default: that is how the saved run trained
+    saved = {**flat_params(DataConfig(), ModelConfig(), TrainConfig()), **state["settings"]}
     changed = [f"--{k.replace('_', '-')} {settings[k]!r} (the run had {saved.get(k)!r})"
                for k in settings if k not in MAY_CHANGE and settings[k] != saved.get(k)]
     if changed:

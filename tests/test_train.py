@@ -16,7 +16,7 @@ import finish
 import resume
 import train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from config import ModelConfig, TrainConfig
+from config import DataConfig, ModelConfig, TrainConfig, flat_params
 from conftest import free_port
 from model import CnnClassifier
 from tracking import metric_names
@@ -431,6 +431,15 @@ def test_resume_continues_the_same_run_where_it_stopped(cifar_dir, tmp_path, tra
     resumed = tracking.get_metric_history(run_id, "train_loss")
     assert [m.value for m in resumed] == pytest.approx([m.value for m in straight], rel=1e-6)
     assert not last.exists()  # finished: a later --resume starts a new run
+
+
+def test_a_last_checkpoint_older_than_a_flag_resumes_at_the_flags_default(tmp_path):
+    settings = flat_params(DataConfig(), ModelConfig(), TrainConfig())
+    older = {k: v for k, v in settings.items() if k not in ("ema", "progressive")}  # before those flags existed
+    resume.save_last(tmp_path / "cnn.last.pt", epoch=1, settings=older)
+    assert resume.load_last(tmp_path / "cnn.last.pt", settings)["epoch"] == 1
+    with pytest.raises(resume.ResumeError, match=r"--ema 0.999 \(the run had 0.0\)"):
+        resume.load_last(tmp_path / "cnn.last.pt", {**settings, "ema": 0.999})
 
 
 def test_a_kill_right_after_a_better_epoch_keeps_its_weights(cifar_dir, tmp_path, monkeypatch, capsys):
