@@ -50,9 +50,10 @@ GPU_EVAL_PIXELS = (1000 * 32 * 32, 64 * 160 * 160)
 
 def eval_batch_size(model: torch.nn.Module, image_size: int, device: torch.device) -> int:
     """Evaluation batch size for the device that keeps activation memory about constant whatever the input size."""
-    ours, backbone = CPU_EVAL_PIXELS if device.type == "cpu" else GPU_EVAL_PIXELS
+    cpu = device.type == "cpu"
+    ours, backbone = CPU_EVAL_PIXELS if cpu else GPU_EVAL_PIXELS
     pixels = ours if isinstance(model, CnnClassifier) else backbone
-    return max(4, min(1000, pixels // image_size ** 2))
+    return max(4 if cpu else 8, min(1000, pixels // image_size ** 2))
 
 
 @torch.no_grad()

@@ -167,6 +167,18 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
             "images_per_s": seen / seconds, "data_share": data_seconds / seconds, "learning_rate": max(scheduler.get_last_lr())}
 
 
+def check_progressive(model, data_cfg: DataConfig, start: float, rt: Runtime) -> None:
+    """--progressive: the net must take the smallest size the schedule trains at (a classifier sized for one input,
+    as --arch baseline's, cannot): a clear error before training rather than a crash in its first epoch."""
+    smallest = progressive_size(0, 2, data_cfg.image_size, start)
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, data_cfg.channels, smallest, smallest, device=rt.device))
+    except RuntimeError as e:
+        raise ConfigError(f"--progressive {start}: this net cannot take the {smallest}px images its first epochs would "
+                          f"train at ({str(e).splitlines()[0][:150]}); give a larger --progressive, or none") from None
+
+
 def setup(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Dataset, data_cfg: DataConfig, rt: Runtime):
     """The seeded model on its device (the same on every rank).
 
@@ -459,6 +471,8 @@ def prepare(argv: list[str] | None) -> Run:
         raise ConfigError(f"--batch-size {cfg.batch_size} is more than the {len(data.train)} training images: "
                           f"give a smaller --batch-size")
     model = setup(model_cfg, cfg, data, data_cfg, rt)
+    if cfg.progressive:
+        check_progressive(model, data_cfg, cfg.progressive, rt)
     describe(data, data_cfg, model, model_cfg, rt)
     # what a resumed run must share with the saved one: every setting, and the numerics "auto" resolved to
     same = {**flat_params(data_cfg, model_cfg, cfg), "numerics": f"{rt.device.type} {rt.dtype or 'fp32'}"}

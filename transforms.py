@@ -224,13 +224,13 @@ SIZE_STEP = 32  # the stride of the backbones: sizes in between pay for pixels t
 def progressive_size(epoch: int, epochs: int, size: int, start: float) -> int:
     """The training input size of epoch (0-based) of `epochs` under progressive resizing (fast.ai; EfficientNetV2):
     from `start` times `size` at the first epoch up to `size` for the last quarter (the last epoch at least),
-    rounded to a multiple of 32 (of 8 for small images); 0 for start means off. Cheaper early epochs; the net ends trained at the size it serves."""
+    rounded to a multiple of 32 (of 8, and at least 16 px, for small images); 0 for start means off. Cheaper early epochs; the net ends trained at the size it serves."""
     ramp = min(math.ceil(PROGRESSIVE_RAMP * epochs), epochs - 1)  # the last epoch, at least, at full size
     if not start or epoch >= ramp:
         return size
     step = SIZE_STEP if size >= 4 * SIZE_STEP else 8
     wanted = size * (start + (1 - start) * epoch / ramp)
-    return int(min(size, max(step, round(wanted / step) * step)))
+    return int(min(size, max(step, 16, round(wanted / step) * step)))
 
 
 def tta_views(x: torch.Tensor, level: int) -> list[tuple[float, torch.Tensor]]:

@@ -224,4 +224,4 @@ def test_evaluation_batches_are_small_on_a_cpu_and_large_on_a_gpu():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert [evaluate.eval_batch_size(net, 32, d) for d in (cpu, gpu)] == [100, 1000]
     assert [evaluate.eval_batch_size(backbone, 224, d) for d in (cpu, gpu)] == [8, 32]
-    assert evaluate.eval_batch_size(backbone, 512, cpu) == 4  # never fewer than 4
+    assert [evaluate.eval_batch_size(backbone, 512, d) for d in (cpu, gpu)] == [4, 8]  # never fewer

@@ -18,7 +18,7 @@ import train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import DataConfig, ModelConfig, TrainConfig, flat_params
 from conftest import free_port
-from model import CnnClassifier
+from model import CnnClassifier, build_model
 from tracking import metric_names
 
 
@@ -89,13 +89,29 @@ def test_folder_dataset_trains_streaming(folder_dir, tmp_path):
     assert "test_acc" in meta["metrics"]
 
 
-def test_progressive_resizing_trains_small_first_and_keeps_the_full_size(cifar_dir, tmp_path):
+def test_progressive_resizing_trains_small_first_and_keeps_the_full_size(cifar_dir, tmp_path, monkeypatch):
+    seen = []  # the side of every batch the net trains on
+
+    def recording(*args, **kwargs):
+        net = build_model(*args, **kwargs)
+        net.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].shape[-1]) if m.training else None)
+        return net
+
+    monkeypatch.setattr(train, "build_model", recording)
     out = tmp_path / "cnn.pt"
     assert train.main(["--data-dir", str(cifar_dir), "--epochs", "4", "--batch-size", "32", "--out", str(out),
                        "--no-mlflow", "--tta", "0", "--precision", "fp32", "--progressive", "0.5"]) == 0
     model, meta = load_checkpoint(out)
     assert [m["train_size"] for m in meta["history"]] == [16, 24, 24, 32]
+    steps = len(seen) // 4
+    assert [sorted(set(seen[i * steps:(i + 1) * steps])) for i in range(4)] == [[16], [24], [24], [32]]
     assert meta["image_size"] == 32 and model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_progressive_resizing_is_refused_for_a_net_sized_for_one_input(cifar_dir, capsys):
+    assert train.main(["--data-dir", str(cifar_dir), "--preset", "baseline", "--epochs", "2", "--no-mlflow",
+                       "--progressive", "0.5"]) == 2
+    assert "--progressive 0.5: this net cannot take the 16px images" in capsys.readouterr().err
 
 
 def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
@@ -142,14 +158,32 @@ def test_muon_learns_the_toy_data_and_resumes_exactly(cifar_dir, tmp_path, monke
                                                                            rel=1e-6)
 
 
-@pytest.mark.full
 def test_ema_weights_are_the_ones_validated_saved_and_resumed(cifar_dir, tmp_path, monkeypatch):
     def flags(out, *extra):
         return ["--data-dir", str(cifar_dir), "--epochs", "4", "--batch-size", "32", "--out", str(out), "--no-mlflow",
                 "--tta", "0", "--val-fraction", "0.2", "--precision", "fp32", "--threads", "1", *extra]
 
+    written, lasts = {}, {}  # per epoch: the weights written to cnn.pt as the best so far; the last checkpoint
+
+    def best_written(path, model, **info):
+        if "epoch" in info["metrics"]:
+            written[info["metrics"]["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
+        return save_checkpoint(path, model, **info)
+
+    def last_written(path, **state):
+        lasts[state["epoch"]] = {k: {n: t.clone() for n, t in state[k].items()} for k in ("ema", "model")}
+        resume.save_last(path, **state)
+
     assert train.main(flags(tmp_path / "plain" / "cnn.pt")) == 0
+    monkeypatch.setattr(train, "save_checkpoint", best_written)
+    monkeypatch.setattr(train, "save_last", last_written)
     assert train.main(flags(tmp_path / "a" / "cnn.pt", "--ema", "0.9")) == 0
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    assert written  # each new best epoch's file holds the average of that moment, not the trained weights
+    for epoch, weights in written.items():
+        ema, trained = lasts[epoch]["ema"], lasts[epoch]["model"]
+        assert all(torch.equal(weights[k], ema[k]) for k in weights)
+        assert not all(torch.equal(weights[k], trained[k]) for k in weights)
     _, plain = load_checkpoint(tmp_path / "plain" / "cnn.pt")
     _, straight = load_checkpoint(tmp_path / "a" / "cnn.pt")
     # The same training steps (the average only reads the weights), validated through other weights
