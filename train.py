@@ -108,11 +108,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, state: FitState, epoch:
             bar.total = steps
             bar.refresh()
         x, y = next(batches)
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        if size and x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        x = rt.prepare(x)
+        x, y = rt.prepare(x.to(rt.device, non_blocking=True)), y.to(rt.device, non_blocking=True)
         data_seconds += time.perf_counter() - t0
+        if size and x.shape[-1] != size:
+            x = rt.prepare(F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
 
         with rt.autocast():
             logits = model(x)
@@ -218,8 +217,8 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     After each epoch rank 0 calls on_best(epoch, metrics, module holding the new best weights) if the epoch
     improved, then writes the `last` checkpoint (resume.py; with last_extra in it), then calls on_epoch(epoch,
     metrics). In that order a kill between two of them loses nothing: before the `last` write, --resume redoes the
-    epoch (and writes its best weights again); after it, the epoch was not logged yet, so it is logged once. `resumed` (what resume.load_last read) continues
-    a run after its last finished epoch. Under torchrun every rank trains on its shard of each global batch and
+    epoch (and writes its best weights again); after it, the epoch was not logged yet, so it is logged once.
+    `resumed` (what resume.load_last read) continues a run after its last finished epoch. Under torchrun every rank trains on its shard of each global batch and
     evaluates its shard of the validation split; gradients and counts are summed over the ranks.
     """
     ranks = rt.ranks
