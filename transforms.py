@@ -224,7 +224,8 @@ SIZE_STEP = 32  # the stride of the backbones: sizes in between pay for pixels t
 def progressive_size(epoch: int, epochs: int, size: int, start: float) -> int:
     """The training input size of epoch (0-based) of `epochs` under progressive resizing (fast.ai; EfficientNetV2):
     from `start` times `size` at the first epoch up to `size` for the last quarter (the last epoch at least),
-    rounded to a multiple of 32 (of 8, and at least 16 px, for small images); 0 for start means off. Cheaper early epochs; the net ends trained at the size it serves."""
+    rounded to a multiple of 32 (of 8, and at least 16 px, for small images); 0 for start means off. Cheaper early
+    epochs; the net ends trained at the size it serves."""
     ramp = min(math.ceil(PROGRESSIVE_RAMP * epochs), epochs - 1)  # the last epoch, at least, at full size
     if not start or epoch >= ramp:
         return size
