@@ -218,8 +218,9 @@ def fit(model, data: Dataset, data_cfg: DataConfig, cfg: TrainConfig, rt: Runtim
     improved, then writes the `last` checkpoint (resume.py; with last_extra in it), then calls on_epoch(epoch,
     metrics). In that order a kill between two of them loses nothing: before the `last` write, --resume redoes the
     epoch (and writes its best weights again); after it, the epoch was not logged yet, so it is logged once.
-    `resumed` (what resume.load_last read) continues a run after its last finished epoch. Under torchrun every rank trains on its shard of each global batch and
-    evaluates its shard of the validation split; gradients and counts are summed over the ranks.
+    `resumed` (what resume.load_last read) continues a run after its last finished epoch. Under torchrun every rank
+    trains on its shard of each global batch and evaluates its shard of the validation split; gradients and counts
+    are summed over the ranks.
     """
     ranks = rt.ranks
     loader = train_loader(data.train, data_cfg, cfg.batch_size, cfg.seed, data.mean, data.std, rt.device,
