@@ -328,8 +328,14 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         for name, split in named:  # every file read once, fingerprinted on the way
             split.prints = Fingerprints.empty(len(split))
         if cfg.in_memory:
+            unreadable = []  # every split decoded before failing: one error lists every bad file
             for name, split in named:
-                split.images = decode(split.paths, f"decode {name}", split.prints)
+                try:
+                    split.images = decode(split.paths, f"decode {name}", split.prints)
+                except DataError as e:
+                    unreadable.append(f"{name}: {e}")
+            if unreadable:
+                raise DataError("\n".join(unreadable))
         else:
             prints = Fingerprints.empty(sum(len(split) for _, split in named))
             check_files([p for _, split in named for p in split.paths], cfg.workers, cfg.channels, cfg.resize, prints)

@@ -123,11 +123,13 @@ def test_image_folder_streaming_keeps_paths(folder_dir):
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
 
 
-def test_unreadable_images_are_reported_by_path(folder_dir):
-    bad = folder_dir / "train" / "ok" / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(data.DataError, match="broken.png"):
-        data.load_dataset(DataConfig(dataset="folder", data_dir=str(folder_dir), workers=0))
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_unreadable_images_of_every_split_are_reported_by_path_at_once(folder_dir, in_memory):
+    (folder_dir / "train" / "ok" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder_dir / "test" / "crack" / "empty.png").write_bytes(b"")
+    with pytest.raises(data.DataError) as error:
+        data.load_dataset(DataConfig(dataset="folder", data_dir=str(folder_dir), workers=0, in_memory=in_memory))
+    assert "ok/broken.png" in str(error.value) and "crack/empty.png" in str(error.value)
 
 
 def test_folder_without_train_is_explained(tmp_path):
