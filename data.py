@@ -13,8 +13,8 @@ import torch
 
 from autoconfig import FolderStats
 from config import DataConfig
-from decode import (IMAGE_EXTENSIONS, DataError, check_files, decode_files, iter_images, list_images, open_image,
-                    probe_images)
+from decode import (IMAGE_EXTENSIONS, DataError, UnreadableImages, check_files, decode_files, iter_images, list_images,
+                    open_image, probe_images)
 from fingerprint import Fingerprints, near_pairs
 from transforms import CIFAR10_MEAN, CIFAR10_STD, augment_batch, channel_stats, eval_transform, flip_mask, normalize, train_transform
 
@@ -328,14 +328,14 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         for name, split in named:  # every file read once, fingerprinted on the way
             split.prints = Fingerprints.empty(len(split))
         if cfg.in_memory:
-            unreadable = []  # every split decoded before failing: one error lists every bad file
+            unreadable = []  # every split decoded before failing: one error lists every bad file, as streaming does
             for name, split in named:
                 try:
                     split.images = decode(split.paths, f"decode {name}", split.prints)
-                except DataError as e:
-                    unreadable.append(f"{name}: {e}")
+                except UnreadableImages as e:
+                    unreadable += e.errors
             if unreadable:
-                raise DataError("\n".join(unreadable))
+                raise UnreadableImages(unreadable)
         else:
             prints = Fingerprints.empty(sum(len(split) for _, split in named))
             check_files([p for _, split in named for p in split.paths], cfg.workers, cfg.channels, cfg.resize, prints)

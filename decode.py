@@ -65,11 +65,15 @@ def open_image(path: str, size: int | None = None) -> Image.Image:
         raise DataError(f"cannot read image {path}: {e or type(e).__name__}") from None
 
 
-def unreadable(errors: list[str]) -> DataError:
-    """One error listing the first unreadable files and how many more there are."""
-    listed = "\n  ".join(errors[:LISTED_ERRORS])
-    more = f"\n  ... and {len(errors) - LISTED_ERRORS} more" if len(errors) > LISTED_ERRORS else ""
-    return DataError(f"{len(errors)} unreadable image(s):\n  {listed}{more}")
+class UnreadableImages(DataError):
+    """Files that could not be decoded: one error listing the first of them and how many more there are; .errors
+    holds a line per file."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        listed = "\n  ".join(errors[:LISTED_ERRORS])
+        more = f"\n  ... and {len(errors) - LISTED_ERRORS} more" if len(errors) > LISTED_ERRORS else ""
+        super().__init__(f"{len(errors)} unreadable image(s):\n  {listed}{more}")
 
 
 class _Chunks(torch.utils.data.Dataset):
@@ -128,7 +132,7 @@ def decode_files(paths: list[str], size: int, channels: int = 3, resize: str = "
             errors += chunk_errors
             progress.update(len(array))
     if errors:
-        raise unreadable(errors)
+        raise UnreadableImages(errors)
     return images
 
 

@@ -250,12 +250,12 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_the_same_everywhere(tmp_path
     assert torch.equal(served, decode_files([str(path)], 32, workers=0)[0])
     assert torch.equal(served, predict.preprocess(str(path), meta))
 
-    with Image.open(path) as image:  # pil_to_uint8 drafts a JPEG it gets unloaded: libjpeg decodes 1/8 of it
-        pil_to_uint8(image, 32)
+    with Image.open(path) as image:  # pil_to_uint8 drafts a JPEG it gets unloaded: libjpeg decodes it at 1/8 scale
+        assert torch.equal(pil_to_uint8(image, 32), served)
         assert image.size == (500, 375)
-    with Image.open(path) as image:  # one the caller has loaded is decoded whole
+    with Image.open(path) as image:  # one the caller has loaded is decoded whole: close, not the same pixels
         image.load()
-        pil_to_uint8(image, 32)
+        assert not torch.equal(pil_to_uint8(image, 32), served)
         assert image.size == (4000, 3000)
 
 
