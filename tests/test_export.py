@@ -1,6 +1,7 @@
 """export.py: TorchScript and ONNX files that match the checkpoint's logits on real images, with its metadata."""
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import export
 import quantize
 import train
 from checkpoint import load_checkpoint, save_checkpoint
-from config import ModelConfig
+from config import DataConfig, ModelConfig
 from conftest import class_image
 from model import build_model
 from predictor import OnnxPredictor
@@ -153,3 +155,66 @@ def test_nudged_images_move_by_at_most_one_gray_level_and_stay_in_range():
     diff = moved.to(torch.int16) - images.to(torch.int16)
     assert moved.dtype == torch.uint8 and diff.abs().max() == 1 and set(diff.unique().tolist()) == {-1, 0, 1}
     assert torch.equal(moved, quantize.nudged(images))  # seeded: the same yardstick run to run
+
+
+def graph_of(op_types: list[str]) -> onnx.ModelProto:
+    nodes = [onnx.helper.make_node(op, [], [], name=f"{op}_{i}") for i, op in enumerate(op_types)]
+    return onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [], []))
+
+
+@pytest.mark.parametrize("ops, kept", [
+    # a backbone: a stem convolution, then residual blocks (3 of 13 convolutions before the first Add: the stem and
+    # the first block's)
+    (["Cast", "Sub", "Conv"] + ["Conv", "Conv", "Add"] * 6 + ["ReduceMean", "Gemm"],
+     ["Conv_2", "Conv_3", "Conv_4", "Gemm_22"]),
+    # no skip connection (the airbench net): the first convolution only
+    (["Cast", "Div", "Conv", "Gelu", "Conv", "MaxPool", "Conv", "Gemm"], ["Conv_2", "Gemm_7"]),
+    # a long chain before the first Add (5 of 9 convolutions): the first convolution only
+    (["Conv"] * 5 + ["Conv", "Conv", "Add"] * 2 + ["Gemm"], ["Conv_0", "Gemm_11"]),
+])
+def test_int8_keeps_the_layers_most_sensitive_to_rounding_in_fp32(ops, kept):
+    assert quantize.excluded_nodes(graph_of(ops)) == kept
+
+
+def test_int8_of_a_residual_net_keeps_its_convolutions_before_the_first_skip_in_fp32(tmp_path):
+    """On a real export: the exporter's node order puts the first block's convolutions before its Add."""
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 8, 3, padding=1))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), *[Residual() for _ in range(6)],
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)).eval()
+    meta = {"image_size": 16, "channels": 3, "classes": ["a", "b", "c"]}
+    path = export.export_onnx(export.Uint8Classifier(net, [0.5] * 3, [0.25] * 3), meta, tmp_path / "net.onnx")
+    nodes = onnx.load(str(path)).graph.node
+    convs = [n.name for n in nodes if n.op_type == "Conv"]
+    kept = quantize.excluded_nodes(onnx.load(str(path)))
+    assert len(convs) == 13 and kept[:3] == convs[:3] and len(kept) == 4  # the stem and the first block's two
+    assert next(n for n in nodes if n.name == kept[3]).op_type in ("Gemm", "MatMul")
+
+
+def test_int8_benchmark_scores_validation_and_test_beside_fp32(folder_dir, tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # they import each other by name
+    import int8_accuracy
+
+    monkeypatch.setattr(int8_accuracy, "calib_img_s", lambda: None)  # calib.py's own run is not what is tested here
+    path = tmp_path / "cnn.pt"
+    assert train.main(["--preset", "baseline", "--data-dir", str(folder_dir), "--image-size", "32", "--epochs", "2",
+                       "--batch-size", "16", "--out", str(path), "--no-mlflow", "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert int8_accuracy.main(["--data-dir", str(folder_dir), "--checkpoints", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = {cells[2]: cells for cells in ([c.strip() for c in line.split("|")] for line in out.splitlines())
+            if len(cells) > 9}
+    val = data.load_dataset(DataConfig(dataset="folder", data_dir=str(folder_dir), workers=0)).val
+    assert rows["val"][3] == str(len(val)) and rows["test"][3] == "12"  # test/: 4 images of each of 3 classes
+    assert rows["test"][9].endswith("x)") and float(rows["test"][7].rstrip("%")) >= 50  # images/s; agreement
+    assert "val: accuracy drop fp32 -> int8" in out and "test: accuracy drop fp32 -> int8" in out
+    with pytest.raises(SystemExit):
+        int8_accuracy.main(["--data-dir", str(folder_dir), "--checkpoints", str(tmp_path / "missing.pt")])
+    assert "--checkpoints: no such file" in capsys.readouterr().err
