@@ -3,7 +3,7 @@ the comparison with fp32 on validation images (accuracy, top-1 agreement, images
 
 QDQ format, weights int8 per output channel, activations uint8 with ranges read from the calibration images
 (MinMax); the first convolution (it sees the raw normalized pixels; in a net with skip connections, every one before
-the first) and the classifier layer stay in fp32, as ONNX Runtime's guide advises for the layers most sensitive to
+the first Add) and the classifier layer stay in fp32, as ONNX Runtime's guide advises for the layers most sensitive to
 rounding (excluded_nodes). The file keeps the fp32 model's metadata, so the server loads it like any export.py ONNX
 file.
 """
@@ -31,17 +31,18 @@ TIMING_BATCH = 64
 
 
 def excluded_nodes(model: onnx.ModelProto) -> list[str]:
-    """The nodes kept in fp32: the last Gemm/MatMul, and the first Conv or, in a net with skip connections, every
-    Conv before the first Add when they are at most a quarter of its Convs. That plain chain at the highest
-    resolutions is where a fine-tuned backbone's rounding errors start, and every later layer amplifies them: in
-    fp32 they took EfficientNet-Lite0's agreement with fp32 from ~90 % to ~96 % (docs/operating.md)."""
+    """The nodes kept in fp32: the last Gemm/MatMul, and the first Conv or, in a graph with an Add (taken as its
+    first skip connection), every Conv before the first Add when they are at most a quarter of its Convs. That
+    chain at the highest resolutions is where a fine-tuned backbone's rounding errors start, and every later layer
+    amplifies them: in fp32 they took EfficientNet-Lite0's agreement with fp32 from ~90 % to ~96 %
+    (docs/operating.md). An unnamed node cannot be named here (ONNX Runtime matches by name): it is quantized."""
     nodes = list(model.graph.node)
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
     first_add = next((i for i, n in enumerate(nodes) if n.op_type == "Add"), len(nodes))
     chain = [i for i in convs if i < first_add]
     kept = chain if first_add < len(nodes) and 0 < len(chain) <= len(convs) / 4 else convs[:1]
     dense = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
-    return [nodes[i].name for i in kept] + dense[-1:]
+    return [nodes[i].name for i in kept if nodes[i].name] + [name for name in dense[-1:] if name]
 
 
 def quantize(fp32_path: Path, int8_path: Path, calibration: torch.Tensor) -> Path:

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import export  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
-from data import load_dataset  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from data import DataError, load_dataset  # noqa: E402
 from machine import calib_img_s, cpu_name, markdown_table  # noqa: E402
 from quantize import compare, uint8_images  # noqa: E402
 
@@ -45,10 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"--checkpoints: no such file: {', '.join(missing)}")
     before = calib_img_s()
-    rows = [["checkpoint", "split", "images", "fp32", "int8", "drop (points)", "agreement", "fp32 nudged", "images/s fp32 -> int8"]]
+    rows = [["checkpoint", "split", "images", "fp32", "int8", "drop (fp32 - int8, points)", "agreement", "fp32 nudged",
+             "images/s fp32 -> int8"]]
     drops: dict[str, list[float]] = {}
     for checkpoint in args.checkpoints:
-        for split, s in scores(Path(checkpoint), args.data_dir).items():
+        try:
+            found = scores(Path(checkpoint), args.data_dir)
+        except (CheckpointError, DataError) as e:
+            parser.error(f"{checkpoint}: {e}")
+        for split, s in found.items():
             drop = 100 * (s["fp32_acc"] - s["int8_acc"])
             drops.setdefault(split, []).append(drop)
             rows.append([Path(checkpoint).name, split, str(s["images"]), f"{100 * s['fp32_acc']:.2f}%",

@@ -1,7 +1,6 @@
 """export.py: TorchScript and ONNX files that match the checkpoint's logits on real images, with its metadata."""
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -169,7 +168,7 @@ def graph_of(op_types: list[str]) -> onnx.ModelProto:
      ["Conv_2", "Conv_3", "Conv_4", "Gemm_22"]),
     # no skip connection (the airbench net): the first convolution only
     (["Cast", "Div", "Conv", "Gelu", "Conv", "MaxPool", "Conv", "Gemm"], ["Conv_2", "Gemm_7"]),
-    # a long chain before the first Add (5 of 9 convolutions): the first convolution only
+    # a long chain before the first Add (7 of 9 convolutions): the first convolution only
     (["Conv"] * 5 + ["Conv", "Conv", "Add"] * 2 + ["Gemm"], ["Conv_0", "Gemm_11"]),
 ])
 def test_int8_keeps_the_layers_most_sensitive_to_rounding_in_fp32(ops, kept):
@@ -196,10 +195,18 @@ def test_int8_of_a_residual_net_keeps_its_convolutions_before_the_first_skip_in_
     kept = quantize.excluded_nodes(onnx.load(str(path)))
     assert len(convs) == 13 and kept[:3] == convs[:3] and len(kept) == 4  # the stem and the first block's two
     assert next(n for n in nodes if n.name == kept[3]).op_type in ("Gemm", "MatMul")
+    calibration = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    graph = onnx.load(str(quantize.quantize(path, tmp_path / "net.int8.onnx", calibration))).graph
+    fp32_weights = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    fed = {n.output[0]: n.op_type for n in graph.node}  # a quantized weight reaches its Conv through DequantizeLinear
+    quantized = [n for n in graph.node if n.op_type == "Conv" and fed.get(n.input[1]) == "DequantizeLinear"]
+    assert len(quantized) == 10  # the 10 later convolutions in int8, the kept 3 read fp32 weights
+    assert all(n.input[1] in fp32_weights for n in graph.node if n.name in kept[:3])
 
 
 def test_int8_benchmark_scores_validation_and_test_beside_fp32(folder_dir, tmp_path, capsys, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # they import each other by name
+    # the benchmarks import each other by name
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import int8_accuracy
 
     monkeypatch.setattr(int8_accuracy, "calib_img_s", lambda: None)  # calib.py's own run is not what is tested here
