@@ -30,7 +30,7 @@ from torch import nn
 from atomic import atomic_path
 from checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 from config import ConfigError, DataConfig
-from data import DataError, holds_cifar10, load_dataset
+from data import DataError, Dataset, holds_cifar10, load_dataset
 from predictor import METADATA_KEY
 from quantize import CALIBRATION_IMAGES, compare, quantize, uint8_images
 
@@ -114,14 +114,20 @@ def int8_data(meta: dict, data_dir: str | None) -> DataConfig:
         raise DataError(f"{data_dir}: does not fit this model ({e})") from None
 
 
-def export_int8(module: Uint8Classifier, meta: dict, path: Path, fp32: Path | None, data_dir: str | None) -> Path:
-    """The int8 model, from the fp32 ONNX file (written to a temporary one when not asked for), calibrated on the
-    checkpoint's training images; prints its validation scores beside fp32's."""
+def int8_dataset(meta: dict, data_dir: str | None) -> tuple[DataConfig, Dataset]:
+    """The data the checkpoint was trained on (int8_data), loaded, with its classes checked against the checkpoint's."""
     cfg = int8_data(meta, data_dir)
     data = load_dataset(cfg)
     if data.classes != meta["classes"]:
         raise DataError(f"{cfg.data_dir} holds classes {data.classes}, the checkpoint {meta['classes']}: pass the "
                         f"--data-dir it was trained on")
+    return cfg, data
+
+
+def export_int8(module: Uint8Classifier, meta: dict, path: Path, fp32: Path | None, data_dir: str | None) -> Path:
+    """The int8 model, from the fp32 ONNX file (written to a temporary one when not asked for), calibrated on the
+    checkpoint's training images; prints its validation scores beside fp32's."""
+    cfg, data = int8_dataset(meta, data_dir)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp_dir:
         fp32 = fp32 or export_onnx(module, meta, Path(tmp_dir) / "fp32.onnx")
         quantize(fp32, path, uint8_images(data.train, cfg, CALIBRATION_IMAGES))

@@ -1,7 +1,7 @@
-"""int8 against fp32 on checkpoints' own data: for each checkpoint, export.py's fp32 ONNX file and its int8 file
-(quantize.py, calibrated on the training images), scored side by side on the validation split and, where the data
-has one, the held-out test split: accuracy, top-1 agreement, fp32's agreement with itself under a one-gray-level
-nudge (the yardstick), and images/s in ONNX Runtime. Several checkpoints (seeds) give the drop's mean and spread.
+"""int8 against fp32 on checkpoints' own data: for each checkpoint, export.py's fp32 ONNX file and its int8 model
+(quantize.py, calibrated on the training images as export.py does), scored side by side on the validation split
+and, where the data has one, the held-out test split: accuracy, top-1 agreement, fp32's agreement with itself
+under a one-gray-level nudge (the yardstick), and images/s in ONNX Runtime. Several checkpoints (seeds) give the drop's mean and spread.
 
     python benchmarks/int8_accuracy.py --data-dir data/elpv --checkpoints runs/s0.pt runs/s1.pt runs/s2.pt
 """
@@ -19,21 +19,21 @@ sys.path.insert(0, str(REPO))
 
 import export  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from data import DataError, load_dataset  # noqa: E402
+from data import DataError  # noqa: E402
 from machine import calib_img_s, cpu_name, markdown_table  # noqa: E402
-from quantize import compare, uint8_images  # noqa: E402
+from quantize import CALIBRATION_IMAGES, compare, quantize, uint8_images  # noqa: E402
 
 
 def scores(checkpoint: Path, data_dir: str) -> dict[str, dict]:
-    """{split: quantize.compare's scores} for the checkpoint's fp32 and int8 ONNX files."""
+    """{split: quantize.compare's scores} for the checkpoint's fp32 ONNX file and its int8 model, quantized as
+    export.py does, from one load of the data."""
     _, meta = load_checkpoint(checkpoint)
-    cfg = export.int8_data(meta, data_dir)
-    data = load_dataset(cfg)
+    cfg, data = export.int8_dataset(meta, data_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = export.export(checkpoint, ["onnx", "int8"], out_dir=Path(tmp), data_dir=data_dir)
+        fp32 = export.export(checkpoint, ["onnx"], out_dir=Path(tmp))["onnx"]
+        int8 = quantize(fp32, Path(tmp) / "int8.onnx", uint8_images(data.train, cfg, CALIBRATION_IMAGES))
         splits = {"val": data.val, "test": data.test} if data.test is not None else {"val": data.val}
-        return {name: compare(paths["onnx"], paths["int8"], uint8_images(split, cfg), split.labels)
-                for name, split in splits.items()}
+        return {name: compare(fp32, int8, uint8_images(split, cfg), split.labels) for name, split in splits.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
