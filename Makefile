@@ -14,7 +14,7 @@ TRAIN_FLAGS = $(if $(PRESET),--preset $(PRESET)) $(if $(EPOCHS),--epochs $(EPOCH
               $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(DATASET),--dataset $(DATASET)) $(ARGS)
 HOST ?= 127.0.0.1
 PORT ?= 8000
-WORKERS ?= 1
+WORKERS ?= 0
 RUN ?=
 RUNS ?=
 NPROC ?= 2
@@ -82,7 +82,7 @@ check-data: $(READY)  ## check DATA_DIR before trusting a score on it: unreadabl
 export: $(READY)  ## TorchScript, ONNX and int8 ONNX files next to models/cnn.pt (CHECKPOINT=path for another), with its metadata
 	$(PY) export.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) $(ARGS)
 
-serve: $(READY)  ## serve models/cnn.pt on http://$(HOST):$(PORT); WORKERS=N for N processes (metrics summed across them)
+serve: $(READY)  ## serve models/cnn.pt on http://$(HOST):$(PORT) in one process per core (WORKERS=N: N; metrics summed across them)
 	CATER_HOST=$(HOST) CATER_PORT=$(PORT) CATER_WORKERS=$(WORKERS) $(PY) api.py
 
 mlflow-ui: $(READY)  ## browse runs in the MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)

@@ -15,6 +15,7 @@ import gc
 import ipaddress
 import itertools
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -50,7 +51,7 @@ from loading import load_model
 from predictor import OnnxPredictor, TorchPredictor
 from registry import RegistryError
 from runtime import available_cores
-from serve_config import MAX_BATCH_IMAGES, ServeConfig
+from serve_config import MAX_BATCH_IMAGES, MAX_DEFAULT_WORKERS, ServeConfig
 from upload import UploadError, check_request_pixels, decode_upload, open_upload, preprocess_upload, upload_bytes
 
 log = logging.getLogger("uvicorn.error")
@@ -59,6 +60,7 @@ MAX_TOP_K = 1000
 EXPLAIN_COST = 4  # images' worth of inference one /explain takes, for admission
 MAX_CLASSES = 100_000  # a bound for class_index in the schema; the served model's own count is checked per request
 MAX_ERRORS = 5  # validation errors listed in a 422
+RESTART_READY_S = 120  # several processes: a replacement (after /reload) must load and warm up its model within this
 UI = Path(__file__).resolve().parent / "ui"  # the prediction page (GET /) and its files, served as they are
 # A 2x2 PNG, so the OpenAPI examples can be sent as they are.
 EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8ISfHwMDAxMDAwMDAAAANBAEIfXHKZgAAAABJRU5ErkJggg=="
@@ -292,10 +294,7 @@ async def lifespan(app: FastAPI):
     cfg: ServeConfig = app.state.config
     # The event loop (HTTP, JSON, decoding) needs a core of its own; the forward pass gets the others.
     cores = available_cores()
-    # WEB_CONCURRENCY: the number of server processes (uvicorn --workers reads it too): they share the cores
-    workers = os.environ.get("WEB_CONCURRENCY", "1")
-    workers = int(workers) if workers.isdigit() and int(workers) > 0 else 1
-    cores = max(1, cores // workers)
+    cores = max(1, cores // process_count())  # several server processes share the cores
     threads = cfg.threads or max(1, cores - 1)
     torch.set_num_threads(threads)
     try:
@@ -532,6 +531,10 @@ async def reload(request: Request = Depends(ready_state)):
         gc.unfreeze()
         await asyncio.to_thread(gc.collect)
         gc.freeze()
+        if supervised():  # the other processes still serve the old model: uvicorn replaces them all, one at a time
+            log.info("asking the supervisor (pid %d) to replace all %d server processes with ones that load %s",
+                     os.getppid(), process_count(), state.config.model_path)
+            os.kill(os.getppid(), signal.SIGHUP)
     return served.info
 
 
@@ -636,22 +639,59 @@ def add_routes(app: FastAPI) -> None:
         200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text exposition"}})(metrics)
 
 
+def process_count() -> int:
+    """Server processes started together: WEB_CONCURRENCY, which main() sets (uvicorn --workers reads it too)."""
+    count = os.environ.get("WEB_CONCURRENCY", "1")
+    return int(count) if count.isdigit() and int(count) > 0 else 1
+
+
+def supervised() -> bool:
+    """This process is one of several that uvicorn's supervisor started (main() with more than one, or `uvicorn
+    --workers N` with WEB_CONCURRENCY=N): on SIGHUP it replaces each with a new one, which it waits for before
+    stopping the old one (in-flight requests finish), so the server never stops answering."""
+    return process_count() > 1 and multiprocessing.parent_process() is not None
+
+
+def server_processes(config: ServeConfig) -> int:
+    """CATER_WORKERS, or by default one process per core on the CPU, at most MAX_DEFAULT_WORKERS (one process's
+    event loop, HTTP, JSON and decoding, takes a core's worth of Python alone: on 2 cores two processes answered
+    1.2-1.4x one's requests/s, docs/results.md), and one on a GPU (the device runs one forward pass at a time)."""
+    if config.workers:
+        return config.workers
+    gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    return 1 if gpu else min(available_cores(), MAX_DEFAULT_WORKERS)
+
+
 def main() -> int:
     """`python api.py` (make serve, the container): uvicorn with the request-header deadline (protocol.py) and the
-    connection bound, CATER_WORKERS processes adding up their metrics."""
+    connection bound, in server_processes() processes adding up their metrics."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
 
     try:
         config = ServeConfig.from_env()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if config.workers > 1:
-        os.environ["WEB_CONCURRENCY"] = str(config.workers)  # lifespan splits the cores among the processes
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="cater-metrics-"))
-    uvicorn.run("api:app", host=config.host, port=config.port, workers=config.workers, access_log=config.access_log,
-                http="protocol:HeaderDeadlineProtocol", limit_concurrency=config.max_connections)
-    return 0
+    workers = server_processes(config)
+    os.environ["WEB_CONCURRENCY"] = str(workers)  # each process's lifespan takes its share of the cores
+    settings = dict(host=config.host, port=config.port, access_log=config.access_log,
+                    http="protocol:HeaderDeadlineProtocol", limit_concurrency=config.max_connections)
+    if workers == 1:
+        uvicorn.run("api:app", **settings)  # exits with uvicorn's STARTUP_FAILURE if the model does not load
+        return 0
+    try:  # once here, so that a model that cannot load is one error and a prompt exit, not one per process
+        load_model(config.model_path, config.device, 1, "CATER_MODEL_PATH")
+    except (CheckpointError, ConfigError, RegistryError) as e:
+        print(f"error: cannot start: {e}", file=sys.stderr)
+        return STARTUP_FAILURE
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="cater-metrics-"))
+    # uvicorn.run(workers=N) without its exit status: a replacement (/reload) gets RESTART_READY_S to load its model
+    server = uvicorn.Config("api:app", workers=workers, timeout_worker_healthcheck=RESTART_READY_S, **settings)
+    supervisor = Multiprocess(server, sockets=[server.bind_socket()])
+    supervisor.run()
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from config import ConfigError, check
 
 
 MAX_BATCH_IMAGES = 1024  # the schema's cap on a batch request's list, whatever CATER_MAX_BATCH_IMAGES says
+MAX_DEFAULT_WORKERS = 4  # CATER_WORKERS=0 starts one process per core up to this many: each holds its own model
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class ServeConfig:
     header_timeout_s: float = 10.0  # the request line and headers must arrive within this (else 408, connection closed)
     body_timeout_s: float = 30.0  # and then the body (else 408); a request takes a queue place only once it has arrived
     max_connections: int = 1000  # connections and requests at once (uvicorn's limit_concurrency): 503 above it
-    workers: int = 1  # server processes (python api.py): they share the cores and add up their metrics
+    workers: int = 0  # server processes (python api.py), sharing the cores and adding up their metrics; 0 = one per core
+    # on the CPU (at most MAX_DEFAULT_WORKERS), one on a GPU
     queue_budget_ms: float = 500.0  # admit work only while the measured throughput answers it within this; else 503
     max_queue: int = 4096  # images admitted at once, at most (memory bound whatever the throughput)
     timeout_s: float = 30.0  # a request not answered by then gets 504; a forward pass running longer marks the server down
@@ -58,7 +60,7 @@ class ServeConfig:
         check(1 <= self.max_batch_images <= MAX_BATCH_IMAGES, f"CATER_MAX_BATCH_IMAGES must be in [1, {MAX_BATCH_IMAGES}]")
         check(self.header_timeout_s > 0 and self.body_timeout_s > 0, "CATER_HEADER_TIMEOUT_S and CATER_BODY_TIMEOUT_S must be > 0")
         check(self.max_connections >= 1, "CATER_MAX_CONNECTIONS must be >= 1")
-        check(self.workers >= 1, "CATER_WORKERS must be >= 1")
+        check(self.workers >= 0, "CATER_WORKERS must be >= 0 (0: one per core)")
         check(self.threads >= 0, "CATER_THREADS must be >= 0")
         check(self.queue_budget_ms > 0, "CATER_QUEUE_BUDGET_MS must be > 0")
         check(self.max_queue >= 1, "CATER_MAX_QUEUE must be >= 1")

@@ -22,7 +22,8 @@ takes them, {"dataframe_split": {"columns": ["image"], "data": [[...]]}}.
     python benchmarks/serve_load.py --requests 200 --servers api naive         # a quick look
 
 CATER_* variables in the environment reach api.py (e.g. CATER_THREADS, CATER_MAX_BATCH_SIZE, CATER_MAX_WAIT_MS; not
-CATER_WORKERS, which --api-workers sets: `--api-workers 1 2` runs each api server with 1 and with 2 processes),
+CATER_WORKERS, which --api-workers sets: `--api-workers 0 1` runs each api server as `make serve` starts it, one
+process per core, labelled api, and in one process, api x1),
 and the LitServe and BentoML servers' top-k, TTA and pixel limit.
 """
 
@@ -412,10 +413,10 @@ def print_targets(results: list[Result], bursts: list[Burst]) -> None:
               f"peak {max(r.rss_peak for r in api):.0f} MB")
 
 
-def positive(text: str) -> int:
+def processes(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: one per core), got {value}")
     return value
 
 
@@ -428,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--warmup", type=int, default=300, help="requests sent to each server before measuring")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
-    parser.add_argument("--api-workers", type=positive, nargs="+", default=[1],
-                        help="api.py's server processes (CATER_WORKERS): each count is a server of its own")
+    parser.add_argument("--api-workers", type=processes, nargs="+", default=[0],
+                        help="api.py's server processes (CATER_WORKERS), each count a server of its own: 0 (the "
+                             "default) as `make serve` starts it, one per core on the CPU, labelled api; N: api xN")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlflow.db'}",
                         help="MLflow store holding the run that logged the checkpoint's model")
     # LitServe's settings: the best of a sweep at concurrency 32 on the 2-core machine (README, Results)
@@ -494,10 +496,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name}: skipped, export.py wrote no {name.removeprefix('api-')} file (see above)\n")
                     continue
                 print(f"{name}: serving {model}, exported from the checkpoint\n")
-            for workers in args.api_workers:  # a server per process count: "api", "api x2", ...
+            for workers in args.api_workers:  # a server per process count: "api" (as make serve), "api x1", ...
                 env = {"CATER_MODEL_PATH": str(model), "CATER_HOST": "127.0.0.1", "CATER_PORT": PORT,
                        "CATER_WORKERS": str(workers)}
-                servers.append(Server(name if workers == 1 else f"{name} x{workers}", [sys.executable, str(REPO / "api.py")],
+                servers.append(Server(f"{name} x{workers}" if workers else name, [sys.executable, str(REPO / "api.py")],
                                       env, "/ready", "/predict", "base64"))
         elif name == "litserve":
             servers.append(Server(name, [sys.executable, str(REPO / "benchmarks" / "litserve_server.py"),

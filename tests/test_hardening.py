@@ -447,7 +447,8 @@ def server(checkpoint_path, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "CATER_MODEL_PATH": str(model), "CATER_HOST": "127.0.0.1", "CATER_PORT": str(port),
            "CATER_DEVICE": "cpu", "CATER_THREADS": "1", "CATER_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
-           "CATER_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "CATER_MAX_CONNECTIONS": str(MAX_CONNECTIONS)}
+           "CATER_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "CATER_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+           "CATER_WORKERS": "1"}  # one process: the tests read its memory, count its connections, race its reloads
     env.pop("CATER_API_KEY", None)
     log = folder / "api.log"
     with many_files(), server_process([sys.executable, str(REPO / "api.py")], env, log,

@@ -36,8 +36,8 @@ import api
 from batcher import MicroBatcher, Overloaded, WorkerDown
 from checkpoint import save_checkpoint
 from config import ModelConfig
-from serve_config import ServeConfig
-from conftest import free_port, many_files, server_process
+from serve_config import MAX_DEFAULT_WORKERS, ServeConfig
+from conftest import free_port, many_files, server_process, tiny_checkpoint
 from model import CnnClassifier
 from transforms import CIFAR10_MEAN, CIFAR10_STD
 
@@ -321,6 +321,30 @@ def test_sigterm_drains_then_finishes_every_accepted_request(checkpoint, tmp_pat
 # Several processes
 
 
+def test_one_server_process_per_core_on_the_cpu_and_one_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(api, "available_cores", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert api.server_processes(ServeConfig()) == 2
+    assert api.server_processes(ServeConfig(workers=3)) == 3  # CATER_WORKERS decides when set
+    monkeypatch.setattr(api, "available_cores", lambda: 1)
+    assert api.server_processes(ServeConfig()) == 1
+    monkeypatch.setattr(api, "available_cores", lambda: 64)
+    assert api.server_processes(ServeConfig()) == MAX_DEFAULT_WORKERS  # each process holds its own model
+    assert api.server_processes(ServeConfig(device="cuda")) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert api.server_processes(ServeConfig()) == 1
+    assert api.server_processes(ServeConfig(device="cpu")) == MAX_DEFAULT_WORKERS
+    assert api.server_processes(ServeConfig(device="cuda", workers=2)) == 2
+
+
+def test_a_lone_process_reloads_only_itself(monkeypatch):
+    """Without uvicorn's supervisor above it (one process, or a test's app) /reload signals no other process."""
+    monkeypatch.setenv("WEB_CONCURRENCY", "2")
+    assert not api.supervised()  # this test process was not spawned by multiprocessing
+    monkeypatch.setenv("WEB_CONCURRENCY", "1")
+    assert api.process_count() == 1 and not api.supervised()
+
+
 @pytest.mark.full
 def test_two_worker_processes_add_up_their_metrics(checkpoint, tmp_path):
     shared = tmp_path / "prometheus"
@@ -344,3 +368,45 @@ def test_two_worker_processes_add_up_their_metrics(checkpoint, tmp_path):
         assert len(pids()) == 2, "one process took every connection"
         for _ in range(4):  # whichever process answers, it reports both processes' requests
             assert statuses(base) == {"200": float(sent)}
+
+
+@pytest.mark.full
+def test_reload_replaces_every_server_process(tmp_path):
+    """`python api.py` with two processes: /reload, in whichever process answers it, has uvicorn's supervisor
+    replace both, one at a time; the server answers every request meanwhile and then serves the new model only."""
+    model = tiny_checkpoint(tmp_path / "cnn.pt", ["cat", "dog"])
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR")}
+    env.update(CATER_MODEL_PATH=str(model), CATER_PORT=str(port), CATER_WORKERS="2")
+    base = f"http://127.0.0.1:{port}"
+
+    def workers(proc) -> set[int]:  # uvicorn's live server processes (multiprocessing spawns them)
+        pids = set()
+        for child in psutil.Process(proc.pid).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                    pids.add(child.pid)
+            except psutil.Error:  # gone meanwhile
+                pass
+        return pids
+
+    with server_process([sys.executable, "api.py"], env, tmp_path / "api.log", f"{base}/ready", 120) as proc:
+        before = workers(proc)
+        assert len(before) == 2
+        tiny_checkpoint(model, ["cat", "dog", "eel"])  # a new model at the same path
+        r = httpx.post(f"{base}/reload", timeout=60)
+        assert r.status_code == 200 and r.json()["classes"] == ["cat", "dog", "eel"], r.text
+        statuses, dropped, deadline = [], 0, time.monotonic() + 120
+        while (now := workers(proc)) & before or len(now) != 2:  # each new connection goes to either process
+            assert time.monotonic() < deadline, f"the processes were not replaced: {before} -> {now}"
+            try:
+                statuses.append(httpx.post(f"{base}/predict", content=png_body(), timeout=30,
+                                           headers={"Content-Type": "application/json"}).status_code)
+            except httpx.TransportError:  # accepted by a process as it stopped, before it read the request: uvicorn
+                dropped += 1  # closes such a connection (one at a time here, so at most one per process replaced)
+        assert set(statuses) <= {200} and dropped <= 2, (statuses, dropped)
+        for _ in range(8):
+            assert httpx.get(f"{base}/model").json()["classes"] == ["cat", "dog", "eel"]
+            assert httpx.post(f"{base}/predict", content=png_body(), headers={"Content-Type": "application/json"}
+                              ).json()["class_name"] in ("cat", "dog", "eel")
+        print(f"replaced {sorted(before)} by {sorted(now)}; {len(statuses)} 200s meanwhile, {dropped} connections dropped")
