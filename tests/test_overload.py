@@ -373,7 +373,8 @@ def test_two_worker_processes_add_up_their_metrics(checkpoint, tmp_path):
 @pytest.mark.full
 def test_reload_replaces_every_server_process(tmp_path):
     """`python api.py` with two processes: /reload, in whichever process answers it, has uvicorn's supervisor
-    replace both, one at a time; the server answers every request meanwhile and then serves the new model only."""
+    replace both, one at a time; meanwhile every answer is a 200 (a connection a stopping process took but had not
+    read may be dropped), and then only the new model is served."""
     model = tiny_checkpoint(tmp_path / "cnn.pt", ["cat", "dog"])
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR")}
