@@ -15,8 +15,8 @@ import gc
 import ipaddress
 import itertools
 import logging
-import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -48,10 +48,11 @@ from explain import overlay, peak, png_base64
 from middleware import (AUTH_MESSAGE, BodyLimitMiddleware, GateMiddleware, Metrics, MetricsMiddleware,
                         SecurityHeadersMiddleware, StartupErrorMiddleware, key_matches)
 from loading import load_model
-from predictor import OnnxPredictor, TorchPredictor
+from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor
 from registry import RegistryError
 from runtime import available_cores
 from serve_config import MAX_BATCH_IMAGES, MAX_DEFAULT_WORKERS, ServeConfig
+from supervisor import Supervisor, supervisor_pid
 from upload import UploadError, check_request_pixels, decode_upload, open_upload, preprocess_upload, upload_bytes
 
 log = logging.getLogger("uvicorn.error")
@@ -531,10 +532,13 @@ async def reload(request: Request = Depends(ready_state)):
         gc.unfreeze()
         await asyncio.to_thread(gc.collect)
         gc.freeze()
-        if supervised():  # the other processes still serve the old model: uvicorn replaces them all, one at a time
+        if parent := supervisor_pid():  # the other processes still serve the old model: replace them all in turn
             log.info("asking the supervisor (pid %d) to replace all %d server processes with ones that load %s",
-                     os.getppid(), process_count(), state.config.model_path)
-            os.kill(os.getppid(), signal.SIGHUP)
+                     parent, process_count(), state.config.model_path)
+            try:
+                os.kill(parent, signal.SIGHUP)
+            except OSError as e:  # it went away meanwhile: this process serves the new model, the answer stands
+                log.warning("could not ask the supervisor to replace the server processes: %s", e)
     return served.info
 
 
@@ -645,20 +649,15 @@ def process_count() -> int:
     return int(count) if count.isdigit() and int(count) > 0 else 1
 
 
-def supervised() -> bool:
-    """This process is one of several that uvicorn's supervisor started (main() with more than one, or `uvicorn
-    --workers N` with WEB_CONCURRENCY=N): on SIGHUP it replaces each with a new one, which it waits for before
-    stopping the old one (in-flight requests finish), so the server never stops answering."""
-    return process_count() > 1 and multiprocessing.parent_process() is not None
-
-
 def server_processes(config: ServeConfig) -> int:
     """CATER_WORKERS, or by default one process per core on the CPU, at most MAX_DEFAULT_WORKERS (one process's
     event loop, HTTP, JSON and decoding, takes a core's worth of Python alone: on 2 cores two processes answered
-    1.2-1.4x one's requests/s, docs/results.md), and one on a GPU (the device runs one forward pass at a time)."""
+    1.1-1.6x one's requests/s in three runs, docs/results.md), and one on a GPU (the device runs one forward pass
+    at a time; an ONNX file runs on the CPU)."""
     if config.workers:
         return config.workers
-    gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    onnx = config.model_path.lower().endswith(ONNX_SUFFIX)
+    gpu = not onnx and (config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()))
     return 1 if gpu else min(available_cores(), MAX_DEFAULT_WORKERS)
 
 
@@ -666,8 +665,6 @@ def main() -> int:
     """`python api.py` (make serve, the container): uvicorn with the request-header deadline (protocol.py) and the
     connection bound, in server_processes() processes adding up their metrics."""
     import uvicorn
-    from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
 
     try:
         config = ServeConfig.from_env()
@@ -681,17 +678,14 @@ def main() -> int:
     if workers == 1:
         uvicorn.run("api:app", **settings)  # exits with uvicorn's STARTUP_FAILURE if the model does not load
         return 0
-    try:  # once here, so that a model that cannot load is one error and a prompt exit, not one per process
-        load_model(config.model_path, config.device, 1, "CATER_MODEL_PATH")
-    except (CheckpointError, ConfigError, RegistryError) as e:
-        print(f"error: cannot start: {e}", file=sys.stderr)
-        return STARTUP_FAILURE
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="cater-metrics-"))
-    # uvicorn.run(workers=N) without its exit status: a replacement (/reload) gets RESTART_READY_S to load its model
-    server = uvicorn.Config("api:app", workers=workers, timeout_worker_healthcheck=RESTART_READY_S, **settings)
-    supervisor = Multiprocess(server, sockets=[server.bind_socket()])
-    supervisor.run()
-    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
+    metrics = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cater-metrics-")
+    try:
+        return Supervisor(uvicorn.Config("api:app", workers=workers, **settings), RESTART_READY_S).serve()
+    finally:
+        if metrics:
+            shutil.rmtree(metrics, ignore_errors=True)
 
 
 if __name__ == "__main__":

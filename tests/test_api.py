@@ -605,7 +605,7 @@ def test_graceful_shutdown_finishes_in_flight_request(checkpoint_path):
     port = free_port()
     env = {**os.environ, "CATER_MODEL_PATH": str(checkpoint_path), "CATER_PORT": str(port)}
     proc = subprocess.Popen([sys.executable, "api.py"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, start_new_session=True)  # its server processes die with it
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -636,7 +636,7 @@ def test_graceful_shutdown_finishes_in_flight_request(checkpoint_path):
         assert b"Application shutdown complete" in proc.stdout.read()
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 

@@ -33,6 +33,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 import api
+import supervisor
 from batcher import MicroBatcher, Overloaded, WorkerDown
 from checkpoint import save_checkpoint
 from config import ModelConfig
@@ -335,14 +336,18 @@ def test_one_server_process_per_core_on_the_cpu_and_one_on_a_gpu(monkeypatch):
     assert api.server_processes(ServeConfig()) == 1
     assert api.server_processes(ServeConfig(device="cpu")) == MAX_DEFAULT_WORKERS
     assert api.server_processes(ServeConfig(device="cuda", workers=2)) == 2
+    assert api.server_processes(ServeConfig(model_path="models/cnn.onnx")) == MAX_DEFAULT_WORKERS  # ONNX: CPU
 
 
-def test_a_lone_process_reloads_only_itself(monkeypatch):
-    """Without uvicorn's supervisor above it (one process, or a test's app) /reload signals no other process."""
-    monkeypatch.setenv("WEB_CONCURRENCY", "2")
-    assert not api.supervised()  # this test process was not spawned by multiprocessing
-    monkeypatch.setenv("WEB_CONCURRENCY", "1")
-    assert api.process_count() == 1 and not api.supervised()
+def test_reload_signals_only_the_supervisor_that_started_this_process(monkeypatch):
+    """/reload sends SIGHUP only to a Supervisor (main() with several processes) that is still the parent: never to
+    whatever adopted an orphan (init), nor under `uvicorn --workers` or a test's app."""
+    monkeypatch.delenv(supervisor.PID_VARIABLE, raising=False)
+    assert supervisor.supervisor_pid() is None
+    monkeypatch.setenv(supervisor.PID_VARIABLE, str(os.getppid()))
+    assert supervisor.supervisor_pid() == os.getppid()
+    monkeypatch.setenv(supervisor.PID_VARIABLE, str(os.getppid() + 1))  # no longer the parent
+    assert supervisor.supervisor_pid() is None
 
 
 @pytest.mark.full
@@ -377,7 +382,8 @@ def test_reload_replaces_every_server_process(tmp_path):
     read may be dropped), and then only the new model is served."""
     model = tiny_checkpoint(tmp_path / "cnn.pt", ["cat", "dog"])
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR", "CATER_API_KEY", supervisor.PID_VARIABLE)}
     env.update(CATER_MODEL_PATH=str(model), CATER_PORT=str(port), CATER_WORKERS="2")
     base = f"http://127.0.0.1:{port}"
 
