@@ -52,7 +52,7 @@ from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor
 from registry import RegistryError
 from runtime import available_cores
 from serve_config import MAX_BATCH_IMAGES, MAX_DEFAULT_WORKERS, ServeConfig
-from supervisor import Supervisor, supervisor_pid
+from supervisor import STARTUP_FAILURE, Supervisor, supervisor_pid
 from upload import UploadError, check_request_pixels, decode_upload, open_upload, preprocess_upload, upload_bytes
 
 log = logging.getLogger("uvicorn.error")
@@ -303,6 +303,9 @@ async def lifespan(app: FastAPI):
     except (CheckpointError, ConfigError, RegistryError) as e:
         app.state.startup_error = str(e)
         log.error("cannot start: %s", e)
+        if supervisor_pid():  # one of several: exit now, as the supervisor's pings would wait out a slow exit
+            logging.shutdown()
+            os._exit(STARTUP_FAILURE)
         raise
     metrics: Metrics = app.state.metrics
 

@@ -593,7 +593,7 @@ def test_import_does_no_work():
 def test_server_refuses_to_start_without_checkpoint(tmp_path, workers):
     env = {**os.environ, "CATER_MODEL_PATH": str(tmp_path / "missing.pt"), "CATER_PORT": str(free_port()),
            "CATER_WORKERS": workers}
-    out = subprocess.run([sys.executable, "api.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "api.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 3  # uvicorn's STARTUP_FAILURE, from the supervisor of several processes too
     assert "no checkpoint at" in out.stderr and "make train" in out.stderr
     assert "Traceback" not in out.stderr

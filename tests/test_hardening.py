@@ -18,6 +18,7 @@ import logging
 import os
 import selectors
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -268,6 +269,25 @@ def test_reload_from_a_remote_client_without_a_key_is_forbidden(checkpoint_path)
         r = client.post("/reload")
         assert r.status_code == 403, r.text
         assert r.json()["detail"]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_reload_under_a_supervisor_asks_it_to_replace_the_processes(checkpoint_path, monkeypatch, fails):
+    """Started by supervisor.py with others, the answering process swaps its model, then sends the supervisor
+    SIGHUP; a supervisor already gone is logged, and the reload still answers 200 (this process serves the new one)."""
+    sent = []
+
+    def kill(pid, sig):
+        sent.append((pid, sig))
+        if fails:
+            raise ProcessLookupError(pid)
+
+    monkeypatch.setattr(api, "supervisor_pid", lambda: 12345)
+    monkeypatch.setattr(api.os, "kill", kill)
+    with serving(checkpoint_path, client_host="127.0.0.1") as client:
+        r = client.post("/reload")
+        assert r.status_code == 200 and r.json()["classes"] == CLASSES, r.text
+    assert sent == [(12345, signal.SIGHUP)]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])

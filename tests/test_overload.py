@@ -34,6 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import api
 import supervisor
+import uvicorn
+from uvicorn.supervisors import Multiprocess
 from batcher import MicroBatcher, Overloaded, WorkerDown
 from checkpoint import save_checkpoint
 from config import ModelConfig
@@ -348,6 +350,27 @@ def test_reload_signals_only_the_supervisor_that_started_this_process(monkeypatc
     assert supervisor.supervisor_pid() == os.getppid()
     monkeypatch.setenv(supervisor.PID_VARIABLE, str(os.getppid() + 1))  # no longer the parent
     assert supervisor.supervisor_pid() is None
+
+
+def test_the_supervisor_gives_a_replacement_longer_than_a_ping(monkeypatch):
+    """A liveness ping waits PING_S; during /reload's replacements a new process has ready_s to load its model."""
+    seen = []
+    monkeypatch.setattr(Multiprocess, "restart_all", lambda self: seen.append(self.config.timeout_worker_healthcheck))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN,
+                                                       signal.SIGTTOU)}
+    boss = None
+    try:  # it installs its signal handlers in this process: put pytest's back after
+        boss = supervisor.Supervisor(uvicorn.Config("api:app", port=free_port(), workers=2), ready_s=120)
+        assert boss.config.timeout_worker_healthcheck == supervisor.PING_S < 120
+        boss.restart_all()
+        assert seen == [120] and boss.config.timeout_worker_healthcheck == supervisor.PING_S
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # a stop is seen at once, not between checks
+        assert boss.should_exit.is_set()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for sock in boss.sockets if boss else []:
+            sock.close()
 
 
 @pytest.mark.full
