@@ -39,6 +39,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from uvicorn.config import STARTUP_FAILURE
 
 from batcher import MicroBatcher, Overloaded, WorkerDown
 from calibration import temperature_for
@@ -52,7 +53,7 @@ from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor
 from registry import RegistryError
 from runtime import available_cores
 from serve_config import MAX_BATCH_IMAGES, MAX_DEFAULT_WORKERS, ServeConfig
-from supervisor import STARTUP_FAILURE, Supervisor, supervisor_pid
+from supervisor import Supervisor, supervisor_pid
 from upload import UploadError, check_request_pixels, decode_upload, open_upload, preprocess_upload, upload_bytes
 
 log = logging.getLogger("uvicorn.error")
@@ -61,7 +62,6 @@ MAX_TOP_K = 1000
 EXPLAIN_COST = 4  # images' worth of inference one /explain takes, for admission
 MAX_CLASSES = 100_000  # a bound for class_index in the schema; the served model's own count is checked per request
 MAX_ERRORS = 5  # validation errors listed in a 422
-RESTART_READY_S = 120  # several processes: a replacement (after /reload) must load and warm up its model within this
 UI = Path(__file__).resolve().parent / "ui"  # the prediction page (GET /) and its files, served as they are
 # A 2x2 PNG, so the OpenAPI examples can be sent as they are.
 EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8ISfHwMDAxMDAwMDAAAANBAEIfXHKZgAAAABJRU5ErkJggg=="
@@ -681,14 +681,14 @@ def main() -> int:
     if workers == 1:
         uvicorn.run("api:app", **settings)  # exits with uvicorn's STARTUP_FAILURE if the model does not load
         return 0
-    metrics = None
+    metrics_dir = None  # made here, removed at the end; one the caller set is theirs
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        metrics = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cater-metrics-")
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cater-metrics-")
     try:
-        return Supervisor(uvicorn.Config("api:app", workers=workers, **settings), RESTART_READY_S).serve()
+        return Supervisor(uvicorn.Config("api:app", workers=workers, **settings)).serve()
     finally:
-        if metrics:
-            shutil.rmtree(metrics, ignore_errors=True)
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Several server processes for api.py: uvicorn's supervisor, which replaces them one at a time on SIGHUP (/reload).
 
-Two changes to uvicorn's own: a replacement gets `ready_s` to load and warm up its model, while a liveness ping
+Two changes to uvicorn's own: a replacement gets READY_S to load and warm up its model, while a liveness ping
 waits PING_S (uvicorn has one timeout for both: 5 s, too short for a model, or 120 s, which a hung process, or one
 still exiting after a failed start, would keep the supervisor waiting for); and SIGINT or SIGTERM stops it at once,
 even in the middle of a replacement (uvicorn reads them only between its checks, so a `docker stop` during a
@@ -18,13 +18,13 @@ from uvicorn.supervisors import Multiprocess
 
 PID_VARIABLE = "CATER_SUPERVISOR_PID"  # set for the server processes: the supervisor to send SIGHUP to
 PING_S = 30  # a process must answer a liveness ping within this, its first (torch imported, on a slow CPU) included
+READY_S = 120  # a replacement (after /reload) must load and warm up its model within this
 
 
 class Supervisor(Multiprocess):
-    def __init__(self, config: Config, ready_s: float):
+    def __init__(self, config: Config):
         config.timeout_worker_healthcheck = PING_S
         super().__init__(config, sockets=[config.bind_socket()])
-        self.ready_s = ready_s
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._stop)
 
@@ -32,7 +32,7 @@ class Supervisor(Multiprocess):
         self.should_exit.set()  # read by restart_all and while a replacement starts, not only between checks
 
     def restart_all(self) -> None:
-        self.config.timeout_worker_healthcheck = self.ready_s
+        self.config.timeout_worker_healthcheck = READY_S
         try:
             super().restart_all()
         finally:

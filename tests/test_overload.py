@@ -353,17 +353,17 @@ def test_reload_signals_only_the_supervisor_that_started_this_process(monkeypatc
 
 
 def test_the_supervisor_gives_a_replacement_longer_than_a_ping(monkeypatch):
-    """A liveness ping waits PING_S; during /reload's replacements a new process has ready_s to load its model."""
+    """A liveness ping waits PING_S; during /reload's replacements a new process has READY_S to load its model."""
     seen = []
     monkeypatch.setattr(Multiprocess, "restart_all", lambda self: seen.append(self.config.timeout_worker_healthcheck))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN,
                                                        signal.SIGTTOU)}
     boss = None
     try:  # it installs its signal handlers in this process: put pytest's back after
-        boss = supervisor.Supervisor(uvicorn.Config("api:app", port=free_port(), workers=2), ready_s=120)
-        assert boss.config.timeout_worker_healthcheck == supervisor.PING_S < 120
+        boss = supervisor.Supervisor(uvicorn.Config("api:app", port=free_port(), workers=2))
+        assert boss.config.timeout_worker_healthcheck == supervisor.PING_S < supervisor.READY_S
         boss.restart_all()
-        assert seen == [120] and boss.config.timeout_worker_healthcheck == supervisor.PING_S
+        assert seen == [supervisor.READY_S] and boss.config.timeout_worker_healthcheck == supervisor.PING_S
         signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # a stop is seen at once, not between checks
         assert boss.should_exit.is_set()
     finally:
