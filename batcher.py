@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from serve_config import ServeConfig
+
 
 MAX_RETRY_AFTER_S = 30
 
@@ -47,7 +49,8 @@ class MicroBatcher:
     """
 
     def __init__(self, run_batch: Callable[[list], list[torch.Tensor]], max_batch_size: int, max_wait_ms: float,
-                 queue_budget_ms: float = 500.0, max_queue: int = 4096, stall_s: float = 60.0):
+                 queue_budget_ms: float = ServeConfig.queue_budget_ms, max_queue: int = ServeConfig.max_queue,
+                 stall_s: float = 60.0):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -55,8 +58,8 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.stall_s = stall_s
         self.admitted = 0  # images admitted and not answered yet (decoding, queued or in a forward pass)
-        self.images_per_s = 0.0  # answered per second under load (0 until measured)
-        self.completed, self.window_start = 0, time.monotonic()
+        self.images_per_s = 0.0  # images per second of forward passes (0 until measured)
+        self.completed, self.busy = 0, 0.0  # images and seconds of forward passes since the last measurement
         self.batch_started: float | None = None
         self.taken: list = []  # (item, future) pairs the batching task has taken from the queue
         self.failure = ""
@@ -84,25 +87,21 @@ class MicroBatcher:
         if others > 0 and self.admitted + images > self.capacity():
             rate = self.images_per_s or self.max_batch_size
             raise Overloaded(min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.admitted / rate))))
-        if self.admitted == 0:  # a busy period starts: throughput is measured from here
-            self.window_start, self.completed = time.monotonic(), 0
         self.admitted += images
 
     def release(self, images: int = 1) -> None:
         """Count `images` out (answered, or failed)."""
         self.admitted -= images
 
-    def _measure(self, answered: int) -> None:
-        """The model's throughput while saturated: images answered per second, over windows of half a second in
-        which more than a batch was waiting (a window spanning an idle gap, or a quiet one, says nothing)."""
+    def _measure(self, answered: int, seconds: float) -> None:
+        """The model's throughput: images per second of forward passes, over every half second of them, at whatever
+        load: the rate at which the queue drains while it holds work."""
         self.completed += answered
-        now = time.monotonic()
-        span = now - self.window_start
-        if span >= 0.5:
-            if span <= 2.0 and self.admitted >= self.max_batch_size:
-                rate = self.completed / span
-                self.images_per_s = rate if not self.images_per_s else 0.7 * self.images_per_s + 0.3 * rate
-            self.window_start, self.completed = now, 0
+        self.busy += seconds
+        if self.busy >= 0.5:
+            rate = self.completed / self.busy
+            self.images_per_s = rate if not self.images_per_s else 0.7 * self.images_per_s + 0.3 * rate
+            self.completed, self.busy = 0, 0.0
 
     # --- health -------------------------------------------------------------------------------------------------
 
@@ -181,7 +180,7 @@ class MicroBatcher:
             if not batch:
                 continue
             self.taken = batch
-            self.batch_started = time.monotonic()
+            started = self.batch_started = time.monotonic()
             try:
                 probs = await loop.run_in_executor(self.executor, self.run_batch, [item for item, _ in batch])
             except Exception as e:
@@ -191,7 +190,7 @@ class MicroBatcher:
                 continue
             finally:
                 self.batch_started = None
-            self._measure(len(batch))
+            self._measure(len(batch), time.monotonic() - started)
             for (_, future), row in zip(batch, probs):
                 if not future.done():
                     future.set_result(row)

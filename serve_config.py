@@ -35,7 +35,7 @@ class ServeConfig:
     max_connections: int = 1000  # connections and requests at once (uvicorn's limit_concurrency): 503 above it
     workers: int = 0  # server processes (python api.py), sharing the cores and adding up their metrics; 0 = one per core
     # on the CPU (at most MAX_DEFAULT_WORKERS), one on a GPU
-    queue_budget_ms: float = 500.0  # admit work only while the measured throughput answers it within this; else 503
+    queue_budget_ms: float = 2000.0  # admit work only while the measured throughput answers it within this; else 503
     max_queue: int = 4096  # images admitted at once, at most (memory bound whatever the throughput)
     timeout_s: float = 30.0  # a request not answered by then gets 504; a forward pass running longer marks the server down
     drain_s: float = 0.0  # after SIGTERM: /ready answers 503 and requests are still served this long, then shutdown
