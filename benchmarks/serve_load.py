@@ -56,7 +56,9 @@ from PIL import Image  # noqa: E402
 
 import export  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from config import ConfigError  # noqa: E402
 from machine import calib_img_s, cpu_name, free_port  # noqa: E402
+from serve_config import ServeConfig  # noqa: E402
 
 SERVERS = ["api", "api-onnx", "api-int8", "naive", "litserve", "bentoml", "mlflow"]
 PEERS = ["litserve", "bentoml", "naive", "mlflow"]  # the other servers of the same model, for the targets
@@ -450,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "before their next request (default: at once, as wrk)")
     # BentoML's settings (benchmarks/bentoml_service.py): as its guides advise for a CPU model with adaptive batching
     parser.add_argument("--bentoml-batch", type=int, default=32, help="BentoML's max_batch_size (and concurrency)")
-    parser.add_argument("--bentoml-latency-ms", type=int, default=500, help="BentoML's max_latency_ms: requests that "
-                                                                           "would wait longer get 503")
+    parser.add_argument("--bentoml-latency-ms", type=int, default=0, help="BentoML's max_latency_ms: requests that "
+                        "would wait longer get 503 (0: api.py's queue budget, CATER_QUEUE_BUDGET_MS or its default)")
     parser.add_argument("--bentoml-workers", type=int, default=0, help="BentoML's workers (0: one per core)")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for a server to be ready")
     parser.add_argument("--logs", default="bench-results", help="folder for the servers' logs")
@@ -460,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint, data_dir = Path(args.checkpoint).resolve(), Path(args.data_dir).resolve()
     try:
         _, meta = load_checkpoint(checkpoint)
-    except CheckpointError as e:
+        api_budget_ms = ServeConfig.from_env().queue_budget_ms  # api.py's, read from this environment as it will
+    except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.burst:  # the load generator's connections and the server's, on the same machine
@@ -510,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
                                   env, "/health", "/predict", "base64"))
         elif name == "bentoml":
             env.update(BENTO_CHECKPOINT=str(checkpoint), BENTO_MAX_BATCH_SIZE=str(args.bentoml_batch),
-                       BENTO_MAX_LATENCY_MS=str(args.bentoml_latency_ms), BENTO_WORKERS=str(args.bentoml_workers))
+                       BENTO_MAX_LATENCY_MS=str(args.bentoml_latency_ms or int(api_budget_ms)),
+                       BENTO_WORKERS=str(args.bentoml_workers))
             servers.append(Server(name, [sys.executable, "-m", "bentoml", "serve", "benchmarks.bentoml_service:Classifier",
                                          "--host", "127.0.0.1", "--port", PORT],
                                   env, "/readyz", "/predict", "list"))
