@@ -50,7 +50,7 @@ class MicroBatcher:
 
     def __init__(self, run_batch: Callable[[list], list[torch.Tensor]], max_batch_size: int, max_wait_ms: float,
                  queue_budget_ms: float = ServeConfig.queue_budget_ms, max_queue: int = ServeConfig.max_queue,
-                 stall_s: float = 60.0):
+                 stall_s: float = ServeConfig.timeout_s):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -58,8 +58,9 @@ class MicroBatcher:
         self.max_queue = max_queue
         self.stall_s = stall_s
         self.admitted = 0  # images admitted and not answered yet (decoding, queued or in a forward pass)
-        self.images_per_s = 0.0  # images per second of forward passes (0 until measured)
-        self.completed, self.busy = 0, 0.0  # images and seconds of forward passes since the last measurement
+        self.images_per_s = 0.0  # images answered per second while any were admitted (0 until measured)
+        self.answered, self.busy = 0, 0.0  # since the last measurement: images released, seconds with any admitted
+        self.busy_since = time.monotonic()  # the last time `busy` was counted up to, while any are admitted
         self.batch_started: float | None = None
         self.taken: list = []  # (item, future) pairs the batching task has taken from the queue
         self.failure = ""
@@ -87,21 +88,28 @@ class MicroBatcher:
         if others > 0 and self.admitted + images > self.capacity():
             rate = self.images_per_s or self.max_batch_size
             raise Overloaded(min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.admitted / rate))))
+        if self.admitted == 0:  # work starts: the time until none is admitted again counts
+            self.busy_since = time.monotonic()
         self.admitted += images
 
     def release(self, images: int = 1) -> None:
-        """Count `images` out (answered, or failed)."""
+        """Count `images` out (answered, or failed), and measure the throughput."""
+        now = time.monotonic()
+        self.busy += now - self.busy_since
+        self.busy_since = now
         self.admitted -= images
+        self.answered += images
+        self._measure()
 
-    def _measure(self, answered: int, seconds: float) -> None:
-        """The model's throughput: images per second of forward passes, over every half second of them, at whatever
-        load: the rate at which the queue drains while it holds work."""
-        self.completed += answered
-        self.busy += seconds
+    def _measure(self) -> None:
+        """The throughput admission relies on: images answered per second of the time any were admitted, over
+        every half second of such time, at whatever load. It spans decoding, the queue, the forward pass and the
+        answer, so the slowest of them sets it; under light load it is below the model's (one request's latency
+        bounds it), so a burst that follows is admitted conservatively until it is measured again."""
         if self.busy >= 0.5:
-            rate = self.completed / self.busy
+            rate = self.answered / self.busy
             self.images_per_s = rate if not self.images_per_s else 0.7 * self.images_per_s + 0.3 * rate
-            self.completed, self.busy = 0, 0.0
+            self.answered, self.busy = 0, 0.0
 
     # --- health -------------------------------------------------------------------------------------------------
 
@@ -180,7 +188,7 @@ class MicroBatcher:
             if not batch:
                 continue
             self.taken = batch
-            started = self.batch_started = time.monotonic()
+            self.batch_started = time.monotonic()
             try:
                 probs = await loop.run_in_executor(self.executor, self.run_batch, [item for item, _ in batch])
             except Exception as e:
@@ -190,7 +198,6 @@ class MicroBatcher:
                 continue
             finally:
                 self.batch_started = None
-            self._measure(len(batch), time.monotonic() - started)
             for (_, future), row in zip(batch, probs):
                 if not future.done():
                     future.set_result(row)

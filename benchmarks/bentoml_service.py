@@ -33,7 +33,8 @@ from upload import UploadError, preprocess_upload, upload_bytes  # noqa: E402
 
 WORKERS = int(os.environ.get("BENTO_WORKERS", "0")) or available_cores()
 MAX_BATCH_SIZE = int(os.environ.get("BENTO_MAX_BATCH_SIZE", "32"))
-MAX_LATENCY_MS = int(os.environ.get("BENTO_MAX_LATENCY_MS", "0")) or int(ServeConfig.from_env().queue_budget_ms)
+# 0 or unset: api.py's queue budget, from the same environment (CATER_QUEUE_BUDGET_MS, else its default)
+MAX_LATENCY_MS = int(os.environ.get("BENTO_MAX_LATENCY_MS", "0")) or round(ServeConfig.from_env().queue_budget_ms)
 
 
 @bentoml.service(workers=WORKERS, traffic={"timeout": 60, "concurrency": MAX_BATCH_SIZE},

@@ -56,9 +56,7 @@ from PIL import Image  # noqa: E402
 
 import export  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from config import ConfigError  # noqa: E402
 from machine import calib_img_s, cpu_name, free_port  # noqa: E402
-from serve_config import ServeConfig  # noqa: E402
 
 SERVERS = ["api", "api-onnx", "api-int8", "naive", "litserve", "bentoml", "mlflow"]
 PEERS = ["litserve", "bentoml", "naive", "mlflow"]  # the other servers of the same model, for the targets
@@ -462,8 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint, data_dir = Path(args.checkpoint).resolve(), Path(args.data_dir).resolve()
     try:
         _, meta = load_checkpoint(checkpoint)
-        api_budget_ms = ServeConfig.from_env().queue_budget_ms  # api.py's, read from this environment as it will
-    except (CheckpointError, ConfigError) as e:
+    except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.burst:  # the load generator's connections and the server's, on the same machine
@@ -513,8 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                                   env, "/health", "/predict", "base64"))
         elif name == "bentoml":
             env.update(BENTO_CHECKPOINT=str(checkpoint), BENTO_MAX_BATCH_SIZE=str(args.bentoml_batch),
-                       BENTO_MAX_LATENCY_MS=str(args.bentoml_latency_ms or int(api_budget_ms)),
-                       BENTO_WORKERS=str(args.bentoml_workers))
+                       BENTO_MAX_LATENCY_MS=str(args.bentoml_latency_ms), BENTO_WORKERS=str(args.bentoml_workers))
             servers.append(Server(name, [sys.executable, "-m", "bentoml", "serve", "benchmarks.bentoml_service:Classifier",
                                          "--host", "127.0.0.1", "--port", PORT],
                                   env, "/readyz", "/predict", "list"))

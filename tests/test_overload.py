@@ -111,8 +111,9 @@ def statuses(base: str, route: str = "/predict") -> dict[str, float]:
 @pytest.mark.full
 def test_a_burst_gets_200s_and_fast_503s_and_the_200s_keep_flowing(checkpoint, tmp_path):
     body = png_body()
-    # A 500 ms queue budget, not the 2 s default: on a fast machine 2 s of this net's throughput holds all 1,100
-    with many_files(), api_server(checkpoint, tmp_path, queue_budget_ms=500) as (proc, base):
+    # A short queue (500 ms, at most 256 images), not the 2 s default: 2 s of this net's throughput on a fast
+    # machine holds all 1,100 connections, and the test is of the refusals
+    with many_files(), api_server(checkpoint, tmp_path, queue_budget_ms=500, max_queue=256) as (proc, base):
         url = f"{base}/predict"
         wrk(url, body, 32, 3, tmp_path)  # warm-up: the admission limit learns the throughput
         normal = wrk(url, body, 32, 5, tmp_path)
@@ -167,22 +168,20 @@ def test_503_at_capacity_says_when_to_retry():
     asyncio.run(scenario())
 
 
-def test_the_throughput_is_measured_at_any_load():
-    """The admission limit knows the model's throughput before a burst: it is measured from the forward passes' own
-    time, one request at a time too (measured only while over a batch was waiting, two server processes at
-    concurrency 32 never measured it, and a burst met the floor of two batches: a storm of 503s at its start)."""
-    def run_batch(items):
-        time.sleep(0.02)  # a forward pass of 20 ms, whatever the batch: 50 images/s one at a time
-        return [torch.zeros(1)] * len(items)
-
+def test_the_throughput_is_measured_at_any_load_from_admission_to_answer():
+    """The admission limit knows the throughput before a burst: it is measured over the time any request is admitted,
+    one request at a time too (measured only while over a batch was waiting, two server processes at concurrency 32
+    never measured it, and a burst met the floor of two batches: a storm of 503s at its start), and it counts what
+    comes before the forward pass (decoding), so a server slow to decode admits no more than it answers."""
     async def scenario():
-        batcher = MicroBatcher(run_batch, max_batch_size=32, max_wait_ms=0)
-        for _ in range(30):  # 0.6 s of forward passes, never more than one request admitted
+        batcher = MicroBatcher(lambda items: [torch.zeros(1)] * len(items), max_batch_size=32, max_wait_ms=0)
+        for _ in range(30):  # 0.6 s of work, never more than one request admitted
             batcher.admit(1)
+            await asyncio.sleep(0.02)  # decoding: 20 ms an image, so at most 50 images/s; the forward pass is instant
             await batcher.submit("image")
             batcher.release(1)
-        assert 40 < batcher.images_per_s < 55, batcher.images_per_s
-        assert batcher.capacity() == int(batcher.images_per_s * 2) > 2 * 32  # the 2 s budget's worth, over the floor
+        assert 20 < batcher.images_per_s <= 50.5, batcher.images_per_s
+        assert batcher.capacity() == max(2 * 32, int(batcher.images_per_s * 2))  # the 2 s budget's worth, or the floor
         await batcher.close()
 
     asyncio.run(scenario())
@@ -323,6 +322,8 @@ def test_sigterm_drains_then_finishes_every_accepted_request(checkpoint, tmp_pat
                     except httpx.ConnectError:  # the listener closed after the drain: not accepted
                         results.append((time.monotonic(), "closed"))
                         time.sleep(0.05)
+                    except (httpx.ReadError, httpx.RemoteProtocolError):  # a kept-alive connection closed as it ended
+                        results.append((time.monotonic(), "reset"))
 
         workers = [threading.Thread(target=load) for _ in range(8)]
         for w in workers:
@@ -337,8 +338,11 @@ def test_sigterm_drains_then_finishes_every_accepted_request(checkpoint, tmp_pat
         for w in workers:
             w.join()
 
-    answered = [status for t, status in results if status != "closed"]
+    answered = [status for t, status in results if status not in ("closed", "reset")]
     assert set(answered) == {200}, answered  # every request the server accepted got its answer
+    # A request sent on an idle kept-alive connection as the server closes it after the drain meets a reset (HTTP's
+    # race: the server never read it); during the drain, none
+    assert all(t > sigterm + 1.5 for t, status in results if status == "reset"), results
     assert any(t > sigterm + 1.0 and s == 200 for t, s in results)  # still served during the drain
     assert code in (0, -signal.SIGTERM)
 
