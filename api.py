@@ -433,9 +433,9 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
             raise HTTPException(503, str(e), headers=e.headers) from None
         except WorkerDown as e:
             raise HTTPException(503, f"inference is down: {e}") from None
-    stop = threading.Event()
-    decoding = loop.run_in_executor(state.decode_pool, decode_all, opened, meta, stop)
+    stop, answered = threading.Event(), False
     try:
+        decoding = loop.run_in_executor(state.decode_pool, decode_all, opened, meta, stop)
         async with asyncio.timeout_at(deadline):
             images = await asyncio.shield(decoding)
             probs = await asyncio.gather(*(batcher.submit((served.predictor, x)) for x in images))
@@ -449,6 +449,7 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
                 if failed is not None:  # a network Grad-CAM cannot follow (no spatial layer...)
                     log.warning("cannot explain with %s: %r", served.describe(), failed)
                     raise HTTPException(409, f"this model cannot be explained: {str(failed)[:200]}")
+        answered = True
     except TimeoutError:
         # A thread cannot be killed: tell it to stop, and keep the request's queue places until it has (one
         # image's decode at most, bounded by the pixel limits), so admission never counts work that still runs.
@@ -459,7 +460,7 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
     except WorkerDown as e:
         raise HTTPException(503, f"inference is down: {e}") from None
     finally:
-        batcher.release(extra)
+        batcher.release(extra, ok=answered)
     answers = [postprocess(p, classes, k or config.top_k, config.tta, config.review_below) for p in probs]
     if explain is False:
         return answers

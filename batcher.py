@@ -59,7 +59,7 @@ class MicroBatcher:
         self.stall_s = stall_s
         self.admitted = 0  # images admitted and not answered yet (decoding, queued or in a forward pass)
         self.images_per_s = 0.0  # images answered per second while any were admitted (0 until measured)
-        self.answered, self.busy = 0, 0.0  # since the last measurement: images released, seconds with any admitted
+        self.answered, self.busy = 0, 0.0  # since the last measurement: images answered, seconds with any admitted
         self.busy_since = time.monotonic()  # the last time `busy` was counted up to, while any are admitted
         self.batch_started: float | None = None
         self.taken: list = []  # (item, future) pairs the batching task has taken from the queue
@@ -92,20 +92,22 @@ class MicroBatcher:
             self.busy_since = time.monotonic()
         self.admitted += images
 
-    def release(self, images: int = 1) -> None:
-        """Count `images` out (answered, or failed), and measure the throughput."""
+    def release(self, images: int = 1, ok: bool = True) -> None:
+        """Count `images` out, and measure the throughput; `ok`: they were answered. Failed ones (a bad image, a
+        refusal of a batch's rest) count only their time, so a flood of cheap failures cannot raise the limit."""
         now = time.monotonic()
         self.busy += now - self.busy_since
         self.busy_since = now
         self.admitted -= images
-        self.answered += images
+        self.answered += images if ok else 0
         self._measure()
 
     def _measure(self) -> None:
         """The throughput admission relies on: images answered per second of the time any were admitted, over
         every half second of such time, at whatever load. It spans decoding, the queue, the forward pass and the
-        answer, so the slowest of them sets it; under light load it is below the model's (one request's latency
-        bounds it), so a burst that follows is admitted conservatively until it is measured again."""
+        answer, so the slowest of them sets it. Under light load one request's latency bounds it: below what a
+        model that gains much from batching answers under load (a burst is admitted conservatively until measured
+        again), about it for a small one."""
         if self.busy >= 0.5:
             rate = self.answered / self.busy
             self.images_per_s = rate if not self.images_per_s else 0.7 * self.images_per_s + 0.3 * rate

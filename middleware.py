@@ -283,8 +283,15 @@ class GateMiddleware:
             metrics.rejected.labels("unavailable").inc()
             return await JSONResponse({"detail": f"inference is down: {e}"}, 503)(scope, receive, send)
         metrics.admitted.set(batcher.admitted)
+        status = []
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_status)
         finally:
-            batcher.release(1)
+            batcher.release(1, ok=bool(status) and status[0] < 400)  # only answers count for the throughput
             metrics.admitted.set(batcher.admitted)
