@@ -48,7 +48,7 @@ smoke: $(READY)  ## a few batches through every stage: writes models/smoke.pt (n
 test: $(READY)  ## quick tier, 2-5 min on 2 cores: every test not marked `full` (no database, browser, torchrun, load generator or server)
 	$(PY) -m pytest -q -m "not full"
 
-test-all: $(READY) system-packages  ## every test, the `full` tier too (PostgreSQL, S3, chromium, wrk, torchrun, servers), 7-15 min: what CI runs
+test-all: $(READY) system-packages  ## every test, the `full` tier too (PostgreSQL, S3, chromium, wrk, torchrun, servers), 7-17 min: what CI runs
 	$(PY) -m pytest -q
 
 report: $(READY)  ## a run's page in reports/<run>/index.html: curves, confusion matrices, per-class bars, worst mistakes, settings (RUN=id, default: the latest)
