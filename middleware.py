@@ -69,6 +69,18 @@ class Metrics:
             multiprocess.mark_process_dead(os.getpid())
 
 
+class StatusRecorder:
+    """An ASGI send that passes every message on and keeps the response's status (None until it starts)."""
+
+    def __init__(self, send):
+        self.send, self.status = send, None
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
 class MetricsMiddleware:
     """Counts every response by route template (not raw path, so unknown URLs cannot blow up the label set)."""
 
@@ -81,21 +93,15 @@ class MetricsMiddleware:
             return await self.app(scope, receive, send)
         if self.paths is None:
             self.paths = frozenset(r.path for r in scope["app"].routes)
-        start, status = time.perf_counter(), 499  # no response at all: the client went away (nginx's 499)
-
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        start, sent, failed = time.perf_counter(), StatusRecorder(send), False
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, sent)
         except BaseException:
-            if status == 499:
-                status = 500
+            failed = True
             raise
         finally:
+            # no response at all: 500 when the app failed, else the client went away (nginx's 499)
+            status = sent.status or (500 if failed else 499)
             route = scope.get("route")
             if route is not None:
                 route = route.path
@@ -283,15 +289,9 @@ class GateMiddleware:
             metrics.rejected.labels("unavailable").inc()
             return await JSONResponse({"detail": f"inference is down: {e}"}, 503)(scope, receive, send)
         metrics.admitted.set(batcher.admitted)
-        status = []
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-            await send(message)
-
+        sent = StatusRecorder(send)
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, sent)
         finally:
-            batcher.release(1, ok=bool(status) and status[0] < 400)  # only answers count for the throughput
+            batcher.release(1, ok=sent.status is not None and sent.status < 400)  # only answers count for throughput
             metrics.admitted.set(batcher.admitted)
