@@ -360,7 +360,13 @@ def print_bursts(bursts: list[Burst]) -> None:
             print(f"          first connection error: {b.first_error}")
 
 
-def print_targets(results: list[Result], bursts: list[Burst]) -> None:
+def median_round(rounds: list[Result]) -> Result:
+    """A level's result: its round with the median req/s (the slower middle one of an even count)."""
+    return sorted(rounds, key=lambda r: r.rps)[(len(rounds) - 1) // 2]
+
+
+def print_targets(results: list[Result], bursts: list[Burst], rounds: list[Result] | None = None) -> None:
+    """results: one per server and level (the median round); rounds: every round measured, for the error count."""
     def find(server, concurrency):
         return next((r for r in results if r.server == server and r.concurrency == concurrency), None)
 
@@ -404,7 +410,7 @@ def print_targets(results: list[Result], bursts: list[Burst]) -> None:
     if api1:
         p50 = api1.pct(50, "png32")
         print(f"  concurrency 1: api p50 for a 32x32 PNG = {p50:.2f} ms (target <= 5 ms: {verdict(p50 <= 5)})")
-    api = [r for r in results if r.server == "api"]
+    api = [r for r in (rounds or results) if r.server == "api"]
     if api:
         total, errors = sum(r.requests for r in api), sum(r.errors for r in api)
         print(f"  api errors: {errors} over {total} requests (target: 0 over >= 20,000: "
@@ -427,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="../shared/data", help="folder holding cifar-10-batches-bin/")
     parser.add_argument("--requests", type=int, default=5000, help="measured requests per server and concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--rounds", type=int, default=1, help="measure each level this many times, one after another, "
+                        "and count the median round (by req/s): on a noisy machine one slow spell then decides less")
     parser.add_argument("--warmup", type=int, default=300, help="requests sent to each server before measuring")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
     parser.add_argument("--api-workers", type=processes, nargs="+", default=[0],
@@ -456,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for a server to be ready")
     parser.add_argument("--logs", default="bench-results", help="folder for the servers' logs")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
 
     checkpoint, data_dir = Path(args.checkpoint).resolve(), Path(args.data_dir).resolve()
     try:
@@ -477,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint {checkpoint}  ({meta['model_config'].get('arch')}, {len(meta['classes'])} classes)")
     print(f"images: 256 CIFAR-10 32x32 PNGs (data_batch_5.bin), 8 CIFAR-10 images upscaled to 640x480 JPEG "
           f"(1 request in {PNGS_PER_PHOTO + 1}); per server {args.warmup} warm-up requests, then per level "
-          f"2x concurrency more and {args.requests} measured")
+          f"2x concurrency more and {args.requests} measured"
+          f"{f', {args.rounds} times (the median round counts)' if args.rounds > 1 else ''}")
     calib_img_s()  # prints its line, at the start and at the end
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}\n")
@@ -533,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlflow: serving runs:/{meta['mlflow_run_id']}/model from {args.tracking_uri}, the logged pyfunc model "
               "(mlflow_model.py): base64 image files in a dataframe_split body\n")
 
-    results, bursts = [], []
+    results, bursts, every_round = [], [], []
     for server in servers:
         bodies = request_bodies(files, server.payload, meta)
         try:
@@ -546,11 +557,16 @@ def main(argv: list[str] | None = None) -> int:
             # Some servers are slow for their first hundreds of requests (mlflow's took ~300 ms each): not measured.
             asyncio.run(drive(url, bodies, 8, args.warmup, process, Result(server.name, 8, args.warmup, 0.0)))
             for concurrency in args.concurrency:
-                result = Result(server.name, concurrency, args.requests, 0.0)
-                asyncio.run(drive(url, bodies, concurrency, args.requests, process, result))
+                rounds = []
+                for _ in range(args.rounds):
+                    rounds.append(Result(server.name, concurrency, args.requests, 0.0))
+                    asyncio.run(drive(url, bodies, concurrency, args.requests, process, rounds[-1]))
+                result = median_round(rounds)
                 results.append(result)
+                every_round += rounds
+                each = f"  (rounds: {', '.join(f'{r.rps:.1f}' for r in rounds)} req/s)" if len(rounds) > 1 else ""
                 print(f"  {server.name:<11} c={concurrency:<3} {result.rps:8.1f} req/s  p99 {result.pct(99):7.2f} ms  "
-                      f"errors {result.errors}", flush=True)
+                      f"errors {result.errors}{each}", flush=True)
             if args.burst:
                 result = Burst(server.name, args.burst)
                 asyncio.run(burst(url, bodies, args.burst_seconds, args.burst_timeout, process, result, args.burst_polite))
@@ -570,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.burst_timeout:g} s; after a 503 the next request "
               f"{'waits as Retry-After says' if args.burst_polite else 'goes at once'}")
         print_bursts(bursts)
-    print_targets(results, bursts)
+    print_targets(results, bursts, every_round)
     return 0
 
 

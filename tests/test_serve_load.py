@@ -60,3 +60,14 @@ def test_a_request_past_the_client_timeout_is_a_timeout_not_an_answer():
     result = asyncio.run(run_burst(stalls, 3, 0.1, 0.3, polite=False))
     assert result.timeouts == 3 and result.answers == 0 and result.ok_latencies == []
     assert 0.3 <= result.seconds < 1.0
+
+
+def test_a_level_counts_its_median_round_and_every_rounds_errors(capsys):
+    def level(server, requests_per_s, errors=0):
+        return serve_load.Result(server, 32, 1000 + errors, 1000 / requests_per_s, errors=errors)
+
+    rounds = [level("api", 700), level("api", 350, errors=3), level("api", 900)]
+    assert serve_load.median_round(rounds).rps == 700
+    assert serve_load.median_round(rounds[:2]).rps == 350  # an even count: the slower middle round
+    serve_load.print_targets([serve_load.median_round(rounds)], [], rounds)
+    assert "api errors: 3 over 3003 requests" in capsys.readouterr().out
