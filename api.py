@@ -60,10 +60,14 @@ log = logging.getLogger("uvicorn.error")
 
 MAX_TOP_K = 1000
 EXPLAIN_COST = 4  # images' worth of inference one /explain takes, for admission
-# One image this small (encoded bytes, then pixels) is decoded on the event loop: handing it to a decode thread and
-# back cost more than decoding it (a 32 x 32 PNG: ~0.1 ms); larger ones go to the decode threads.
+# A request's one image is opened and decoded on the event loop when its size bounds that work, as a trip to a
+# decode thread and back cost more than decoding it (a 32 x 32 PNG: ~0.1 ms): few encoded bytes and pixels, a format
+# whose decoding those bound (not a progressive JPEG: its scans are not), and no PNG chunk that Pillow inflates while
+# opening (compressed text or an ICC profile: up to 64 MB out of 64 KiB). Any other image goes to the decode threads.
 INLINE_BYTES = 64 * 1024
 INLINE_PIXELS = 128 * 128
+INLINE_FORMATS = {"PNG", "JPEG", "BMP"}
+INFLATED_PNG_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
 MAX_CLASSES = 100_000  # a bound for class_index in the schema; the served model's own count is checked per request
 MAX_ERRORS = 5  # validation errors listed in a 422
 UI = Path(__file__).resolve().parent / "ui"  # the prediction page (GET /) and its files, served as they are
@@ -400,6 +404,24 @@ def open_all(data_list: list, decode: Callable[[Any], bytes], config: ServeConfi
     return opened
 
 
+def as_is(data: bytes) -> bytes:
+    return data
+
+
+def decoded(data: Any, decode: Callable[[Any], bytes]) -> bytes:
+    """One upload's file (decode: base64 or as_is), a 400 if it cannot be had."""
+    try:
+        return decode(data)
+    except UploadError as e:
+        raise HTTPException(e.status, str(e)) from None
+
+
+def cheap_to_decode(image: Image.Image) -> bool:
+    """Whether an opened image's decoding is bounded by its (small) size: see INLINE_FORMATS."""
+    return (image.format in INLINE_FORMATS and image.width * image.height <= INLINE_PIXELS
+            and not image.info.get("progressive"))
+
+
 def decode_all(opened: list[Image.Image], meta: dict, stop: threading.Event) -> list[torch.Tensor]:
     """The opened images decoded and preprocessed, one by one until `stop` is set (the request's time is up)."""
     out = []
@@ -424,9 +446,12 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.timeout_s
     inline = explain is False and len(data_list) == 1 and len(data_list[0]) <= INLINE_BYTES
+    if inline:  # see INLINE_BYTES: the file itself is had here (for so few bytes, cheaper than a thread's trip)
+        data_list, decode = [decoded(data_list[0], decode)], as_is
+        inline = not any(chunk in data_list[0] for chunk in INFLATED_PNG_CHUNKS)
     if inline:
         opened = open_all(data_list, decode, config)
-        inline = opened[0].width * opened[0].height <= INLINE_PIXELS
+        inline = cheap_to_decode(opened[0])
     else:
         opened = await loop.run_in_executor(state.decode_pool, open_all, data_list, decode, config)
 
@@ -569,7 +594,7 @@ async def predict_file(request: Request, file: Annotated[UploadFile, File(descri
                        top_k: Annotated[int | None, Form(ge=1, le=MAX_TOP_K)] = None):
     """Classify one image sent as a multipart upload (curl -F file=@cat.png)."""
     data = await file.read()
-    return (await classify(request, [data], top_k, lambda b: b))[0]
+    return (await classify(request, [data], top_k, as_is))[0]
 
 
 async def explain(body: ExplainRequest, request: Request):

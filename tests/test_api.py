@@ -24,7 +24,7 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 from schemathesis import GenerationMode
 from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
                                  status_code_conformance)
@@ -405,10 +405,11 @@ def test_batched_equals_single(checkpoint_path, reference):
     assert images == len(files) and batches < len(files)  # some requests were batched together
 
 
-def test_small_images_are_decoded_on_the_event_loop_and_large_ones_in_the_decode_threads(client, reference,
-                                                                                          monkeypatch):
-    """One small image costs less to decode than a trip to a decode thread; a large one, or a batch request's
-    several, must not hold up the event loop. Either way the answer is the same."""
+def test_small_images_are_decoded_on_the_event_loop_and_others_in_the_decode_threads(client, reference,
+                                                                                      monkeypatch):
+    """One small image costs less to decode than a trip to a decode thread. A large one, a batch request's several,
+    and those whose decoding their size does not bound (a progressive JPEG's scans, a PNG's compressed text, inflated
+    by Pillow as it opens the file) must not hold up the event loop. Either way the answer is the same."""
     where, real = [], api.decode_all
 
     def recording(*args):
@@ -416,18 +417,28 @@ def test_small_images_are_decoded_on_the_event_loop_and_large_ones_in_the_decode
         return real(*args)
 
     monkeypatch.setattr(api, "decode_all", recording)
-    small, large = encode(noise((32, 32))), encode(noise((160, 160)))
-    assert len(small) <= api.INLINE_BYTES and 160 * 160 > api.INLINE_PIXELS
-    for data, route, body in ((small, "/predict", {"image_base64": b64(small)}),
-                              (large, "/predict", {"image_base64": b64(large)}),
-                              (small, "/predict/batch", {"images": [b64(small)] * 2})):
-        r = client.post(route, json=body)
-        assert r.status_code == 200, r.text
-        for answer in r.json() if route == "/predict/batch" else [r.json()]:
+    text = PngImagePlugin.PngInfo()
+    text.add_text("comment", "a" * 10_000, zip=True)
+    cases = {  # name: (file, sent in a batch of two, decoded in a decode thread)
+        "small PNG": (encode(noise()), False, False),
+        "small baseline JPEG": (encode(noise(), "JPEG"), False, False),
+        "small, but a batch": (encode(noise()), True, True),
+        "few bytes, many pixels": (encode(Image.new("RGB", (160, 160))), False, True),
+        "progressive JPEG": (encode(noise(), "JPEG", progressive=True), False, True),
+        "PNG with compressed text": (encode(noise(), "PNG", pnginfo=text), False, True),
+    }
+    for name, (data, batch, threaded) in cases.items():
+        assert len(b64(data)) <= api.INLINE_BYTES, name
+        r = client.post("/predict/batch", json={"images": [b64(data)] * 2}) if batch else \
+            client.post("/predict", json={"image_base64": b64(data)})
+        assert r.status_code == 200, (name, r.text)
+        for answer in r.json() if batch else [r.json()]:
             assert_matches(answer, expected_probs(reference, data))
-    assert [name.startswith("decode") for name in where] == [False, True, True]
+        assert where.pop().startswith("decode") == threaded, name
     bad = client.post("/predict", json={"image_base64": b64(truncated_png())})  # a clear 400 from the loop too
-    assert bad.status_code == 400 and "truncated" in bad.json()["detail"] and not where[-1].startswith("decode")
+    assert bad.status_code == 400 and "truncated" in bad.json()["detail"] and not where.pop().startswith("decode")
+    bad = client.post("/predict", json={"image_base64": "not base64!!"})
+    assert bad.status_code == 400 and "base64" in bad.json()["detail"] and not where
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
