@@ -360,13 +360,45 @@ def print_bursts(bursts: list[Burst]) -> None:
             print(f"          first connection error: {b.first_error}")
 
 
-def median_round(rounds: list[Result]) -> Result:
-    """A level's result: its round with the median req/s (the slower middle one of an even count)."""
-    return sorted(rounds, key=lambda r: r.rps)[(len(rounds) - 1) // 2]
+def median_of(rounds: list, figure: str):
+    """The round whose `figure` (Result.rps, Burst.goodput) is the median (the lower middle one of an even count)."""
+    return sorted(rounds, key=lambda r: getattr(r, figure))[(len(rounds) - 1) // 2]
 
 
-def print_targets(results: list[Result], bursts: list[Burst], rounds: list[Result] | None = None) -> None:
-    """results: one per server and level (the median round); rounds: every round measured, for the error count."""
+def measure_server(server: Server, bodies: list[tuple[str, bytes]], logs: Path,
+                   args: argparse.Namespace) -> tuple[list[Result], Burst | None]:
+    """One server started, warmed up, measured at each level and in the burst, and stopped: ([], None) if it does
+    not start."""
+    try:
+        proc, base = start(server, logs / f"serve_{server.name.replace(' ', '_')}.log", args.startup_timeout)
+    except RuntimeError as e:
+        print(f"{e}\n{server.name}: skipped\n")
+        return [], None
+    url, process = base + server.predict_path, psutil.Process(proc.pid)
+    levels, result = [], None
+    try:
+        # Some servers are slow for their first hundreds of requests (mlflow's took ~300 ms each): not measured.
+        asyncio.run(drive(url, bodies, 8, args.warmup, process, Result(server.name, 8, args.warmup, 0.0)))
+        for concurrency in args.concurrency:
+            levels.append(Result(server.name, concurrency, args.requests, 0.0))
+            asyncio.run(drive(url, bodies, concurrency, args.requests, process, levels[-1]))
+            print(f"  {server.name:<11} c={concurrency:<3} {levels[-1].rps:8.1f} req/s  p99 {levels[-1].pct(99):7.2f} "
+                  f"ms  errors {levels[-1].errors}", flush=True)
+        if args.burst:
+            result = Burst(server.name, args.burst)
+            asyncio.run(burst(url, bodies, args.burst_seconds, args.burst_timeout, process, result, args.burst_polite))
+            print(f"  {server.name:<11} burst of {args.burst}: {result.goodput:.1f} 200s/s, p99 of the 200s "
+                  f"{result.pct(99):.0f} ms, statuses {result.statuses}, timeouts {result.timeouts}, "
+                  f"connection errors {result.errors}", flush=True)
+    finally:
+        stop(proc)
+    return levels, result
+
+
+def print_targets(results: list[Result], bursts: list[Burst], rounds: list[Result] | None = None,
+                  burst_rounds: list[Burst] | None = None) -> None:
+    """results, bursts: one per server (and level), the median round; rounds, burst_rounds: every round measured,
+    for the counts of errors and timeouts."""
     def find(server, concurrency):
         return next((r for r in results if r.server == server and r.concurrency == concurrency), None)
 
@@ -402,17 +434,21 @@ def print_targets(results: list[Result], bursts: list[Burst], rounds: list[Resul
     if peer_bursts:
         best = max(peer_bursts, key=lambda b: b.goodput)
         for b in [b for b in bursts if b.server.startswith("api")]:
+            every = [x for x in burst_rounds or bursts if x.server == b.server]
+            timeouts, errors = sum(x.timeouts for x in every), sum(x.errors for x in every)
             print(f"  burst of {b.connections}: {b.server} {b.goodput:.1f} 200s/s, the best peer ({best.server}) "
                   f"{best.goodput:.1f} (target the most: {verdict(b.goodput > best.goodput)}); timeouts "
-                  f"{b.timeouts}, connection errors {b.errors} (target none: {verdict(b.timeouts + b.errors == 0)})")
+                  f"{timeouts}, connection errors {errors}{f' in {len(every)} bursts' if len(every) > 1 else ''} "
+                  f"(target none: {verdict(timeouts + errors == 0)})")
     if api32:
         print(f"  concurrency 32: api p99 = {api32.pct(99):.1f} ms (target <= 50 ms: {verdict(api32.pct(99) <= 50)})")
     if api1:
         p50 = api1.pct(50, "png32")
         print(f"  concurrency 1: api p50 for a 32x32 PNG = {p50:.2f} ms (target <= 5 ms: {verdict(p50 <= 5)})")
-    api = [r for r in (rounds or results) if r.server == "api"]
+    api = [r for r in results if r.server == "api"]
     if api:
-        total, errors = sum(r.requests for r in api), sum(r.errors for r in api)
+        every = [r for r in rounds or results if r.server == "api"]
+        total, errors = sum(r.requests for r in every), sum(r.errors for r in every)
         print(f"  api errors: {errors} over {total} requests (target: 0 over >= 20,000: "
               f"{verdict(errors == 0 and total >= 20000)})")
         print(f"  api RSS: {api[0].rss_start:.0f} MB after the first warm-up, {api[-1].rss_end:.0f} MB at the end, "
@@ -433,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="../shared/data", help="folder holding cifar-10-batches-bin/")
     parser.add_argument("--requests", type=int, default=5000, help="measured requests per server and concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--rounds", type=int, default=1, help="measure each level this many times, one after another, "
-                        "and count the median round (by req/s): on a noisy machine one slow spell then decides less")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every server this many times, in turn (each "
+                        "round starts each server again), and count each level's and burst's median round: on a "
+                        "machine whose speed drifts, one slow spell then decides less, and no server meets it alone")
     parser.add_argument("--warmup", type=int, default=300, help="requests sent to each server before measuring")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=SERVERS)
     parser.add_argument("--api-workers", type=processes, nargs="+", default=[0],
@@ -488,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"images: 256 CIFAR-10 32x32 PNGs (data_batch_5.bin), 8 CIFAR-10 images upscaled to 640x480 JPEG "
           f"(1 request in {PNGS_PER_PHOTO + 1}); per server {args.warmup} warm-up requests, then per level "
           f"2x concurrency more and {args.requests} measured"
-          f"{f', {args.rounds} times (the median round counts)' if args.rounds > 1 else ''}")
+          f"{f'; {args.rounds} rounds of all servers in turn (the median round counts)' if args.rounds > 1 else ''}")
     calib_img_s()  # prints its line, at the start and at the end
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA'}\n")
@@ -544,49 +581,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlflow: serving runs:/{meta['mlflow_run_id']}/model from {args.tracking_uri}, the logged pyfunc model "
               "(mlflow_model.py): base64 image files in a dataframe_split body\n")
 
-    results, bursts, every_round = [], [], []
-    for server in servers:
-        bodies = request_bodies(files, server.payload, meta)
-        try:
-            proc, base = start(server, logs / f"serve_{server.name.replace(' ', '_')}.log", args.startup_timeout)
-        except RuntimeError as e:
-            print(f"{e}\n{server.name}: skipped\n")
-            continue
-        url, process = base + server.predict_path, psutil.Process(proc.pid)
-        try:
-            # Some servers are slow for their first hundreds of requests (mlflow's took ~300 ms each): not measured.
-            asyncio.run(drive(url, bodies, 8, args.warmup, process, Result(server.name, 8, args.warmup, 0.0)))
-            for concurrency in args.concurrency:
-                rounds = []
-                for _ in range(args.rounds):
-                    rounds.append(Result(server.name, concurrency, args.requests, 0.0))
-                    asyncio.run(drive(url, bodies, concurrency, args.requests, process, rounds[-1]))
-                result = median_round(rounds)
-                results.append(result)
-                every_round += rounds
-                each = f"  (rounds: {', '.join(f'{r.rps:.1f}' for r in rounds)} req/s)" if len(rounds) > 1 else ""
-                print(f"  {server.name:<11} c={concurrency:<3} {result.rps:8.1f} req/s  p99 {result.pct(99):7.2f} ms  "
-                      f"errors {result.errors}{each}", flush=True)
-            if args.burst:
-                result = Burst(server.name, args.burst)
-                asyncio.run(burst(url, bodies, args.burst_seconds, args.burst_timeout, process, result, args.burst_polite))
-                bursts.append(result)
-                print(f"  {server.name:<11} burst of {args.burst}: {result.goodput:.1f} 200s/s, p99 of the 200s "
-                      f"{result.pct(99):.0f} ms, statuses {result.statuses}, timeouts {result.timeouts}, "
-                      f"connection errors {result.errors}", flush=True)
-        finally:
-            stop(proc)
+    every_round, every_burst = [], []  # every measurement: rounds x servers x levels, and the bursts
+    for round_no in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"round {round_no} of {args.rounds}: every server in turn", flush=True)
+        for server in servers:
+            levels, burst_result = measure_server(server, request_bodies(files, server.payload, meta), logs, args)
+            every_round += levels
+            every_burst += [burst_result] if burst_result else []
     exports.cleanup()
     print()
     calib_img_s()
     print()
+    results = [median_of([r for r in every_round if (r.server, r.concurrency) == key], "rps")
+               for key in dict.fromkeys((r.server, r.concurrency) for r in every_round)]
+    bursts = [median_of([b for b in every_burst if b.server == name], "goodput")
+              for name in dict.fromkeys(b.server for b in every_burst)]
+    if args.rounds > 1:
+        print(f"each level and burst as its median round of {args.rounds} (by req/s, by 200s/s), its latencies and "
+              f"RSS too; the targets' errors and timeouts count every round's. Each round's req/s:")
+        for r in results:
+            each = [f"{x.rps:.1f}" for x in every_round if (x.server, x.concurrency) == (r.server, r.concurrency)]
+            print(f"  {r.server:<12} c={r.concurrency:<4} {', '.join(each)}")
+        print()
     print_table(results)
     if bursts:
         print(f"\nburst: {args.burst} connections for {args.burst_seconds:g} s, each request given up after "
               f"{args.burst_timeout:g} s; after a 503 the next request "
               f"{'waits as Retry-After says' if args.burst_polite else 'goes at once'}")
         print_bursts(bursts)
-    print_targets(results, bursts, every_round)
+    print_targets(results, bursts, every_round, every_burst)
     return 0
 
 
