@@ -60,13 +60,14 @@ log = logging.getLogger("uvicorn.error")
 
 MAX_TOP_K = 1000
 EXPLAIN_COST = 4  # images' worth of inference one /explain takes, for admission
-# A request's one image is opened and decoded on the event loop when its size bounds that work, as a trip to a
-# decode thread and back cost more than decoding it (a 32 x 32 PNG: ~0.1 ms): few encoded bytes and pixels, a format
-# whose decoding those bound (not a progressive JPEG: its scans are not), and no PNG chunk that Pillow inflates while
-# opening (compressed text or an ICC profile: up to 64 MB out of 64 KiB). Any other image goes to the decode threads.
-INLINE_BYTES = 64 * 1024
+# A request's one image is opened and decoded on the event loop when that costs less than a trip to a decode thread
+# and back (a 32 x 32 PNG: ~0.1 ms) and its size bounds the work: a PNG (its pixels are decoded in C; a JPEG's scans,
+# however many, and a BMP's RLE, in Python, are not bounded by the pixel count) of few bytes (few chunks to parse) and
+# pixels, without a chunk Pillow inflates as it opens the file (compressed text or an ICC profile: up to 64 MB out of
+# 64 KiB). Any other image goes to the decode threads.
+INLINE_BYTES = 16 * 1024  # of the upload as sent: base64 text, or the file
 INLINE_PIXELS = 128 * 128
-INLINE_FORMATS = {"PNG", "JPEG", "BMP"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 INFLATED_PNG_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
 MAX_CLASSES = 100_000  # a bound for class_index in the schema; the served model's own count is checked per request
 MAX_ERRORS = 5  # validation errors listed in a 422
@@ -416,10 +417,9 @@ def decoded(data: Any, decode: Callable[[Any], bytes]) -> bytes:
         raise HTTPException(e.status, str(e)) from None
 
 
-def cheap_to_decode(image: Image.Image) -> bool:
-    """Whether an opened image's decoding is bounded by its (small) size: see INLINE_FORMATS."""
-    return (image.format in INLINE_FORMATS and image.width * image.height <= INLINE_PIXELS
-            and not image.info.get("progressive"))
+def cheap_to_open(data: bytes) -> bool:
+    """Whether a small file is a PNG that Pillow can open without inflating anything (see INLINE_BYTES)."""
+    return data.startswith(PNG_SIGNATURE) and not any(chunk in data for chunk in INFLATED_PNG_CHUNKS)
 
 
 def decode_all(opened: list[Image.Image], meta: dict, stop: threading.Event) -> list[torch.Tensor]:
@@ -448,10 +448,10 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
     inline = explain is False and len(data_list) == 1 and len(data_list[0]) <= INLINE_BYTES
     if inline:  # see INLINE_BYTES: the file itself is had here (for so few bytes, cheaper than a thread's trip)
         data_list, decode = [decoded(data_list[0], decode)], as_is
-        inline = not any(chunk in data_list[0] for chunk in INFLATED_PNG_CHUNKS)
+        inline = cheap_to_open(data_list[0])
     if inline:
         opened = open_all(data_list, decode, config)
-        inline = cheap_to_decode(opened[0])
+        inline = opened[0].width * opened[0].height <= INLINE_PIXELS
     else:
         opened = await loop.run_in_executor(state.decode_pool, open_all, data_list, decode, config)
 
@@ -664,7 +664,8 @@ def add_routes(app: FastAPI) -> None:
     """Each handler on its path. Added to the app itself rather than through an APIRouter: this FastAPI keeps an
     included router as one lazy entry in app.routes, where MetricsMiddleware could no longer read the paths."""
     # GateMiddleware checks the key and readiness first; the dependencies document them in the OpenAPI schema (the
-    # key only when one is set: it costs ~5 % of a small /predict's time on the event loop otherwise)
+    # key only when one is set: its two security schemes were most of FastAPI's dependency solving, ~9 % of the event
+    # loop's time at concurrency 32 in py-spy)
     keyed = [Depends(require_api_key)] if app.state.config.api_key else []
     predict_deps = keyed + [Depends(ready_state)]
     app.get("/health", response_model=HealthResponse, tags=["status"],

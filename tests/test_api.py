@@ -405,38 +405,48 @@ def test_batched_equals_single(checkpoint_path, reference):
     assert images == len(files) and batches < len(files)  # some requests were batched together
 
 
-def test_small_images_are_decoded_on_the_event_loop_and_others_in_the_decode_threads(client, reference,
-                                                                                      monkeypatch):
-    """One small image costs less to decode than a trip to a decode thread. A large one, a batch request's several,
-    and those whose decoding their size does not bound (a progressive JPEG's scans, a PNG's compressed text, inflated
-    by Pillow as it opens the file) must not hold up the event loop. Either way the answer is the same."""
-    where, real = [], api.decode_all
+def test_small_pngs_are_decoded_on_the_event_loop_and_others_in_the_decode_threads(client, reference, monkeypatch):
+    """One small PNG costs less to open and decode than a trip to a decode thread. A large one, a batch request's
+    several, and files whose work their size does not bound (a JPEG's scans, a PNG's compressed text inflated by
+    Pillow as it opens the file) must not hold up the event loop. Either way the answer is the same."""
+    where = []
 
-    def recording(*args):
-        where.append(threading.current_thread().name)
-        return real(*args)
+    def recording(step, real):
+        def run(*args):
+            where.append((step, threading.current_thread().name.startswith("decode")))
+            return real(*args)
+        return run
 
-    monkeypatch.setattr(api, "decode_all", recording)
+    monkeypatch.setattr(api, "open_all", recording("open", api.open_all))
+    monkeypatch.setattr(api, "decode_all", recording("decode", api.decode_all))
     text = PngImagePlugin.PngInfo()
     text.add_text("comment", "a" * 10_000, zip=True)
-    cases = {  # name: (file, sent in a batch of two, decoded in a decode thread)
-        "small PNG": (encode(noise()), False, False),
-        "small baseline JPEG": (encode(noise(), "JPEG"), False, False),
-        "small, but a batch": (encode(noise()), True, True),
-        "few bytes, many pixels": (encode(Image.new("RGB", (160, 160))), False, True),
-        "progressive JPEG": (encode(noise(), "JPEG", progressive=True), False, True),
-        "PNG with compressed text": (encode(noise(), "PNG", pnginfo=text), False, True),
+    small = encode(noise())
+    cases = {  # name: (file, route, opened in a decode thread, decoded in a decode thread)
+        "small PNG": (small, "/predict", False, False),
+        "small PNG as a file": (small, "/predict/file", False, False),
+        "small PNG, alone in a batch request": (small, "/predict/batch", False, False),
+        "small PNGs, two in a batch request": (small, "two", True, True),
+        "few bytes, many pixels": (encode(Image.new("RGB", (160, 160))), "/predict", False, True),
+        "PNG with compressed text": (encode(noise(), "PNG", pnginfo=text), "/predict", True, True),
+        "small baseline JPEG": (encode(noise(), "JPEG"), "/predict", True, True),
     }
-    for name, (data, batch, threaded) in cases.items():
+    for name, (data, route, opened_in_thread, decoded_in_thread) in cases.items():
         assert len(b64(data)) <= api.INLINE_BYTES, name
-        r = client.post("/predict/batch", json={"images": [b64(data)] * 2}) if batch else \
-            client.post("/predict", json={"image_base64": b64(data)})
+        if route == "/predict/file":
+            r = client.post(route, files={"file": ("x.png", data, "image/png")})
+        elif route in ("/predict/batch", "two"):
+            r = client.post("/predict/batch", json={"images": [b64(data)] * (2 if route == "two" else 1)})
+        else:
+            r = client.post(route, json={"image_base64": b64(data)})
         assert r.status_code == 200, (name, r.text)
-        for answer in r.json() if batch else [r.json()]:
+        for answer in r.json() if isinstance(r.json(), list) else [r.json()]:
             assert_matches(answer, expected_probs(reference, data))
-        assert where.pop().startswith("decode") == threaded, name
+        assert where == [("open", opened_in_thread), ("decode", decoded_in_thread)], name
+        where.clear()
     bad = client.post("/predict", json={"image_base64": b64(truncated_png())})  # a clear 400 from the loop too
-    assert bad.status_code == 400 and "truncated" in bad.json()["detail"] and not where.pop().startswith("decode")
+    assert bad.status_code == 400 and "truncated" in bad.json()["detail"] and where[-1] == ("decode", False)
+    where.clear()
     bad = client.post("/predict", json={"image_base64": "not base64!!"})
     assert bad.status_code == 400 and "base64" in bad.json()["detail"] and not where
 
