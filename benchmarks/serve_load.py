@@ -365,12 +365,12 @@ def median_of(rounds: list, figure: str):
     return sorted(rounds, key=lambda r: getattr(r, figure))[(len(rounds) - 1) // 2]
 
 
-def measure_server(server: Server, bodies: list[tuple[str, bytes]], logs: Path,
+def measure_server(server: Server, bodies: list[tuple[str, bytes]], log: Path,
                    args: argparse.Namespace) -> tuple[list[Result], Burst | None]:
-    """One server started, warmed up, measured at each level and in the burst, and stopped: ([], None) if it does
-    not start."""
+    """One server started (its output to `log`), warmed up, measured at each level and in the burst, and stopped:
+    ([], None) if it does not start."""
     try:
-        proc, base = start(server, logs / f"serve_{server.name.replace(' ', '_')}.log", args.startup_timeout)
+        proc, base = start(server, log, args.startup_timeout)
     except RuntimeError as e:
         print(f"{e}\n{server.name}: skipped\n")
         return [], None
@@ -451,8 +451,9 @@ def print_targets(results: list[Result], bursts: list[Burst], rounds: list[Resul
         total, errors = sum(r.requests for r in every), sum(r.errors for r in every)
         print(f"  api errors: {errors} over {total} requests (target: 0 over >= 20,000: "
               f"{verdict(errors == 0 and total >= 20000)})")
-        print(f"  api RSS: {api[0].rss_start:.0f} MB after the first warm-up, {api[-1].rss_end:.0f} MB at the end, "
-              f"peak {max(r.rss_peak for r in api):.0f} MB")
+        last = every[-len(api):]  # one process's levels: the last round's, as each round starts the server again
+        print(f"  api RSS: {last[0].rss_start:.0f} MB after the first warm-up, {last[-1].rss_end:.0f} MB at the end"
+              f"{' (of the last round)' if len(every) > len(api) else ''}, peak {max(r.rss_peak for r in every):.0f} MB")
 
 
 def processes(text: str) -> int:
@@ -586,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.rounds > 1:
             print(f"round {round_no} of {args.rounds}: every server in turn", flush=True)
         for server in servers:
-            levels, burst_result = measure_server(server, request_bodies(files, server.payload, meta), logs, args)
+            log = logs / f"serve_{server.name.replace(' ', '_')}{f'_round{round_no}' if args.rounds > 1 else ''}.log"
+            levels, burst_result = measure_server(server, request_bodies(files, server.payload, meta), log, args)
             every_round += levels
             every_burst += [burst_result] if burst_result else []
     exports.cleanup()

@@ -63,13 +63,15 @@ def test_a_request_past_the_client_timeout_is_a_timeout_not_an_answer():
 
 
 def test_each_level_and_burst_counts_its_median_round_and_every_rounds_errors(capsys):
-    def level(server, requests_per_s, errors=0):
-        return serve_load.Result(server, 32, 1000 + errors, 1000 / requests_per_s, errors=errors)
+    def level(server, requests_per_s, errors=0, rss=(10, 11, 12)):
+        return serve_load.Result(server, 32, 1000 + errors, 1000 / requests_per_s, errors=errors,
+                                 rss_start=rss[0], rss_end=rss[1], rss_peak=rss[2])
 
     def burst(server, goodput, timeouts=0):
         return serve_load.Burst(server, 1024, seconds=1.0, statuses={200: goodput}, timeouts=timeouts)
 
-    rounds = [level("api", 700), level("api", 350, errors=3), level("api", 900), level("litserve", 500)]
+    rounds = [level("api", 700), level("api", 350, errors=3, rss=(20, 21, 99)), level("api", 900, rss=(30, 31, 32)),
+              level("litserve", 500)]
     assert serve_load.median_of(rounds[:3], "rps").rps == 700
     assert serve_load.median_of(rounds[:2], "rps").rps == 350  # an even count: the slower middle round
     bursts = [burst("api", 600), burst("api", 400, timeouts=2), burst("api", 800), burst("litserve", 500)]
@@ -78,6 +80,8 @@ def test_each_level_and_burst_counts_its_median_round_and_every_rounds_errors(ca
                              [serve_load.median_of(bursts[:3], "goodput"), bursts[3]], rounds, bursts)
     out = capsys.readouterr().out
     assert "api errors: 3 over 3003 requests" in out
+    # a process's growth: the last round's (each round starts the server again), the peak of all
+    assert "api RSS: 30 MB after the first warm-up, 31 MB at the end (of the last round), peak 99 MB" in out
     assert "api / the best peer (litserve) = 1.40x" in out
     assert "api 600.0 200s/s, the best peer (litserve) 500.0 (target the most: met); timeouts 2, connection " \
            "errors 0 in 3 bursts (target none: MISSED)" in out
