@@ -449,11 +449,9 @@ async def classify(request: Request, data_list: list, k: int | None, decode: Cal
     if inline:  # see INLINE_BYTES: the file itself is had here (for so few bytes, cheaper than a thread's trip)
         data_list, decode = [decoded(data_list[0], decode)], as_is
         inline = cheap_to_open(data_list[0])
-    if inline:
-        opened = open_all(data_list, decode, config)
-        inline = opened[0].width * opened[0].height <= INLINE_PIXELS
-    else:
-        opened = await loop.run_in_executor(state.decode_pool, open_all, data_list, decode, config)
+    opened = (open_all(data_list, decode, config) if inline
+              else await loop.run_in_executor(state.decode_pool, open_all, data_list, decode, config))
+    inline = inline and opened[0].width * opened[0].height <= INLINE_PIXELS
 
     batcher: MicroBatcher = state.batcher
     # GateMiddleware admitted one image; a batch that passed the checks admits the rest here, and an explanation
