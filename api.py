@@ -53,7 +53,7 @@ from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor
 from registry import RegistryError
 from runtime import available_cores
 from serve_config import MAX_BATCH_IMAGES, MAX_DEFAULT_WORKERS, ServeConfig
-from supervisor import Supervisor, supervisor_pid
+from supervisor import Supervisor, Watchdog, supervisor_pid
 from upload import UploadError, check_request_pixels, decode_upload, open_upload, preprocess_upload, upload_bytes
 
 log = logging.getLogger("uvicorn.error")
@@ -345,11 +345,16 @@ async def lifespan(app: FastAPI):
     # whose full passes over it stalled every in-flight request for ~100 ms on a 2-core machine.
     gc.freeze()
     drain_on_sigterm(app, cfg.drain_s)
+    # One of several processes: uvicorn's supervisor replaces it if it dies, but its pings are answered by a thread
+    # of their own, so a hung event loop or forward pass must make it exit.
+    watchdog = Watchdog(app.state.batcher.problem) if supervisor_pid() else None
     app.state.ready = True
     try:
         yield
     finally:
         app.state.ready = False
+        if watchdog:
+            watchdog.stop()
         await app.state.batcher.close()
         app.state.decode_pool.shutdown()
         metrics.close()

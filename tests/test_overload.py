@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import api
 import supervisor
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 from batcher import MicroBatcher, Overloaded, WorkerDown
 from checkpoint import save_checkpoint
@@ -319,6 +320,116 @@ def test_a_hung_forward_pass_times_out_and_marks_the_server_down(checkpoint):
         assert client.get("/ready").status_code == 200  # it came back
 
 
+def test_the_watchdog_calls_out_a_stuck_event_loop_and_inference_down_without_a_break():
+    calls = []
+
+    async def scenario():
+        problem = [""]
+        dog = supervisor.Watchdog(lambda: problem[0], hung_s=0.5, on_hung=calls.append)
+        await asyncio.sleep(1)
+        problem[0] = "a forward pass has been running for over 30 s"
+        await asyncio.sleep(0.2)  # a problem that clears before hung_s is forgiven
+        problem[0] = ""
+        await asyncio.sleep(0.5)
+        assert calls == []
+        problem[0] = "the batching task was cancelled"
+        await asyncio.sleep(1)
+        assert len(calls) == 1 and "inference has been down" in calls[0] and "cancelled" in calls[0], calls
+        dog.stop()
+        dog = supervisor.Watchdog(lambda: "", hung_s=0.5, on_hung=calls.append)
+        await asyncio.sleep(0.3)
+        time.sleep(1)  # the event loop is stuck
+        assert len(calls) == 2 and "event loop has not run" in calls[1], calls
+        dog.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_server_process_under_the_supervisor_exits_when_its_forward_pass_hangs(checkpoint, monkeypatch):
+    """Its supervisor's pings are answered by a thread of their own: the process must notice its hang itself."""
+    exits = []
+    monkeypatch.setattr(api, "supervisor_pid", lambda: os.getppid())
+    monkeypatch.setattr(supervisor, "HUNG_S", 0.5)
+    monkeypatch.setattr(supervisor, "exit_for_replacement", exits.append)
+    with serving(checkpoint, timeout_s=0.3) as client:
+        served = client.app.state.served
+        release = threading.Event()
+        real = served.predictor.probabilities
+        served.predictor.probabilities = lambda x, tta: release.wait(10) and real(x, tta)
+        try:
+            assert client.post("/predict", json={"image_base64": png_b64()}).status_code == 504
+            deadline = time.monotonic() + 5
+            while not exits and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(exits) == 1 and "running for over 0.3 s" in exits[0], exits
+        finally:
+            release.set()
+
+
+class FakeProcess:
+    """What the Supervisor sees of a server process: alive or not, and its exit status."""
+    pids = iter(range(100, 200))
+
+    def __init__(self, *args):
+        self.pid, self.alive, self.exitcode = next(self.pids), True, None
+
+    def start(self):
+        pass
+
+    def is_alive(self, timeout):
+        return self.alive
+
+    def die(self, status=-9):
+        self.alive, self.exitcode = False, status
+
+    def kill(self):
+        pass
+
+    def join(self):
+        pass
+
+
+def test_the_supervisor_pauses_longer_each_time_processes_die_young_and_drops_their_live_gauges(monkeypatch):
+    clock, dead = [0.0], []
+    monkeypatch.setattr(supervisor, "Process", FakeProcess)
+    monkeypatch.setattr(supervisor, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(supervisor.multiprocess, "mark_process_dead", dead.append)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN,
+                                                       signal.SIGTTOU)}
+    boss = None
+    try:
+        boss = supervisor.Supervisor(uvicorn.Config("api:app", port=free_port(), workers=2))
+        boss.processes = [FakeProcess(), FakeProcess()]
+
+        def check_at(t: float) -> list:
+            clock[0] = t
+            boss.keep_subprocess_alive()
+            return list(boss.processes)
+
+        first, other = check_at(0)
+        first.die()
+        replaced = check_at(100)[0]  # it had served a while: replaced at once
+        assert replaced is not first and dead == [first.pid] and boss.pause == 0
+        check_at(101)
+        replaced.die()  # 4 s after it started: a crash loop may have begun
+        assert check_at(105)[0] is replaced and check_at(105.9)[0] is replaced  # waits 1 s
+        again = check_at(106)[0]
+        assert again is not replaced and dead[-1] == replaced.pid
+        check_at(106.5)
+        again.die()
+        assert check_at(107)[0] is again and check_at(108.9)[0] is again  # then 2 s
+        assert check_at(109)[0] is not again and check_at(109)[1] is other
+        other.die(STARTUP_FAILURE)  # a process that could not load the model: it would fail again
+        check_at(110)
+        assert boss.should_exit.is_set()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for sock in boss.sockets if boss else []:
+            sock.close()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Graceful shutdown
 
@@ -442,6 +553,25 @@ def test_two_worker_processes_add_up_their_metrics(checkpoint, tmp_path):
             assert statuses(base) == {"200": float(sent)}
 
 
+def workers(proc) -> set[int]:
+    """The live server processes of a `python api.py` with several (multiprocessing spawns them)."""
+    pids = set()
+    for child in psutil.Process(proc.pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                pids.add(child.pid)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return pids
+
+
+def supervised_env(model: Path, port: int, **extra) -> dict:
+    """The environment of a `python api.py` with two processes, without what the test run's own may hold."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR", "CATER_API_KEY", supervisor.PID_VARIABLE)}
+    return {**env, "CATER_MODEL_PATH": str(model), "CATER_PORT": str(port), "CATER_WORKERS": "2", **extra}
+
+
 @pytest.mark.full
 def test_reload_replaces_every_server_process(tmp_path):
     """`python api.py` with two processes: /reload, in whichever process answers it, has uvicorn's supervisor
@@ -449,20 +579,8 @@ def test_reload_replaces_every_server_process(tmp_path):
     read may be dropped), and then only the new model is served."""
     model = tiny_checkpoint(tmp_path / "cnn.pt", ["cat", "dog"])
     port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR", "CATER_API_KEY", supervisor.PID_VARIABLE)}
-    env.update(CATER_MODEL_PATH=str(model), CATER_PORT=str(port), CATER_WORKERS="2")
+    env = supervised_env(model, port)
     base = f"http://127.0.0.1:{port}"
-
-    def workers(proc) -> set[int]:  # uvicorn's live server processes (multiprocessing spawns them)
-        pids = set()
-        for child in psutil.Process(proc.pid).children():
-            try:
-                if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
-                    pids.add(child.pid)
-            except psutil.Error:  # gone meanwhile
-                pass
-        return pids
 
     with server_process([sys.executable, "api.py"], env, tmp_path / "api.log", f"{base}/ready", 120) as proc:
         before = workers(proc)
@@ -484,3 +602,44 @@ def test_reload_replaces_every_server_process(tmp_path):
             assert httpx.post(f"{base}/predict", content=png_body(), headers={"Content-Type": "application/json"}
                               ).json()["class_name"] in ("cat", "dog", "eel")
         print(f"replaced {sorted(before)} by {sorted(now)}; {len(statuses)} 200s meanwhile, {dropped} connections dropped")
+
+
+@pytest.mark.full
+def test_a_killed_server_process_is_replaced_at_once_then_after_a_pause_and_its_live_gauges_go(tmp_path):
+    """SIGKILL (the kernel's OOM killer) to one of two processes, less than STEADY_S after they started: a new one
+    starts after a second and the dead one's live gauges leave /metrics; that one killed too, the next waits two
+    seconds; then both serve."""
+    model = tiny_checkpoint(tmp_path / "cnn.pt", ["cat", "dog"])
+    port, shared = free_port(), tmp_path / "prometheus"
+    shared.mkdir()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "api.log"
+
+    def replaced(gone: set[int]) -> set[int]:
+        deadline = time.monotonic() + 90
+        while (now := workers(proc)) & gone or len(now) != 2:
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        return now
+
+    env = supervised_env(model, port, PROMETHEUS_MULTIPROC_DIR=str(shared))
+    with server_process([sys.executable, "api.py"], env, log_path, f"{base}/ready", 120) as proc:
+        first = workers(proc)
+        victim = min(first)
+        assert list(shared.glob(f"gauge_live*_{victim}.db"))
+        os.kill(victim, signal.SIGKILL)
+        second = replaced({victim})
+        assert not list(shared.glob(f"gauge_live*_{victim}.db")), "the killed process's live gauges stayed"
+        young = (second - first).pop()
+        os.kill(young, signal.SIGKILL)
+        replaced({young})
+        log = log_path.read_text()
+        assert f"[{victim}] died (exit status -9)" in log and "a new one in 1 s" in log
+        assert f"[{young}] died (exit status -9)" in log and "a new one in 2 s" in log
+        deadline = time.monotonic() + 90
+        while httpx.get(f"{base}/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        for _ in range(4):
+            assert httpx.post(f"{base}/predict", content=png_body(), headers={"Content-Type": "application/json"}
+                              ).status_code == 200
