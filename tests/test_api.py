@@ -635,7 +635,7 @@ def test_import_does_no_work():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.full)])
 def test_server_refuses_to_start_without_checkpoint(tmp_path, workers):
     env = {**os.environ, "CATER_MODEL_PATH": str(tmp_path / "missing.pt"), "CATER_PORT": str(free_port()),
            "CATER_WORKERS": workers}

@@ -50,6 +50,7 @@ def test_a_bad_budget_is_a_cli_error_naming_the_flag(cifar_dir, capsys):
     assert "--time-budget must be a duration" in capsys.readouterr().err
 
 
+@pytest.mark.full
 def test_a_run_with_more_epochs_than_its_budget_holds_trains_fewer_and_ends_in_time(cifar_dir, tmp_path, capsys):
     out = tmp_path / "cnn.pt"
     start = time.perf_counter()
@@ -75,6 +76,7 @@ def test_a_budget_that_holds_too_few_epochs_lowers_the_input_size():
     assert budget_size(1, 64, 1.0, 1000) == 64  # nor raised to it
 
 
+@pytest.mark.full
 def test_a_folder_run_under_a_budget_measures_its_steps_and_prints_the_size_it_chose(tmp_path):
     from test_folder_defaults import write_folder
 

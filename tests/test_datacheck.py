@@ -16,6 +16,7 @@ from PIL import Image
 import datacheck
 from benchmarks.data_checks import SHARED, build_folder, duplicate_recall, flip_labels
 from config import DataConfig
+from conftest import fresh_store
 from data import load_dataset
 from fingerprint import near_pairs
 
@@ -124,13 +125,13 @@ def test_label_issues_says_why_when_it_cannot_look():
 
 @needs_images
 @pytest.mark.full
-def test_training_ranks_flipped_labels_first(tmp_path):
+def test_training_ranks_flipped_labels_first(tmp_path, mlflow_tables):
     """5 % of 3,000 real labels flipped: cleanlab, on the validation split's out-of-sample probabilities of the run,
     ranks at least half of the flipped validation images among its top-ranked (as many as were flipped)."""
     folder = tmp_path / "noisy"
     build_folder(SHARED, folder, per_class=330, copies=0)
     flipped = flip_labels(folder, 0.05, seed=0)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": fresh_store(mlflow_tables, tmp_path)}
     subprocess.run([sys.executable, str(REPO / "train.py"), "--data-dir", str(folder), "--out", str(tmp_path / "cnn.pt"),
                     "--no-register", "--epochs", "8", "--val-fraction", "0.1", "--experiment", "data-checks"],
                    check=True, env=env, cwd=REPO)

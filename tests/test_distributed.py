@@ -18,7 +18,7 @@ import distributed
 from config import ConfigError
 import train
 from checkpoint import load_checkpoint
-from conftest import class_image, free_port
+from conftest import class_image, free_port, fresh_store
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -40,8 +40,8 @@ def images(tmp_path):
 
 
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking_uri(tmp_path, monkeypatch, mlflow_tables):
+    uri = fresh_store(mlflow_tables, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     return uri

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, fresh_store
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "cifar-10-batches-bin"
@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.full,
               pytest.mark.skipif(not (SHARED / "data_batch_1.bin").is_file(), reason="../shared/data not present")]
 
 
-def test_train_then_serve_real_cifar(tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "TQDM_DISABLE": "1"}
+def test_train_then_serve_real_cifar(tmp_path, mlflow_tables):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": fresh_store(mlflow_tables, tmp_path), "TQDM_DISABLE": "1"}
     checkpoint = tmp_path / "cnn.pt"
     subprocess.run([sys.executable, "train.py", "--data-dir", str(SHARED.parent), "--limit", "3000", "--epochs", "2",
                     "--batch-size", "256", "--tta", "0", "--out", str(checkpoint), "--experiment", "ci-smoke"],

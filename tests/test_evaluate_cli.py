@@ -16,7 +16,7 @@ from PIL import Image
 import evaluate
 import predict
 from config import ModelConfig
-from conftest import class_image, free_port, tiny_checkpoint
+from conftest import class_image, free_port, fresh_store, tiny_checkpoint
 from model import CnnClassifier
 from scores import class_scores
 
@@ -105,6 +105,7 @@ def test_report_of_a_labelled_folder_agrees_with_predict_and_the_server(checkpoi
     assert served == [r["class_name"] for r in answered]
 
 
+@pytest.mark.full
 def test_make_evaluate_in_a_real_process(checkpoint, folder, tmp_path):
     out = tmp_path / "report"
     done = subprocess.run([sys.executable, "evaluate.py", "--data-dir", str(folder), "--model", str(checkpoint),
@@ -174,12 +175,13 @@ def test_folder_and_flag_errors(checkpoint, tmp_path, capsys):
         assert exit_.value.code == 2 and flag in capsys.readouterr().err
 
 
+@pytest.mark.full
 def test_the_mlflow_run_holds_mlflows_evaluation_our_metrics_tags_and_report(checkpoint, folder, tmp_path,
-                                                                              monkeypatch, capsys):
+                                                                              monkeypatch, capsys, mlflow_tables):
     import mlflow
 
     monkeypatch.chdir(tmp_path)  # the sqlite store keeps its artifacts under ./mlruns
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(mlflow_tables, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert run(["--data-dir", str(folder), "--model", str(checkpoint), "--out-dir", "report"]) == 0
     out = capsys.readouterr().out

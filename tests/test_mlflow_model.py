@@ -22,15 +22,15 @@ import registry
 import tracking
 import train
 from checkpoint import load_checkpoint
-from conftest import RECORDS_PER_BATCH, class_image, free_port, server_process, write_cifar_folder
+from conftest import RECORDS_PER_BATCH, class_image, free_port, fresh_store, server_process, write_cifar_folder
 from transforms import normalize, pil_to_uint8
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, mlflow_tables):
     """One short CIFAR-format training run logged to a fresh MLflow store: (run id, checkpoint path, tracking uri)."""
     root = write_cifar_folder(tmp_path_factory.mktemp("mlflow-model"))
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = fresh_store(mlflow_tables, root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data, "CIFAR_BATCH_RECORDS", RECORDS_PER_BATCH)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -58,10 +58,10 @@ def checkpoint_probs(path: Path, images_b64: list[str]) -> torch.Tensor:
         return torch.softmax(model(normalize(x, meta["mean"], meta["std"])) / meta["temperature"], dim=1)
 
 
-def test_logged_model_takes_base64_images(trained, monkeypatch):
+def test_logged_model_takes_base64_images(trained, monkeypatch, tmp_path):
     run_id, checkpoint, uri = trained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", dst_path=str(tmp_path))  # not a folder left in /tmp
     assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
     images = [png_b64(i) for i in range(4)] + [png_b64(9, size=(57, 41))]
     out = model.predict(pd.DataFrame({"image": images}))
@@ -84,7 +84,8 @@ def test_mlflow_scoring_server_answers_an_image(trained, tmp_path):
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local",
            "-p", str(port), "-h", "127.0.0.1"]
     url = f"http://127.0.0.1:{port}"
-    with server_process(cmd, {**os.environ, "MLFLOW_TRACKING_URI": uri}, tmp_path / "serve.log", f"{url}/ping", 120):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TMPDIR": str(tmp_path)}  # it downloads the model to a temp dir
+    with server_process(cmd, env, tmp_path / "serve.log", f"{url}/ping", 120):
         image = png_b64(3)
         r = httpx.post(f"{url}/invocations", timeout=30,
                        json={"dataframe_split": {"columns": ["image"], "data": [[image], ["data:image/png;base64," + image]]}})
@@ -139,6 +140,7 @@ def test_champion_moves_only_for_a_better_score_on_the_same_split(trained, monke
     assert client.get_model_version(name, "2").tags["champion_decision"] == worse.reason
 
 
+@pytest.mark.full
 def test_retraining_the_same_way_keeps_the_champion_and_smoke_runs_do_not_register(trained, monkeypatch, capsys):
     run_id, checkpoint, uri = trained
     client = mlflow.MlflowClient(uri)
@@ -257,6 +259,7 @@ def test_api_serves_the_champion_and_reloads_a_new_one_without_failing_requests(
     client_ml.set_registered_model_alias("cater-cifar10", registry.CHAMPION, better.version)  # for any later test
 
 
+@pytest.mark.full
 def test_the_logged_code_is_all_the_model_needs(tmp_path):
     """The modules logged with the model (tracking.MODEL_CODE) import on their own, without this repo on the path:
     what `mlflow models serve` does on another machine."""

@@ -45,13 +45,13 @@ def test_tta_level_zero_is_the_plain_forward():
 
 
 def test_small_batch_overfits():
-    """Learning works end to end: the fast net memorises 32 random images."""
+    """Learning works end to end: the fast net memorises 16 random images (in 20 steps with seeds 0-2; 30 here)."""
     torch.manual_seed(0)
     model = make("fast")
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     init_whitening(model, x)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(60):
+    for _ in range(30):
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()

@@ -325,20 +325,20 @@ def test_the_watchdog_calls_out_a_stuck_event_loop_and_inference_down_without_a_
 
     async def scenario():
         problem = [""]
-        dog = supervisor.Watchdog(lambda: problem[0], hung_s=0.5, on_hung=calls.append)
-        await asyncio.sleep(1)
+        dog = supervisor.Watchdog(lambda: problem[0], hung_s=0.4, on_hung=calls.append)
+        await asyncio.sleep(0.6)
         problem[0] = "a forward pass has been running for over 30 s"
-        await asyncio.sleep(0.2)  # a problem that clears before hung_s is forgiven
+        await asyncio.sleep(0.1)  # a problem that clears before hung_s is forgiven
         problem[0] = ""
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.4)
         assert calls == []
         problem[0] = "the batching task was cancelled"
-        await asyncio.sleep(1)
+        await asyncio.sleep(0.8)
         assert len(calls) == 1 and "inference has been down" in calls[0] and "cancelled" in calls[0], calls
         dog.stop()
-        dog = supervisor.Watchdog(lambda: "", hung_s=0.5, on_hung=calls.append)
-        await asyncio.sleep(0.3)
-        time.sleep(1)  # the event loop is stuck
+        dog = supervisor.Watchdog(lambda: "", hung_s=0.4, on_hung=calls.append)
+        await asyncio.sleep(0.2)
+        time.sleep(0.8)  # the event loop is stuck
         assert len(calls) == 2 and "event loop has not run" in calls[1], calls
         dog.stop()
 

@@ -6,12 +6,13 @@ import pytest
 import report
 import train
 from checkpoint import load_checkpoint
+from conftest import fresh_store
 
 
 @pytest.fixture
-def runs(cifar_dir, tmp_path, monkeypatch):
+def runs(cifar_dir, tmp_path, monkeypatch, mlflow_tables):
     """Two short runs in a fresh tracking store; returns their run ids, oldest first."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_store(mlflow_tables, tmp_path))
     monkeypatch.chdir(tmp_path)
     ids = []
     for lr in ("11.5", "3"):
@@ -22,6 +23,7 @@ def runs(cifar_dir, tmp_path, monkeypatch):
     return ids
 
 
+@pytest.mark.full
 def test_report_of_the_latest_run_and_a_comparison(runs, tmp_path, capsys):
     assert report.main(["--out", str(tmp_path / "reports")]) == 0
     folder = tmp_path / "reports" / runs[-1]  # the latest run by default
@@ -43,8 +45,8 @@ def test_report_of_the_latest_run_and_a_comparison(runs, tmp_path, capsys):
     assert all(run_id in (compared / "index.html").read_text() for run_id in runs)
 
 
-def test_unknown_run_or_empty_store_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_unknown_run_or_empty_store_is_a_clear_error(tmp_path, monkeypatch, capsys, mlflow_tables):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh_store(mlflow_tables, tmp_path))
     assert report.main(["--out", str(tmp_path)]) == 2
     assert "no runs in experiment" in capsys.readouterr().err
     assert report.main(["--run", "abc123", "--out", str(tmp_path)]) == 2

@@ -4,11 +4,13 @@ import mlflow
 import pytest
 
 import sweep
+from conftest import fresh_store
 
 
 @pytest.mark.full
-def test_sweep_runs_children_under_one_parent_and_names_the_best(folder_dir, tmp_path, monkeypatch, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_sweep_runs_children_under_one_parent_and_names_the_best(folder_dir, tmp_path, monkeypatch, capsys,
+                                                                 mlflow_tables):
+    uri = fresh_store(mlflow_tables, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.chdir(tmp_path)

@@ -17,7 +17,7 @@ import resume
 import train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import DataConfig, ModelConfig, TrainConfig, flat_params
-from conftest import free_port
+from conftest import free_port, fresh_store
 from model import CnnClassifier, build_model
 from tracking import metric_names
 
@@ -32,8 +32,8 @@ def stop_after_epoch(epoch: int):
 
 
 @pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking(tmp_path, monkeypatch, mlflow_tables):
+    uri = fresh_store(mlflow_tables, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(tmp_path / "artifacts"))
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a short run still gets samples
@@ -158,6 +158,7 @@ def test_muon_learns_the_toy_data_and_resumes_exactly(cifar_dir, tmp_path, monke
                                                                            rel=1e-6)
 
 
+@pytest.mark.full
 def test_ema_weights_are_the_ones_validated_saved_and_resumed(cifar_dir, tmp_path, monkeypatch):
     def flags(out, *extra):
         return ["--data-dir", str(cifar_dir), "--epochs", "4", "--batch-size", "32", "--out", str(out), "--no-mlflow",
