@@ -643,3 +643,52 @@ def test_a_killed_server_process_is_replaced_at_once_then_after_a_pause_and_its_
         for _ in range(4):
             assert httpx.post(f"{base}/predict", content=png_body(), headers={"Content-Type": "application/json"}
                               ).status_code == 200
+
+
+HANG_WHILE_FLAGGED = '''
+import os, threading
+import predictor, supervisor
+
+supervisor.HUNG_S = 1  # the watchdog's 30 s, shortened for the test
+real = predictor.TorchPredictor.probabilities
+
+def probabilities(self, images, tta):
+    if os.path.exists(os.environ["HANG_FLAG"]):  # a forward pass that hangs for good
+        threading.Event().wait()
+    return real(self, images, tta)
+
+predictor.TorchPredictor.probabilities = probabilities
+'''
+
+
+@pytest.mark.full
+def test_a_server_process_whose_forward_pass_hangs_exits_and_is_replaced(tmp_path):
+    """One of two processes gets a request whose forward pass hangs (a sitecustomize in each process makes one that
+    starts while a flag file exists hang for good): it answers 504 after CATER_TIMEOUT_S, its watchdog exits it HUNG_S (1 s here) later though
+    its pings are still answered, and the supervisor starts a new one, after which both serve."""
+    model = tiny_checkpoint(tmp_path / "cnn.pt", ["cat", "dog"])
+    hooks, flag, log_path = tmp_path / "hooks", tmp_path / "hang", tmp_path / "api.log"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(HANG_WHILE_FLAGGED)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = supervised_env(model, port, CATER_TIMEOUT_S="1", HANG_FLAG=str(flag),
+                         PYTHONPATH=os.pathsep.join([str(hooks), str(REPO)]))
+    with server_process([sys.executable, "api.py"], env, log_path, f"{base}/ready", 120) as proc:
+        before = workers(proc)
+        flag.touch()
+        r = httpx.post(f"{base}/predict", content=png_body(), headers={"Content-Type": "application/json"}, timeout=10)
+        assert r.status_code == 504, r.text
+        flag.unlink()  # the next forward passes run; the hung one goes on: a thread cannot be stopped, its process can
+        deadline = time.monotonic() + 90
+        while len(workers(proc) - before) < 1 or len(workers(proc)) != 2:
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        log = log_path.read_text()
+        assert "this server process hangs (its inference has been down" in log and "died (exit status 1)" in log, log[-3000:]
+        while httpx.get(f"{base}/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        for _ in range(4):
+            assert httpx.post(f"{base}/predict", content=png_body(), headers={"Content-Type": "application/json"}
+                              ).status_code == 200
