@@ -353,9 +353,11 @@ async def lifespan(app: FastAPI):
         yield
     finally:
         app.state.ready = False
+        finished = await app.state.batcher.close()
         if watchdog:
             watchdog.stop()
-        await app.state.batcher.close()
+            if not finished:  # its thread would keep this process from exiting, and its supervisor waiting for it
+                watchdog.on_hung("a forward pass still hangs as it stops")
         app.state.decode_pool.shutdown()
         metrics.close()
 

@@ -148,15 +148,19 @@ class MicroBatcher:
         self.queue.put_nowait((item, future))
         return await future
 
-    async def close(self) -> None:
-        """Finish what is queued, then stop (waiting at most stall_s for a forward pass that hangs)."""
+    async def close(self) -> bool:
+        """Finish what is queued, then stop, waiting at most stall_s for a forward pass that hangs; False if one
+        did (its thread goes on, and keeps the process from exiting)."""
+        finished = True
         if not self.worker.done():
             self.queue.put_nowait(None)
             try:
                 await asyncio.wait_for(asyncio.gather(self.worker, return_exceptions=True), self.stall_s)
             except TimeoutError:
                 self.worker.cancel()
+                finished = False
         self.executor.shutdown(wait=False, cancel_futures=True)
+        return finished
 
     async def _next_batch(self) -> tuple[list, bool]:
         """(items, closing): blocks for the first item, then takes what is queued, up to max_batch_size."""

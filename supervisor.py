@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from time import monotonic
 
 from prometheus_client import multiprocess
@@ -46,6 +47,7 @@ class Supervisor(Multiprocess):
         self.started: dict[int, float] = {}  # pid -> when first seen alive
         self.waiting: dict[Process, float] = {}  # a dead process -> when its replacement starts
         self.pause = 0.0  # before replacing the next process that dies young
+        self.died_young = float("-inf")  # when one last did
 
     def _stop(self, signum, frame) -> None:
         self.should_exit.set()  # read by restart_all and while a replacement starts, not only between checks
@@ -77,20 +79,36 @@ class Supervisor(Multiprocess):
                 del self.waiting[process]
                 self.processes[idx] = Process(self.config, self.sockets)
                 self.processes[idx].start()
+        self._drop_dead_gauges()
+
+    def _drop_dead_gauges(self) -> None:
+        """The live gauges of every process that no longer serves leave the shared metrics folder (what it counted
+        stays): one killed here, one replaced by /reload, one removed by SIGTTOU or never ready."""
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return
+        serving = {p.pid for p in self.processes if p not in self.waiting} | {os.getpid()}
+        for path in list(Path(folder).glob("gauge_live*_*.db")):
+            pid = path.stem.rpartition("_")[2]
+            if pid.isdigit() and int(pid) not in serving:
+                multiprocess.mark_process_dead(int(pid), folder)
 
     def _retire(self, process: Process, now: float) -> bool:
         """Kill a dead or hung process and set when its replacement starts; False if the supervisor stops instead."""
         process.kill()
         process.join()
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            multiprocess.mark_process_dead(process.pid)  # what it counted stays; its live gauges go
         if process.exitcode == STARTUP_FAILURE:
             log.error("Child process [%s] failed to start, stopping the parent process.", process.pid)
             self.should_exit.set()
         if self.should_exit.is_set():
             return False
         lived = now - self.started.pop(process.pid, now)
-        self.pause = 0.0 if lived >= STEADY_S else min(MAX_PAUSE_S, max(1.0, 2 * self.pause))
+        if lived >= STEADY_S:
+            self.pause = 0.0
+        elif now - self.died_young > STEADY_S + self.pause:  # the first in a while: the pauses start again at 1 s
+            self.pause, self.died_young = 1.0, now
+        else:
+            self.pause, self.died_young = min(MAX_PAUSE_S, 2 * self.pause), now
         log.warning("Child process [%s] died (exit status %s) %.0f s after it started; starting a new one%s",
                     process.pid, process.exitcode, lived, f" in {self.pause:g} s" if self.pause else "")
         self.waiting[process] = now + self.pause
@@ -113,6 +131,9 @@ def supervisor_pid() -> int | None:
 
 
 def exit_for_replacement(why: str) -> None:
+    exit_anyway = threading.Timer(5, os._exit, (HUNG_EXIT,))  # if logging blocks (on a full stderr pipe, say)
+    exit_anyway.daemon = True
+    exit_anyway.start()
     log.error("this server process hangs (%s): exiting, for the supervisor to start a new one", why)
     logging.shutdown()
     os._exit(HUNG_EXIT)
@@ -144,9 +165,12 @@ class Watchdog:
             self.loop.call_later(self.check_s, self._tick)
 
     def _watch(self) -> None:
-        down_since = None
+        down_since, woke = None, monotonic()
         while not self.stopped.wait(self.check_s):
             now = monotonic()
+            if now - woke > self.check_s + self.hung_s / 2:  # this thread did not run either: the process was
+                self.ticked, down_since = now, None           # stopped (Ctrl-Z, docker pause), not hung
+            woke = now
             problem = self.problem()
             down_since = (down_since or now) if problem else None
             if now - self.ticked >= self.hung_s:

@@ -345,6 +345,41 @@ def test_the_watchdog_calls_out_a_stuck_event_loop_and_inference_down_without_a_
     asyncio.run(scenario())
 
 
+def test_the_watchdog_does_not_call_out_a_process_that_was_stopped_and_continued(monkeypatch):
+    """Ctrl-Z or `docker pause` stop the whole process, the watchdog's thread too, while the clock runs on."""
+    calls, paused = [], [0.0]
+    real = supervisor.monotonic
+    monkeypatch.setattr(supervisor, "monotonic", lambda: real() + paused[0])
+
+    async def scenario():
+        dog = supervisor.Watchdog(lambda: "", hung_s=0.4, on_hung=calls.append)
+        await asyncio.sleep(0.3)
+        paused[0] = 60  # a minute stopped, as the loop and the watchdog's thread see it when continued
+        await asyncio.sleep(0.6)
+        dog.stop()
+
+    asyncio.run(scenario())
+    assert calls == []
+
+
+def test_a_server_process_under_the_supervisor_exits_when_a_hung_forward_pass_outlasts_its_stop(checkpoint,
+                                                                                                 monkeypatch):
+    """Its hung thread would keep it from exiting, and the supervisor (replacing it on /reload) waiting for it."""
+    exits = []
+    monkeypatch.setattr(api, "supervisor_pid", lambda: os.getppid())
+    monkeypatch.setattr(supervisor, "exit_for_replacement", exits.append)  # the watchdog's 30 s do not pass here
+    release = threading.Event()
+    try:
+        with serving(checkpoint, timeout_s=0.3) as client:
+            served = client.app.state.served
+            real = served.predictor.probabilities
+            served.predictor.probabilities = lambda x, tta: release.wait(10) and real(x, tta)
+            assert client.post("/predict", json={"image_base64": png_b64()}).status_code == 504
+        assert exits == ["a forward pass still hangs as it stops"]
+    finally:
+        release.set()
+
+
 def test_a_server_process_under_the_supervisor_exits_when_its_forward_pass_hangs(checkpoint, monkeypatch):
     """Its supervisor's pings are answered by a thread of their own: the process must notice its hang itself."""
     exits = []
@@ -389,12 +424,11 @@ class FakeProcess:
         pass
 
 
-def test_the_supervisor_pauses_longer_each_time_processes_die_young_and_drops_their_live_gauges(monkeypatch):
-    clock, dead = [0.0], []
+def test_the_supervisor_pauses_longer_each_time_processes_die_young_and_drops_their_live_gauges(monkeypatch, tmp_path):
+    clock = [0.0]
     monkeypatch.setattr(supervisor, "Process", FakeProcess)
     monkeypatch.setattr(supervisor, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(supervisor.multiprocess, "mark_process_dead", dead.append)
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN,
                                                        signal.SIGTTOU)}
     boss = None
@@ -404,24 +438,38 @@ def test_the_supervisor_pauses_longer_each_time_processes_die_young_and_drops_th
 
         def check_at(t: float) -> list:
             clock[0] = t
+            for p in (p for p in boss.processes if p.alive):  # what a live process writes: live gauges, a counter
+                for kind in ("gauge_livesum", "gauge_livemax", "counter"):
+                    (tmp_path / f"{kind}_{p.pid}.db").touch()
             boss.keep_subprocess_alive()
             return list(boss.processes)
 
         first, other = check_at(0)
         first.die()
         replaced = check_at(100)[0]  # it had served a while: replaced at once
-        assert replaced is not first and dead == [first.pid] and boss.pause == 0
+        assert replaced is not first and boss.pause == 0
+        assert [f.name for f in tmp_path.glob(f"*_{first.pid}.db")] == [f"counter_{first.pid}.db"]  # counts stay
         check_at(101)
         replaced.die()  # 4 s after it started: a crash loop may have begun
         assert check_at(105)[0] is replaced and check_at(105.9)[0] is replaced  # waits 1 s
+        assert not list(tmp_path.glob(f"gauge_*_{replaced.pid}.db"))  # gone while it waits
         again = check_at(106)[0]
-        assert again is not replaced and dead[-1] == replaced.pid
+        assert again is not replaced
         check_at(106.5)
         again.die()
         assert check_at(107)[0] is again and check_at(108.9)[0] is again  # then 2 s
         assert check_at(109)[0] is not again and check_at(109)[1] is other
-        other.die(STARTUP_FAILURE)  # a process that could not load the model: it would fail again
-        check_at(110)
+        fresh = boss.processes[0] = FakeProcess()  # days later, /reload's replacement (uvicorn's restart_all)...
+        check_at(1000)
+        fresh.die()  # ...dies young, the first to in a long while: the pauses start again at 1 s
+        assert check_at(1010)[0] is fresh and check_at(1011)[0] is not fresh
+        gone = boss.processes.pop()  # replaced by /reload or removed by SIGTTOU (uvicorn's own code, not _retire)
+        assert gone is other
+        check_at(1012)
+        assert not list(tmp_path.glob(f"gauge_*_{gone.pid}.db")) and list(tmp_path.glob(f"counter_{gone.pid}.db"))
+        assert list(tmp_path.glob(f"gauge_livesum_{boss.processes[0].pid}.db")), "a serving process's gauges went"
+        boss.processes[0].die(STARTUP_FAILURE)  # a process that could not load the model: it would fail again
+        check_at(1013)
         assert boss.should_exit.is_set()
     finally:
         for sig, handler in handlers.items():
@@ -604,6 +652,14 @@ def test_reload_replaces_every_server_process(tmp_path):
         print(f"replaced {sorted(before)} by {sorted(now)}; {len(statuses)} 200s meanwhile, {dropped} connections dropped")
 
 
+def site_hooks(tmp_path: Path, code: str) -> str:
+    """A PYTHONPATH under which every process of the server runs code first (as its sitecustomize)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(code)
+    return os.pathsep.join([str(hooks), str(REPO)])
+
+
 @pytest.mark.full
 def test_a_killed_server_process_is_replaced_at_once_then_after_a_pause_and_its_live_gauges_go(tmp_path):
     """SIGKILL (the kernel's OOM killer) to one of two processes, less than STEADY_S after they started: a new one
@@ -622,7 +678,9 @@ def test_a_killed_server_process_is_replaced_at_once_then_after_a_pause_and_its_
             time.sleep(0.1)
         return now
 
-    env = supervised_env(model, port, PROMETHEUS_MULTIPROC_DIR=str(shared))
+    # "young" even on a machine so busy that starting took over the 60 s of STEADY_S
+    env = supervised_env(model, port, PROMETHEUS_MULTIPROC_DIR=str(shared),
+                         PYTHONPATH=site_hooks(tmp_path, "import supervisor\nsupervisor.STEADY_S = 600\n"))
     with server_process([sys.executable, "api.py"], env, log_path, f"{base}/ready", 120) as proc:
         first = workers(proc)
         victim = min(first)
@@ -667,15 +725,17 @@ def test_a_server_process_whose_forward_pass_hangs_exits_and_is_replaced(tmp_pat
     starts while a flag file exists hang for good): it answers 504 after CATER_TIMEOUT_S, its watchdog exits it HUNG_S (1 s here) later though
     its pings are still answered, and the supervisor starts a new one, after which both serve."""
     model = tiny_checkpoint(tmp_path / "cnn.pt", ["cat", "dog"])
-    hooks, flag, log_path = tmp_path / "hooks", tmp_path / "hang", tmp_path / "api.log"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(HANG_WHILE_FLAGGED)
+    flag, log_path = tmp_path / "hang", tmp_path / "api.log"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = supervised_env(model, port, CATER_TIMEOUT_S="1", HANG_FLAG=str(flag),
-                         PYTHONPATH=os.pathsep.join([str(hooks), str(REPO)]))
+                         PYTHONPATH=site_hooks(tmp_path, HANG_WHILE_FLAGGED))
     with server_process([sys.executable, "api.py"], env, log_path, f"{base}/ready", 120) as proc:
         before = workers(proc)
+        deadline = time.monotonic() + 90  # /ready answered by one; the other's warm-up pass would hang at the flag
+        while log_path.read_text().count("Application startup complete.") < 2:
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
         flag.touch()
         r = httpx.post(f"{base}/predict", content=png_body(), headers={"Content-Type": "application/json"}, timeout=10)
         assert r.status_code == 504, r.text
