@@ -45,10 +45,10 @@ train-ddp: $(READY)  ## the same training on NPROC processes (torchrun: gloo on 
 smoke: $(READY)  ## a few batches through every stage: writes models/smoke.pt (not your models/cnn.pt) and an MLflow run
 	$(PY) train.py --smoke $(TRAIN_FLAGS)
 
-test: $(READY)  ## quick tier, about 3 min on 2 cores: every test not marked `full` (no database, browser, torchrun, load generator or server)
+test: $(READY)  ## quick tier, 1.5-3 min on 2 cores: every test not marked `full` (no database, browser, torchrun, load generator or server)
 	$(PY) -m pytest -q -m "not full"
 
-test-all: $(READY) system-packages  ## every test, the `full` tier too (PostgreSQL, S3, chromium, wrk, torchrun, servers), 7-17 min: what CI runs
+test-all: $(READY) system-packages  ## every test, the `full` tier too (PostgreSQL, S3, chromium, wrk, torchrun, servers), 8-20 min with the install: what CI runs
 	$(PY) -m pytest -q
 
 report: $(READY)  ## a run's page in reports/<run>/index.html: curves, confusion matrices, per-class bars, worst mistakes, settings (RUN=id, default: the latest)
