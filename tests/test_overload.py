@@ -424,16 +424,29 @@ class FakeProcess:
         pass
 
 
-def test_the_supervisor_pauses_longer_each_time_processes_die_young_and_drops_their_live_gauges(monkeypatch, tmp_path):
-    clock = [0.0]
-    monkeypatch.setattr(supervisor, "Process", FakeProcess)
-    monkeypatch.setattr(supervisor, "monotonic", lambda: clock[0])
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+@contextmanager
+def supervisor_here():
+    """A Supervisor made in this process (its sockets bound, no processes started); it installs its signal
+    handlers here, so pytest's are put back after."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN,
                                                        signal.SIGTTOU)}
     boss = None
     try:
         boss = supervisor.Supervisor(uvicorn.Config("api:app", port=free_port(), workers=2))
+        yield boss
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for sock in boss.sockets if boss else []:
+            sock.close()
+
+
+def test_the_supervisor_pauses_longer_each_time_processes_die_young_and_drops_their_live_gauges(monkeypatch, tmp_path):
+    clock = [0.0]
+    monkeypatch.setattr(supervisor, "Process", FakeProcess)
+    monkeypatch.setattr(supervisor, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with supervisor_here() as boss:
         boss.processes = [FakeProcess(), FakeProcess()]
 
         def check_at(t: float) -> list:
@@ -471,11 +484,6 @@ def test_the_supervisor_pauses_longer_each_time_processes_die_young_and_drops_th
         boss.processes[0].die(STARTUP_FAILURE)  # a process that could not load the model: it would fail again
         check_at(1013)
         assert boss.should_exit.is_set()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        for sock in boss.sockets if boss else []:
-            sock.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -559,21 +567,12 @@ def test_the_supervisor_gives_a_replacement_longer_than_a_ping(monkeypatch):
     """A liveness ping waits PING_S; during /reload's replacements a new process has READY_S to load its model."""
     seen = []
     monkeypatch.setattr(Multiprocess, "restart_all", lambda self: seen.append(self.config.timeout_worker_healthcheck))
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN,
-                                                       signal.SIGTTOU)}
-    boss = None
-    try:  # it installs its signal handlers in this process: put pytest's back after
-        boss = supervisor.Supervisor(uvicorn.Config("api:app", port=free_port(), workers=2))
+    with supervisor_here() as boss:
         assert boss.config.timeout_worker_healthcheck == supervisor.PING_S < supervisor.READY_S
         boss.restart_all()
         assert seen == [supervisor.READY_S] and boss.config.timeout_worker_healthcheck == supervisor.PING_S
         signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # a stop is seen at once, not between checks
         assert boss.should_exit.is_set()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        for sock in boss.sockets if boss else []:
-            sock.close()
 
 
 @pytest.mark.full
@@ -652,6 +651,17 @@ def test_reload_replaces_every_server_process(tmp_path):
         print(f"replaced {sorted(before)} by {sorted(now)}; {len(statuses)} 200s meanwhile, {dropped} connections dropped")
 
 
+def serves_again(base: str) -> None:
+    """Ready within 90 s, then every prediction a 200 (whichever process takes it)."""
+    deadline = time.monotonic() + 90
+    while httpx.get(f"{base}/ready").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    for _ in range(4):
+        assert httpx.post(f"{base}/predict", content=png_body(), headers={"Content-Type": "application/json"}
+                          ).status_code == 200
+
+
 def site_hooks(tmp_path: Path, code: str) -> str:
     """A PYTHONPATH under which every process of the server runs code first (as its sitecustomize)."""
     hooks = tmp_path / "hooks"
@@ -694,13 +704,7 @@ def test_a_killed_server_process_is_replaced_at_once_then_after_a_pause_and_its_
         log = log_path.read_text()
         assert f"[{victim}] died (exit status -9)" in log and "a new one in 1 s" in log
         assert f"[{young}] died (exit status -9)" in log and "a new one in 2 s" in log
-        deadline = time.monotonic() + 90
-        while httpx.get(f"{base}/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        for _ in range(4):
-            assert httpx.post(f"{base}/predict", content=png_body(), headers={"Content-Type": "application/json"}
-                              ).status_code == 200
+        serves_again(base)
 
 
 HANG_WHILE_FLAGGED = '''
@@ -746,9 +750,4 @@ def test_a_server_process_whose_forward_pass_hangs_exits_and_is_replaced(tmp_pat
             time.sleep(0.2)
         log = log_path.read_text()
         assert "this server process hangs (its inference has been down" in log and "died (exit status 1)" in log, log[-3000:]
-        while httpx.get(f"{base}/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        for _ in range(4):
-            assert httpx.post(f"{base}/predict", content=png_body(), headers={"Content-Type": "application/json"}
-                              ).status_code == 200
+        serves_again(base)
