@@ -45,7 +45,7 @@ train-ddp: $(READY)  ## the same training on NPROC processes (torchrun: gloo on 
 smoke: $(READY)  ## a few batches through every stage: writes models/smoke.pt (not your models/cnn.pt) and an MLflow run
 	$(PY) train.py --smoke $(TRAIN_FLAGS)
 
-test: $(READY)  ## quick tier, 1.5-3 min on 2 cores: every test not marked `full` (no database, browser, torchrun, load generator or server)
+test: $(READY)  ## quick tier, 1.5-3.5 min on 2 cores: every test not marked `full` (no database, browser, torchrun, load generator or server)
 	$(PY) -m pytest -q -m "not full"
 
 test-all: $(READY) system-packages  ## every test, the `full` tier too (PostgreSQL, S3, chromium, wrk, torchrun, servers), 8-20 min with the install: what CI runs

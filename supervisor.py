@@ -20,7 +20,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from time import monotonic
+from time import monotonic, process_time
 
 from prometheus_client import multiprocess
 from uvicorn import Config
@@ -47,7 +47,6 @@ class Supervisor(Multiprocess):
         self.started: dict[int, float] = {}  # pid -> when first seen alive
         self.waiting: dict[Process, float] = {}  # a dead process -> when its replacement starts
         self.pause = 0.0  # before replacing the next process that dies young
-        self.died_young = float("-inf")  # when one last did
 
     def _stop(self, signum, frame) -> None:
         self.should_exit.set()  # read by restart_all and while a replacement starts, not only between checks
@@ -77,20 +76,23 @@ class Supervisor(Multiprocess):
                     return
             if self.waiting[process] <= now:
                 del self.waiting[process]
-                self.processes[idx] = Process(self.config, self.sockets)
-                self.processes[idx].start()
+                new = self.processes[idx] = Process(self.config, self.sockets)
+                new.start()
+                self.started[new.pid] = now  # its age counts from its start
+        if not self.waiting and all(now - self.started[p.pid] >= STEADY_S for p in self.processes):
+            self.pause = 0.0  # every process has served a while: any crash loop is over
         self._drop_dead_gauges()
 
     def _drop_dead_gauges(self) -> None:
-        """The live gauges of every process that no longer serves leave the shared metrics folder (what it counted
-        stays): one killed here, one replaced by /reload, one removed by SIGTTOU or never ready."""
+        """The live gauges of every process that has ended leave the shared metrics folder (what it counted stays):
+        one killed here, one replaced by /reload, one removed by SIGTTOU or never ready."""
         folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not folder:
             return
         serving = {p.pid for p in self.processes if p not in self.waiting} | {os.getpid()}
         for path in list(Path(folder).glob("gauge_live*_*.db")):
             pid = path.stem.rpartition("_")[2]
-            if pid.isdigit() and int(pid) not in serving:
+            if pid.isdigit() and int(pid) not in serving and not running(int(pid)):  # (a folder someone shares)
                 multiprocess.mark_process_dead(int(pid), folder)
 
     def _retire(self, process: Process, now: float) -> bool:
@@ -103,12 +105,7 @@ class Supervisor(Multiprocess):
         if self.should_exit.is_set():
             return False
         lived = now - self.started.pop(process.pid, now)
-        if lived >= STEADY_S:
-            self.pause = 0.0
-        elif now - self.died_young > STEADY_S + self.pause:  # the first in a while: the pauses start again at 1 s
-            self.pause, self.died_young = 1.0, now
-        else:
-            self.pause, self.died_young = min(MAX_PAUSE_S, 2 * self.pause), now
+        self.pause = 0.0 if lived >= STEADY_S else min(MAX_PAUSE_S, max(1.0, 2 * self.pause))
         log.warning("Child process [%s] died (exit status %s) %.0f s after it started; starting a new one%s",
                     process.pid, process.exitcode, lived, f" in {self.pause:g} s" if self.pause else "")
         self.waiting[process] = now + self.pause
@@ -122,6 +119,17 @@ class Supervisor(Multiprocess):
         finally:
             os.environ.pop(PID_VARIABLE, None)
         return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in self.processes) else 0
+
+
+def running(pid: int) -> bool:
+    """Whether a process with this pid exists (one not yet reaped counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def supervisor_pid() -> int | None:
@@ -165,12 +173,13 @@ class Watchdog:
             self.loop.call_later(self.check_s, self._tick)
 
     def _watch(self) -> None:
-        down_since, woke = None, monotonic()
+        down_since, woke, used = None, monotonic(), process_time()
         while not self.stopped.wait(self.check_s):
             now = monotonic()
-            if now - woke > self.check_s + self.hung_s / 2:  # this thread did not run either: the process was
-                self.ticked, down_since = now, None           # stopped (Ctrl-Z, docker pause), not hung
-            woke = now
+            cpu = process_time()
+            if now - woke > self.check_s + self.hung_s / 2 and cpu - used < (now - woke) / 4:
+                self.ticked, down_since = now, None  # this thread did not run either, nor any other: the process
+            woke, used = now, cpu                    # was stopped (Ctrl-Z, docker pause), not hung
             problem = self.problem()
             down_since = (down_since or now) if problem else None
             if now - self.ticked >= self.hung_s:

@@ -345,21 +345,25 @@ def test_the_watchdog_calls_out_a_stuck_event_loop_and_inference_down_without_a_
     asyncio.run(scenario())
 
 
-def test_the_watchdog_does_not_call_out_a_process_that_was_stopped_and_continued(monkeypatch):
-    """Ctrl-Z or `docker pause` stop the whole process, the watchdog's thread too, while the clock runs on."""
-    calls, paused = [], [0.0]
-    real = supervisor.monotonic
-    monkeypatch.setattr(supervisor, "monotonic", lambda: real() + paused[0])
+@pytest.mark.parametrize("busy", [False, True])
+def test_the_watchdog_does_not_call_out_a_process_that_was_stopped_and_continued(monkeypatch, busy):
+    """Ctrl-Z or `docker pause` stop the whole process, the watchdog's thread too, while the clock runs on; a
+    minute in which the process used the CPU without running this thread (a C call holding the GIL) is a hang."""
+    calls, gap = [], [0.0]
+    wall, cpu = supervisor.monotonic, supervisor.process_time
+    monkeypatch.setattr(supervisor, "monotonic", lambda: wall() + gap[0])
+    monkeypatch.setattr(supervisor, "process_time", lambda: cpu() + (gap[0] if busy else 0))
 
     async def scenario():
         dog = supervisor.Watchdog(lambda: "", hung_s=0.4, on_hung=calls.append)
         await asyncio.sleep(0.3)
-        paused[0] = 60  # a minute stopped, as the loop and the watchdog's thread see it when continued
+        gap[0] = 60  # a minute, as the watchdog's thread sees it when it runs again...
+        time.sleep(0.3)  # ...before the event loop does
         await asyncio.sleep(0.6)
         dog.stop()
 
     asyncio.run(scenario())
-    assert calls == []
+    assert calls == (["its event loop has not run for 60 s"] if busy else [])
 
 
 def test_a_server_process_under_the_supervisor_exits_when_a_hung_forward_pass_outlasts_its_stop(checkpoint,
@@ -403,7 +407,7 @@ def test_a_server_process_under_the_supervisor_exits_when_its_forward_pass_hangs
 
 class FakeProcess:
     """What the Supervisor sees of a server process: alive or not, and its exit status."""
-    pids = iter(range(100, 200))
+    pids = iter(range(5_000_000, 5_000_100))  # above any pid_max: no process has them
 
     def __init__(self, *args):
         self.pid, self.alive, self.exitcode = next(self.pids), True, None
@@ -472,13 +476,17 @@ def test_the_supervisor_pauses_longer_each_time_processes_die_young_and_drops_th
         again.die()
         assert check_at(107)[0] is again and check_at(108.9)[0] is again  # then 2 s
         assert check_at(109)[0] is not again and check_at(109)[1] is other
+        check_at(170)  # both have served a minute: the crash loop is over
         fresh = boss.processes[0] = FakeProcess()  # days later, /reload's replacement (uvicorn's restart_all)...
         check_at(1000)
         fresh.die()  # ...dies young, the first to in a long while: the pauses start again at 1 s
         assert check_at(1010)[0] is fresh and check_at(1011)[0] is not fresh
         gone = boss.processes.pop()  # replaced by /reload or removed by SIGTTOU (uvicorn's own code, not _retire)
         assert gone is other
+        stranger = tmp_path / f"gauge_livesum_{os.getppid()}.db"  # a running process's, in a folder someone shares
+        stranger.touch()
         check_at(1012)
+        assert stranger.exists()
         assert not list(tmp_path.glob(f"gauge_*_{gone.pid}.db")) and list(tmp_path.glob(f"counter_{gone.pid}.db"))
         assert list(tmp_path.glob(f"gauge_livesum_{boss.processes[0].pid}.db")), "a serving process's gauges went"
         boss.processes[0].die(STARTUP_FAILURE)  # a process that could not load the model: it would fail again
