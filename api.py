@@ -53,7 +53,7 @@ from predictor import ONNX_SUFFIX, OnnxPredictor, TorchPredictor
 from registry import RegistryError
 from runtime import available_cores
 from serve_config import MAX_BATCH_IMAGES, MAX_DEFAULT_WORKERS, ServeConfig
-from supervisor import Supervisor, Watchdog, supervisor_pid
+from supervisor import Supervisor, Watchdog, exit_now, supervisor_pid
 from upload import UploadError, check_request_pixels, decode_upload, open_upload, preprocess_upload, upload_bytes
 
 log = logging.getLogger("uvicorn.error")
@@ -311,10 +311,9 @@ async def lifespan(app: FastAPI):
         served = await asyncio.to_thread(load_served, cfg, threads)
     except (CheckpointError, ConfigError, RegistryError) as e:
         app.state.startup_error = str(e)
-        log.error("cannot start: %s", e)
         if supervisor_pid():  # one of several: exit now, as the supervisor's pings would wait out a slow exit
-            logging.shutdown()
-            os._exit(STARTUP_FAILURE)
+            exit_now(STARTUP_FAILURE, f"cannot start: {e}")
+        log.error("cannot start: %s", e)
         raise
     metrics: Metrics = app.state.metrics
 

@@ -138,13 +138,18 @@ def supervisor_pid() -> int | None:
     return int(pid) if pid.isdigit() and int(pid) == os.getppid() else None
 
 
-def exit_for_replacement(why: str) -> None:
-    exit_anyway = threading.Timer(5, os._exit, (HUNG_EXIT,))  # if logging blocks (on a full stderr pipe, say)
+def exit_now(status: int, message: str) -> None:
+    """Log why and end this server process at once (no clean-up: the supervisor's pings would wait it out)."""
+    exit_anyway = threading.Timer(5, os._exit, (status,))  # if logging blocks (on a full stderr pipe, say)
     exit_anyway.daemon = True
     exit_anyway.start()
-    log.error("this server process hangs (%s): exiting, for the supervisor to start a new one", why)
+    log.error(message)
     logging.shutdown()
-    os._exit(HUNG_EXIT)
+    os._exit(status)
+
+
+def exit_for_replacement(why: str) -> None:
+    exit_now(HUNG_EXIT, f"this server process hangs ({why}): exiting, for the supervisor to start a new one")
 
 
 class Watchdog:
